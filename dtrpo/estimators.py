@@ -1,0 +1,213 @@
+"""Sequence log-likelihood estimators whose policy-minus-reference difference is the log-ratio.
+
+Every estimator is a `draw`: a model-independent list of states `(noisy response, weights, mode)`
+made from per-example seeds. `score` turns a draw into a per-sequence estimate for one model:
+`sum over states and positions of weight * log mu(y_j | state)`. Scoring the *same* draw with the
+policy and with the reference and subtracting gives the log-ratio estimate, so the schedule terms
+cancel (ratio reduction) and the masks are shared by construction.
+
+- `dtrpo`: one sampled step per block, all blocks in one packed pass (method.md sections 2-4).
+- `vrpo`: LLaDA 1.5's ELBO with n stratified masking levels (section 6).
+- `meanfield`: the response fully masked, one pass.
+- `trajectory`: every step of every block under a sampled reveal order; the ground truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dtrpo.masking import draw_block_states, packed_layout, single_layout
+from dtrpo.models import MODES, ModelAdapter
+
+
+@dataclass
+class Batch:
+    """Prompts left-padded to P, responses right-padded to R (a multiple of the block size)."""
+
+    prompt_ids: torch.Tensor  # (B, P)
+    prompt_valid: torch.Tensor  # (B, P) bool
+    response_ids: torch.Tensor  # (B, R)
+    response_valid: torch.Tensor  # (B, R) bool
+
+
+@dataclass
+class State:
+    noisy_ids: torch.Tensor  # (B, R)
+    weights: torch.Tensor  # (B, R) float; 0 = not read
+    mode: str  # packed | exact | remasked
+
+
+@dataclass
+class EstimatorConfig:
+    estimator: str = "dtrpo"
+    mode: str | None = None  # None: the adapter's default for this family
+    steps_per_block: int = 4
+    reveal_order: str = "random"
+    targets: str = "newly_unmasked"
+    scale: str = "unbiased"  # "unbiased" (c = T_B) or "one" (c = 1)
+    vrpo_samples: int = 8
+    trajectory_mode: str = "exact"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
+        for name in ("mode", "trajectory_mode"):
+            value = getattr(self, name)
+            if value is not None and value not in MODES:
+                raise ValueError(f"{name} must be one of {MODES}, got {value!r}")
+        if self.scale not in ("unbiased", "one"):
+            raise ValueError(f"scale must be 'unbiased' (c = T_B) or 'one' (c = 1), got {self.scale!r}")
+        if self.vrpo_samples <= 0:
+            raise ValueError(f"vrpo_samples must be positive, got {self.vrpo_samples}")
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def position_logprobs(
+    adapter: ModelAdapter, model: torch.nn.Module, batch: Batch, noisy_ids: torch.Tensor, read: torch.Tensor, mode: str
+) -> tuple[torch.Tensor, int]:
+    """log mu(y_j | state) at the `read` positions (zeros elsewhere), (B, R), and the forward passes used."""
+    if mode == "exact":
+        return _exact_logprobs(adapter, model, batch, noisy_ids, read)
+    if mode == "packed":
+        layout = packed_layout(
+            batch.prompt_ids, batch.prompt_valid, batch.response_ids, batch.response_valid, noisy_ids, adapter.block_size
+        )
+    elif mode == "remasked":
+        layout = single_layout(batch.prompt_ids, batch.prompt_valid, noisy_ids, batch.response_valid, adapter.block_size)
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return _layout_logprobs(adapter, model, layout, batch.response_ids, read), 1
+
+
+def _layout_logprobs(adapter, model, layout, targets, read) -> torch.Tensor:
+    """Gather hidden states at the read columns only, then project and take log-softmax there."""
+    B, S = layout.input_ids.shape
+    cols = layout.read_columns(adapter.shifted, adapter.block_size).expand(B, -1)  # (B, R)
+    keep = torch.zeros(B, S, dtype=torch.bool, device=read.device).scatter_(1, cols, read)
+    token_at = torch.zeros(B, S, dtype=torch.long, device=read.device).scatter_(1, cols, targets)
+    # each response position j owns one distinct column, so reading back by column is a bijection
+    slot_at = torch.zeros(B, S, dtype=torch.long, device=read.device).scatter_(1, cols, torch.arange(cols.shape[1]).expand(B, -1).to(read.device))
+    mask = layout.dense_mask(adapter.prompt_attention == "causal", full=not adapter.block_causal)
+    logits = adapter.logits(model, layout.input_ids, mask, layout.position_ids, keep)  # (N, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, token_at[keep][:, None])[:, 0]  # (N,)
+    out = torch.zeros(B, targets.shape[1], dtype=logp.dtype, device=logp.device)
+    rows = torch.arange(B, device=read.device)[:, None].expand(B, S)[keep]
+    return out.index_put((rows, slot_at[keep]), logp)
+
+
+def _exact_logprobs(adapter, model, batch, noisy_ids, read) -> tuple[torch.Tensor, int]:
+    """One forward per block state with the model's inference attention: clean blocks before b, the
+    state of block b, and [MASK] after it (cut off for block-causal models, which never attend it)."""
+    bs = adapter.block_size
+    B, R = batch.response_ids.shape
+    out = torch.zeros(B, R, device=batch.response_ids.device)
+    block = torch.arange(R, device=read.device) // bs
+    passes = 0
+    for b in range(R // bs):
+        read_b = read & (block == b)
+        if not read_b.any():
+            continue
+        state = torch.where(block < b, batch.response_ids, torch.where(block == b, noisy_ids, adapter.mask_token_id))
+        width = (b + 1) * bs if adapter.block_causal else R
+        sub = Batch(batch.prompt_ids, batch.prompt_valid, batch.response_ids[:, :width], batch.response_valid[:, :width])
+        layout = single_layout(sub.prompt_ids, sub.prompt_valid, state[:, :width], sub.response_valid, bs)
+        logp = _layout_logprobs(adapter, model, layout, sub.response_ids, read_b[:, :width])
+        out = out + torch.nn.functional.pad(logp, (0, R - width))
+        passes += 1
+    return out, passes
+
+
+def score(adapter: ModelAdapter, model: torch.nn.Module, batch: Batch, draw: list[State]) -> tuple[torch.Tensor, int]:
+    """Per-sequence estimate `sum_states sum_j w_j log mu(y_j | state)` (B,), and forward passes used."""
+    total, passes = 0.0, 0
+    for s in draw:
+        logp, n = position_logprobs(adapter, model, batch, s.noisy_ids, s.weights != 0, s.mode)
+        total = total + (logp * s.weights).sum(-1)
+        passes += n
+    return total, passes
+
+
+# ----------------------------------------------------------------------------- draws
+
+
+def _mode(cfg: EstimatorConfig, adapter: ModelAdapter) -> str:
+    return cfg.mode or adapter.default_mode
+
+
+def _block_states(adapter, batch, seeds, cfg, confidence=None, t_fixed=None, scale=None):
+    return draw_block_states(
+        batch.response_ids, batch.response_valid, seeds, adapter.mask_token_id, adapter.block_size,
+        cfg.steps_per_block, cfg.reveal_order, cfg.targets,
+        scale=scale if scale is not None else (cfg.steps_per_block if cfg.scale == "unbiased" else 1),
+        confidence=confidence, t_fixed=t_fixed,
+    )
+
+
+@torch.no_grad()
+def reference_confidence(adapter: ModelAdapter, ref_model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The reference's probability of each dataset token with its block fully masked and earlier
+    blocks clean (the order low-confidence remasking would reveal them in). (B, R)"""
+    masked = torch.full_like(batch.response_ids, adapter.mask_token_id)
+    mode = "packed" if adapter.block_causal else "exact"
+    logp, _ = position_logprobs(adapter, ref_model, batch, masked, batch.response_valid, mode)
+    return logp.exp()
+
+
+def draw_dtrpo(adapter, batch, seeds, cfg, ref_model=None, t_fixed=None) -> list[State]:
+    conf = reference_confidence(adapter, ref_model, batch) if cfg.reveal_order == "confidence" else None
+    st = _block_states(adapter, batch, seeds, cfg, confidence=conf, t_fixed=t_fixed)
+    return [State(st.noisy_ids, st.weights, _mode(cfg, adapter))]
+
+
+def draw_trajectory(adapter, batch, seeds, cfg, ref_model=None) -> list[State]:
+    """Every step of every block under the sampled reveal order (same keys as `dtrpo` for the same seeds)."""
+    conf = reference_confidence(adapter, ref_model, batch) if cfg.reveal_order == "confidence" else None
+    states = []
+    for t in range(cfg.steps_per_block, 0, -1):
+        st = draw_block_states(
+            batch.response_ids, batch.response_valid, seeds, adapter.mask_token_id, adapter.block_size,
+            cfg.steps_per_block, cfg.reveal_order, "newly_unmasked", scale=1, confidence=conf, t_fixed=t,
+        )
+        states.append(State(st.noisy_ids, st.weights, cfg.trajectory_mode))
+    return states
+
+
+def draw_vrpo(adapter, batch, seeds, cfg, ref_model=None) -> list[State]:
+    """n masked copies at stratified levels t_i in ((i + u_i) / n), tokens masked with probability t,
+    masked log-probs weighted 1/t, averaged over the n copies."""
+    n = cfg.vrpo_samples
+    B, R = batch.response_ids.shape
+    levels, coins = torch.empty(B, n), torch.empty(B, n, R)
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        levels[i] = (torch.arange(n) + torch.rand(n, generator=g)) / n
+        coins[i] = torch.rand(n, R, generator=g)
+    levels = levels.clamp(min=1e-3)
+    dev = batch.response_ids.device
+    states = []
+    for s in range(n):
+        t = levels[:, s : s + 1]  # (B, 1)
+        masked = (coins[:, s] < t).to(dev) & batch.response_valid
+        noisy = torch.where(masked, adapter.mask_token_id, batch.response_ids)
+        w = masked.float() / (t.to(dev) * n)
+        states.append(State(noisy, w, _mode(cfg, adapter)))
+    return states
+
+
+def draw_meanfield(adapter, batch, seeds, cfg, ref_model=None) -> list[State]:
+    """The whole response masked, scored in one pass of the single-copy layout (d1's mean field)."""
+    noisy = torch.full_like(batch.response_ids, adapter.mask_token_id)
+    return [State(noisy, batch.response_valid.float(), "remasked")]
+
+
+ESTIMATORS = {"dtrpo": draw_dtrpo, "vrpo": draw_vrpo, "meanfield": draw_meanfield, "trajectory": draw_trajectory}
+
+
+def draw(adapter: ModelAdapter, batch: Batch, seeds: list[int], cfg: EstimatorConfig, ref_model=None) -> list[State]:
+    """The states the configured estimator reads, shared by policy and reference."""
+    return ESTIMATORS[cfg.estimator](adapter, batch, seeds, cfg, ref_model)

@@ -1,0 +1,202 @@
+"""Model adapters: the one place that knows how a dLLM family is driven.
+
+An adapter says which token is the mask, whether logits are shifted, which attention the model
+uses at inference, and how a 4D mask and explicit position ids reach the model. The estimators,
+trainer and sampler only talk to a model through an adapter, so family quirks live here and in
+`families.py` (real checkpoints) and nowhere else.
+
+This module also builds the built-in tiny model: a small Qwen3 run block-causally, with a
+character-level tokenizer that has mask, EOS and pad tokens, saved with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+ATTENTIONS = ("block_causal", "full")
+MODES = ("packed", "exact", "remasked")
+
+PAD, EOS, MASK, UNK = "<pad>", "<eos>", "<mask>", "<unk>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'system' %}System: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """How one model is driven. Everything family-specific the rest of dtrpo needs.
+
+    `attention` is the model's attention at inference: `block_causal` (SDAR, Fast-dLLM v2, tiny)
+    or `full` (LLaDA, Dream). `prompt_attention` is `full` (bidirectional inside the prompt) or
+    `causal`. `shifted` means position i-1 predicts token i (Dream, Fast-dLLM v2).
+    """
+
+    family: str
+    mask_token_id: int
+    block_size: int
+    shifted: bool = False
+    attention: str = "block_causal"
+    prompt_attention: str = "full"
+    default_mode: str = "packed"
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.prompt_attention not in ("full", "causal"):
+            raise ValueError(f"prompt_attention must be 'full' or 'causal', got {self.prompt_attention!r}")
+        if self.default_mode not in MODES:
+            raise ValueError(f"default_mode must be one of {MODES}, got {self.default_mode!r}")
+
+    @property
+    def block_causal(self) -> bool:
+        return self.attention == "block_causal"
+
+    def with_block_size(self, block_size: int | None) -> ModelAdapter:
+        return self if block_size is None else replace(self, block_size=block_size)
+
+    def logits(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,  # (B, S)
+        attention_mask: torch.Tensor,  # (B, 1, S, S) bool, True = may attend
+        position_ids: torch.Tensor,  # (B, S)
+        keep: torch.Tensor | None = None,  # (B, S) bool: positions whose logits are needed
+    ) -> torch.Tensor:
+        """Logits at the `keep` positions, flattened row-major to (N, V); all positions if keep is None.
+
+        Goes through `model.forward` (so DDP, FSDP, DeepSpeed and PEFT wrappers see the call) and
+        projects only the kept hidden states onto the vocabulary.
+        """
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=0 if keep is None else keep,
+            use_cache=False,
+        )
+        return out.logits.float()
+
+
+def adapter_from_config(config, tokenizer: PreTrainedTokenizerBase | None = None) -> ModelAdapter:
+    """The adapter of a transformers-native causal LM used as a block-diffusion model.
+
+    Reads `mask_token_id`, `block_size`, `dtrpo_attention`, `dtrpo_prompt_attention` and
+    `dtrpo_shifted` from the config; the mask token falls back to the tokenizer's.
+    """
+    mask_id = getattr(config, "mask_token_id", None)
+    if mask_id is None and tokenizer is not None:
+        mask_id = tokenizer.mask_token_id
+    if mask_id is None:
+        raise ValueError(
+            "no mask token: the checkpoint's config.json has no 'mask_token_id' and its tokenizer no mask_token; "
+            "a masked diffusion LM needs one"
+        )
+    block_size = getattr(config, "block_size", None)
+    if block_size is None:
+        raise ValueError("config.json has no 'block_size': say which block size the model was trained with")
+    attention = getattr(config, "dtrpo_attention", "block_causal")
+    return ModelAdapter(
+        family="native",
+        mask_token_id=int(mask_id),
+        block_size=int(block_size),
+        shifted=bool(getattr(config, "dtrpo_shifted", False)),
+        attention=attention,
+        prompt_attention=getattr(config, "dtrpo_prompt_attention", "full"),
+        default_mode="packed" if attention == "block_causal" else "exact",
+    )
+
+
+def make_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII and newline, with pad, EOS, mask and unk."""
+    special = [PAD, EOS, MASK, UNK]
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(special + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # one token per character
+    tok.decoder = decoders.Fuse()  # join characters without spaces
+    tok.add_special_tokens(special)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, mask_token=MASK, unk_token=UNK)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_model(
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A small random Qwen3 marked as a block-causal, unshifted diffusion LM (the SDAR layout)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        attn_implementation="sdpa",
+    )
+    config.mask_token_id = tokenizer.mask_token_id
+    config.block_size = block_size
+    config.dtrpo_attention = "block_causal"
+    config.dtrpo_prompt_attention = "full"
+    config.dtrpo_shifted = False
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    return model.float().eval()
+
+
+def init_tiny(output: str | Path, block_size: int = 8, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+    """Write the built-in tiny model and its tokenizer to `output` with `save_pretrained`."""
+    output = Path(output)
+    tokenizer = make_char_tokenizer()
+    model = make_tiny_model(tokenizer, block_size=block_size, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return output
+
+
+def read_config_json(path: str | Path) -> dict:
+    """config.json read as JSON, never through AutoConfig, so no remote code is ever offered to run."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a model folder written by save_pretrained")
+    return json.loads(file.read_text())
+
+
+def load_native(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a transformers-native causal LM folder (the tiny model) with its tokenizer and adapter."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa")
+    return model, tokenizer, adapter_from_config(model.config, tokenizer)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    path = Path(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
