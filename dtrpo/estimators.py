@@ -92,7 +92,7 @@ def _layout_logprobs(adapter, model, layout, targets, read) -> torch.Tensor:
     token_at = torch.zeros(B, S, dtype=torch.long, device=read.device).scatter_(1, cols, targets)
     # each response position j owns one distinct column, so reading back by column is a bijection
     slot_at = torch.zeros(B, S, dtype=torch.long, device=read.device).scatter_(1, cols, torch.arange(cols.shape[1]).expand(B, -1).to(read.device))
-    mask = layout.dense_mask(adapter.prompt_attention == "causal", full=not adapter.block_causal)
+    mask = adapter.attention_mask(model, layout)
     logits = adapter.logits(model, layout.input_ids, mask, layout.position_ids, keep)  # (N, V)
     logp = torch.log_softmax(logits, -1).gather(-1, token_at[keep][:, None])[:, 0]  # (N,)
     out = torch.zeros(B, targets.shape[1], dtype=logp.dtype, device=logp.device)

@@ -65,11 +65,24 @@ class ModelAdapter:
     def with_block_size(self, block_size: int | None) -> ModelAdapter:
         return self if block_size is None else replace(self, block_size=block_size)
 
+    def attention_mask(self, model: torch.nn.Module, layout):
+        """The mask of a `masking.Layout` in the form the model's attention backend takes: a flex
+        `BlockMask` under `flex_attention` (CUDA only), else a dense (B, 1, S, S) bool mask for SDPA.
+        The `eager` backend adds bool masks as 0/1 biases, masking nothing, so it is refused."""
+        inner = getattr(model, "module", model)  # DDP and DeepSpeed wrap the model in .module
+        backend = getattr(getattr(inner, "config", None), "_attn_implementation", "sdpa")
+        full, causal = not self.block_causal, self.prompt_attention == "causal"
+        if backend == "eager":
+            raise ValueError("attn_implementation='eager' ignores boolean masks; load the model with 'sdpa' or 'flex_attention'")
+        if backend == "flex_attention":
+            return layout.flex_mask(causal, full)
+        return layout.dense_mask(causal, full)
+
     def logits(
         self,
         model: torch.nn.Module,
         input_ids: torch.Tensor,  # (B, S)
-        attention_mask: torch.Tensor,  # (B, 1, S, S) bool, True = may attend
+        attention_mask,  # (B, 1, S, S) bool (True = may attend) or a flex BlockMask
         position_ids: torch.Tensor,  # (B, S)
         keep: torch.Tensor | None = None,  # (B, S) bool: positions whose logits are needed
     ) -> torch.Tensor:
