@@ -14,7 +14,7 @@ cancel (ratio reduction) and the masks are shared by construction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -49,7 +49,6 @@ class EstimatorConfig:
     scale: str = "unbiased"  # "unbiased" (c = T_B) or "one" (c = 1)
     vrpo_samples: int = 8
     trajectory_mode: str = "exact"
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:

@@ -1,0 +1,146 @@
+"""The `dtrpo` command line: one sub-command per job, each a thin `main` over library functions.
+
+Flags are generated from the config dataclasses (one help line per field); `--config preset.yaml`
+overrides their defaults, and flags given on the command line override the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+COMMANDS = {}
+
+
+def command(name: str, help: str):
+    def register(fn):
+        COMMANDS[name] = (fn, help)
+        return fn
+
+    return register
+
+
+def load_preset(path: str | Path, dataclass_types) -> dict:
+    """A YAML preset as a dict, refusing keys that no config dataclass has (with a close match)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: config preset {path} does not exist")
+    preset = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(preset, dict):
+        raise SystemExit(f"error: {path}: a preset is a mapping of field: value, got {type(preset).__name__}")
+    known = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
+    for key in preset:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SystemExit(f"error: {path}: unknown config key {key!r}{hint}")
+    return preset
+
+
+def parse(dataclass_types, argv: list[str], prog: str, description: str):
+    """Dataclasses from `--config preset.yaml` plus command-line flags (flags win)."""
+    argv = ["--output_dir" if a == "--output" else a.replace("--output=", "--output_dir=", 1) for a in argv]
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    parser.add_argument("--config", help="YAML preset whose keys override the defaults below.")
+    if known.config:
+        parser.set_defaults(**load_preset(known.config, dataclass_types))
+    try:
+        *parsed, _ = parser.parse_args_into_dataclasses(rest + (["--config", known.config] if known.config else []))
+    except ValueError as err:  # a config __post_init__ names the flag
+        raise SystemExit(f"error: {err}") from None
+    return parsed
+
+
+def require(args, *names: str) -> None:
+    missing = [n for n in names if getattr(args, n) in (None, "")]
+    if missing:
+        raise SystemExit("error: the following arguments are required: " + ", ".join(f"--{n}" for n in missing))
+
+
+@dataclass
+class TinyArgs:
+    output_dir: str = field(default=None, metadata={"help": "Folder to write the tiny model and tokenizer to."})
+    block_size: int = field(default=8, metadata={"help": "Block size the model is trained and sampled with."})
+    hidden_size: int = field(default=64, metadata={"help": "Width of the tiny Qwen3."})
+    num_layers: int = field(default=2, metadata={"help": "Number of transformer layers."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random initialisation."})
+
+
+@command("init-tiny", "write the built-in tiny block-causal dLLM and its character tokenizer")
+def init_tiny_main(argv: list[str]) -> None:
+    from dtrpo.models import init_tiny
+
+    (args,) = parse([TinyArgs], argv, "dtrpo init-tiny", COMMANDS["init-tiny"][1])
+    require(args, "output_dir")
+    path = init_tiny(args.output_dir, args.block_size, args.hidden_size, args.num_layers, args.seed)
+    print(f"wrote tiny model to {path}")
+
+
+@dataclass
+class ModelArgs:
+    model: str = field(default=None, metadata={"help": "Model folder: a dtrpo/transformers checkpoint or a family's own."})
+    family: str | None = field(default=None, metadata={"help": "Model family; default: detected from config.json."})
+
+
+@dataclass
+class TrainScript(ModelArgs):
+    data: str = field(default=None, metadata={"help": "Preference data: .jsonl, .json, .parquet or a datasets folder."})
+    eval_data: str | None = field(default=None, metadata={"help": "Held-out preference data for evaluation."})
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | bool | None:
+    """`--resume_from_checkpoint last` (or true) resumes from the newest checkpoint in the output folder."""
+    if value is None or value.lower() not in ("last", "true"):
+        return value
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if last is None:
+        raise SystemExit(f"error: --resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}")
+    return last
+
+
+@command("train", "preference-train a diffusion LM with dTRPO (or a baseline estimator)")
+def train_main(argv: list[str]) -> None:
+    from dtrpo.families import load_model
+    from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
+
+    script, config = parse([TrainScript, DTRPOConfig], argv, "dtrpo train", COMMANDS["train"][1])
+    require(script, "model", "data")
+    require(config, "output_dir")
+    model, tokenizer, adapter = load_model(script.model, script.family)
+    trainer = DTRPOTrainer(model=model, args=config, adapter=adapter, processing_class=tokenizer,
+                           train_dataset=script.data, eval_dataset=script.eval_data)
+    result = trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir))
+    trainer.save_model(config.output_dir)
+    print(json.dumps(result.metrics, indent=2))
+    print(f"saved aligned model to {config.output_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: dtrpo <command> [flags]   (dtrpo <command> --help for its flags)\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<10} {text}")
+        raise SystemExit(0 if argv else 2)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        raise SystemExit(f"error: unknown command {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    COMMANDS[name][0](rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The dTRPO trainer: `transformers.Trainer` with a preference loss on diffusion log-ratio estimates.
+
+Accelerate, DeepSpeed, FSDP, gradient accumulation, checkpoints, resume, logging and progress bars
+all come from `transformers.Trainer`; this file only adds the config fields, the reference model and
+`compute_loss`. The estimator and the loss are chosen through small tables (`estimators.ESTIMATORS`,
+`losses.LOSSES`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from dtrpo.estimators import ESTIMATORS, Batch, EstimatorConfig, draw, score
+from dtrpo.losses import LOSSES, preference_loss
+from dtrpo.masking import REVEAL_ORDERS, TARGETS, example_seed
+from dtrpo.models import MODES, ModelAdapter
+
+CONFIG_FILE = "dtrpo_config.json"
+
+
+@dataclass
+class DiffusionArguments:
+    """Fields shared by every dtrpo trainer (preference and supervised): data limits and block layout."""
+
+    block_size: int | None = field(
+        default=None, metadata={"help": "Block size B of the response; default: the model's own (config block_size)."}
+    )
+    max_prompt_length: int | None = field(
+        default=512, metadata={"help": "Prompts longer than this keep their last tokens (left truncation)."}
+    )
+    max_response_length: int | None = field(
+        default=256, metadata={"help": "Longest response in tokens, EOS included; a multiple of the block size."}
+    )
+    truncation: str = field(
+        default="truncate",
+        metadata={"help": "Over-long responses: 'truncate' (keep the first tokens, counted) or 'error' (refuse)."},
+    )
+
+    def _validate_diffusion(self) -> None:
+        if self.block_size is not None and self.block_size <= 0:
+            raise ValueError(f"--block_size must be positive, got {self.block_size}")
+        for name in ("max_prompt_length", "max_response_length"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name} must be positive, got {value}")
+        if self.truncation not in ("truncate", "error"):
+            raise ValueError(f"--truncation must be 'truncate' or 'error', got {self.truncation!r}")
+
+
+@dataclass
+class DTRPOConfig(DiffusionArguments, TrainingArguments):
+    """Training arguments of `transformers.TrainingArguments` plus the dTRPO fields (method.md)."""
+
+    beta: float = field(default=0.1, metadata={"help": "KL strength beta of the preference loss."})
+    loss_type: str = field(default="sigmoid", metadata={"help": f"Preference loss: one of {sorted(LOSSES)}."})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Label noise rate for 'sigmoid' (conservative DPO) and 'robust' losses."}
+    )
+    estimator: str = field(default="dtrpo", metadata={"help": f"Log-ratio estimator: one of {sorted(ESTIMATORS)}."})
+    mode: str | None = field(
+        default=None, metadata={"help": f"State evaluation mode {MODES}; default: the model family's own."}
+    )
+    steps_per_block: int | None = field(
+        default=None, metadata={"help": "Denoising steps T_B per block (uniform step size B / T_B); default: B."}
+    )
+    reveal_order: str = field(default="random", metadata={"help": f"Re-masking reveal order: one of {REVEAL_ORDERS}."})
+    targets: str = field(default="newly_unmasked", metadata={"help": f"Positions read per state: one of {TARGETS}."})
+    scale: str = field(
+        default="unbiased", metadata={"help": "Per-block scale c of the dTRPO estimate: 'unbiased' (T_B) or 'one'."}
+    )
+    vrpo_samples: int = field(default=8, metadata={"help": "Monte Carlo samples n of the vrpo estimator."})
+    trajectory_mode: str = field(
+        default="exact", metadata={"help": "State evaluation mode of the trajectory estimator (ground truth)."}
+    )
+    # defaults that differ from TrainingArguments
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads token ids."})
+    report_to: str | list[str] | None = field(default="none", metadata={"help": "Loggers: none, tensorboard, wandb..."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    save_strategy: str = field(default="steps", metadata={"help": "Checkpoint strategy."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU; 140x slower on these CPUs)."})
+
+    def __post_init__(self) -> None:
+        self._validate_diffusion()
+        if self.beta <= 0:
+            raise ValueError(f"--beta must be positive, got {self.beta}")
+        if self.loss_type not in LOSSES:
+            raise ValueError(f"--loss_type must be one of {sorted(LOSSES)}, got {self.loss_type!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.steps_per_block is not None and self.steps_per_block <= 0:
+            raise ValueError(f"--steps_per_block must be positive, got {self.steps_per_block}")
+        try:
+            self.estimator_config(block_size=self.steps_per_block or 1)
+        except ValueError as err:
+            raise ValueError(f"invalid dTRPO option: {err}") from None
+        super().__post_init__()
+
+    def estimator_config(self, block_size: int) -> EstimatorConfig:
+        """The estimator options, with T_B resolved against the block size actually used."""
+        steps = self.steps_per_block or block_size
+        if block_size % steps:
+            raise ValueError(f"--steps_per_block={steps} must divide the block size {block_size} (uniform steps)")
+        if self.reveal_order not in REVEAL_ORDERS:
+            raise ValueError(f"--reveal_order must be one of {REVEAL_ORDERS}, got {self.reveal_order!r}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"--targets must be one of {TARGETS}, got {self.targets!r}")
+        return EstimatorConfig(
+            estimator=self.estimator, mode=self.mode, steps_per_block=steps, reveal_order=self.reveal_order,
+            targets=self.targets, scale=self.scale, vrpo_samples=self.vrpo_samples, trajectory_mode=self.trajectory_mode,
+        )
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class DiffusionTrainer(Trainer):
+    """Shared base: the adapter, a collator that pads prompts left and responses right, metric storage
+    averaged over each logging window, and the resolved config written beside every checkpoint."""
+
+    def __init__(self, model, args, adapter: ModelAdapter, processing_class, **kwargs):
+        self.adapter = adapter.with_block_size(args.block_size)
+        self._stored = defaultdict(lambda: defaultdict(list))
+        super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
+
+    def store_metrics(self, metrics: dict[str, torch.Tensor], split: str = "train") -> None:
+        for key, value in metrics.items():
+            value = self.accelerator.gather_for_metrics(value.detach().float().reshape(-1))
+            self._stored[split][key].append(value.mean().item())
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for key, values in self._stored[split].items():
+            logs[prefix + key] = sum(values) / len(values)
+        self._stored[split].clear()
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        out = Path(output_dir or self.args.output_dir)
+        resolved = {"args": json.loads(self.args.to_json_string()), "adapter": vars(self.adapter)}
+        (out / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
+
+
+class DTRPOTrainer(DiffusionTrainer):
+    """Offline preference optimization of a diffusion LM (dTRPO and the baseline estimators).
+
+    The reference is a frozen copy of the starting model in eval mode, or, for a PEFT model without
+    `ref_model`, the same model with its adapters disabled. Chosen and rejected go through the policy
+    in one batch, and through the reference in one batch, with the same re-masking draws.
+    """
+
+    def __init__(self, model, args: DTRPOConfig, adapter: ModelAdapter, processing_class, train_dataset=None,
+                 eval_dataset=None, ref_model=None, **kwargs):
+        from dtrpo.data import PreferenceCollator, build_preference_dataset
+
+        block_size = args.block_size or adapter.block_size
+        self.estimator_config = args.estimator_config(block_size)
+        if ref_model is None and not _is_peft(model):
+            ref_model = copy.deepcopy(model)
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+
+        def prepare(ds):
+            if ds is None or "prompt_ids" in getattr(ds, "column_names", []):
+                return ds
+            ds, _ = build_preference_dataset(ds, processing_class, block_size, args.max_prompt_length,
+                                             args.max_response_length, args.truncation)
+            return ds
+
+        collator = kwargs.pop("data_collator", None) or PreferenceCollator(processing_class.pad_token_id, block_size)
+        super().__init__(model, args, adapter, processing_class, train_dataset=prepare(train_dataset),
+                         eval_dataset=prepare(eval_dataset), data_collator=collator, **kwargs)
+        self.ref_model = None
+        if ref_model is not None:
+            self.ref_model = ref_model.to(self.accelerator.device)
+
+    @contextlib.contextmanager
+    def reference(self, model):
+        """The reference model to call: the frozen copy, or the PEFT model with adapters disabled."""
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
+            with self.accelerator.unwrap_model(model).disable_adapter():
+                yield model
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        losses, metrics = self.pair_losses(model, inputs)
+        split = "train" if model.training else "eval"
+        self.store_metrics(metrics, split)
+        loss = losses.mean()
+        return (loss, {"losses": losses}) if return_outputs else loss
+
+    def pair_losses(self, model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair losses and metrics for one collated batch."""
+        n = inputs["prompt_ids"].shape[0]
+        batch = Batch(
+            prompt_ids=inputs["prompt_ids"].repeat(2, 1),
+            prompt_valid=inputs["prompt_mask"].repeat(2, 1),
+            response_ids=torch.cat([inputs["chosen_ids"], inputs["rejected_ids"]]),
+            response_valid=torch.cat([inputs["chosen_mask"], inputs["rejected_mask"]]),
+        )
+        epoch = int(self.state.epoch or 0)
+        index = inputs["index"].tolist()
+        seeds = [example_seed(self.args.seed, i, epoch, side) for side in ("chosen", "rejected") for i in index]
+        adapter, cfg = self.adapter, self.estimator_config
+        with self.reference(model) as ref:
+            states = draw(adapter, batch, seeds, cfg, ref_model=ref)
+        policy, passes = score(adapter, model, batch, states)
+        with torch.no_grad(), self.reference(model) as ref:
+            reference, _ = score(adapter, ref, batch, states)
+        logratios = policy - reference  # (2n,)
+        losses, metrics = preference_loss(logratios[:n], logratios[n:], self.args.beta, self.args.loss_type,
+                                          self.args.label_smoothing)
+        targets = sum((s.weights != 0).sum(-1).float() for s in states)
+        metrics.update({
+            "logps/chosen": policy[:n].detach(),
+            "logps/rejected": policy[n:].detach(),
+            "estimator/targets_per_seq": targets,
+            "estimator/forward_passes_per_pair": torch.tensor(4.0 * passes),
+        })
+        return losses, metrics
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
