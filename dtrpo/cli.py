@@ -47,7 +47,9 @@ def load_preset(path: str | Path, dataclass_types) -> dict:
 
 def parse(dataclass_types, argv: list[str], prog: str, description: str):
     """Dataclasses from `--config preset.yaml` plus command-line flags (flags win)."""
-    argv = ["--output_dir" if a == "--output" else a.replace("--output=", "--output_dir=", 1) for a in argv]
+    names = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
+    if "output_dir" in names and "output" not in names:  # `--output` is the short form of `--output_dir`
+        argv = ["--output_dir" if a == "--output" else a.replace("--output=", "--output_dir=", 1) for a in argv]
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
@@ -89,7 +91,9 @@ def init_tiny_main(argv: list[str]) -> None:
 
 @dataclass
 class ModelArgs:
-    model: str = field(default=None, metadata={"help": "Model folder: a dtrpo/transformers checkpoint or a family's own."})
+    model: str = field(
+        default=None, metadata={"help": "Model folder: a dtrpo/transformers checkpoint or a family's own."}
+    )
     family: str | None = field(default=None, metadata={"help": "Model family; default: detected from config.json."})
 
 
@@ -120,12 +124,34 @@ def train_main(argv: list[str]) -> None:
     require(script, "model", "data")
     require(config, "output_dir")
     model, tokenizer, adapter = load_model(script.model, script.family)
-    trainer = DTRPOTrainer(model=model, args=config, adapter=adapter, processing_class=tokenizer,
-                           train_dataset=script.data, eval_dataset=script.eval_data)
+    trainer = DTRPOTrainer(
+        model=model,
+        args=config,
+        adapter=adapter,
+        processing_class=tokenizer,
+        train_dataset=script.data,
+        eval_dataset=script.eval_data,
+    )
     result = trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir))
     trainer.save_model(config.output_dir)
     print(json.dumps(result.metrics, indent=2))
     print(f"saved aligned model to {config.output_dir}")
+
+
+@command("bench", "time a training step of each estimator side by side; writes JSON")
+def bench_main(argv: list[str]) -> None:
+    from dtrpo.bench import BenchArgs, estimator_costs
+
+    (args,) = parse([BenchArgs], argv, "dtrpo bench", COMMANDS["bench"][1])
+    report = estimator_costs(args)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    for name, row in report["estimators"].items():
+        print(
+            f"{name:<11} {row['seconds_per_pair'] * 1e3:9.1f} ms/pair  {row['forward_passes_per_pair']:4d} passes/pair"
+            f"  x{list(row.values())[2]:.2f}"
+        )
+    print(f"wrote {args.output}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -74,10 +74,17 @@ def position_logprobs(
         return _exact_logprobs(adapter, model, batch, noisy_ids, read)
     if mode == "packed":
         layout = packed_layout(
-            batch.prompt_ids, batch.prompt_valid, batch.response_ids, batch.response_valid, noisy_ids, adapter.block_size
+            batch.prompt_ids,
+            batch.prompt_valid,
+            batch.response_ids,
+            batch.response_valid,
+            noisy_ids,
+            adapter.block_size,
         )
     elif mode == "remasked":
-        layout = single_layout(batch.prompt_ids, batch.prompt_valid, noisy_ids, batch.response_valid, adapter.block_size)
+        layout = single_layout(
+            batch.prompt_ids, batch.prompt_valid, noisy_ids, batch.response_valid, adapter.block_size
+        )
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return _layout_logprobs(adapter, model, layout, batch.response_ids, read), 1
@@ -90,7 +97,9 @@ def _layout_logprobs(adapter, model, layout, targets, read) -> torch.Tensor:
     keep = torch.zeros(B, S, dtype=torch.bool, device=read.device).scatter_(1, cols, read)
     token_at = torch.zeros(B, S, dtype=torch.long, device=read.device).scatter_(1, cols, targets)
     # each response position j owns one distinct column, so reading back by column is a bijection
-    slot_at = torch.zeros(B, S, dtype=torch.long, device=read.device).scatter_(1, cols, torch.arange(cols.shape[1]).expand(B, -1).to(read.device))
+    slot_at = torch.zeros(B, S, dtype=torch.long, device=read.device).scatter_(
+        1, cols, torch.arange(cols.shape[1]).expand(B, -1).to(read.device)
+    )
     mask = adapter.attention_mask(model, layout)
     logits = adapter.logits(model, layout.input_ids, mask, layout.position_ids, keep)  # (N, V)
     logp = torch.log_softmax(logits, -1).gather(-1, token_at[keep][:, None])[:, 0]  # (N,)
@@ -113,7 +122,9 @@ def _exact_logprobs(adapter, model, batch, noisy_ids, read) -> tuple[torch.Tenso
             continue
         state = torch.where(block < b, batch.response_ids, torch.where(block == b, noisy_ids, adapter.mask_token_id))
         width = (b + 1) * bs if adapter.block_causal else R
-        sub = Batch(batch.prompt_ids, batch.prompt_valid, batch.response_ids[:, :width], batch.response_valid[:, :width])
+        sub = Batch(
+            batch.prompt_ids, batch.prompt_valid, batch.response_ids[:, :width], batch.response_valid[:, :width]
+        )
         layout = single_layout(sub.prompt_ids, sub.prompt_valid, state[:, :width], sub.response_valid, bs)
         logp = _layout_logprobs(adapter, model, layout, sub.response_ids, read_b[:, :width])
         out = out + torch.nn.functional.pad(logp, (0, R - width))
@@ -140,10 +151,17 @@ def _mode(cfg: EstimatorConfig, adapter: ModelAdapter) -> str:
 
 def _block_states(adapter, batch, seeds, cfg, confidence=None, t_fixed=None, scale=None):
     return draw_block_states(
-        batch.response_ids, batch.response_valid, seeds, adapter.mask_token_id, adapter.block_size,
-        cfg.steps_per_block, cfg.reveal_order, cfg.targets,
+        batch.response_ids,
+        batch.response_valid,
+        seeds,
+        adapter.mask_token_id,
+        adapter.block_size,
+        cfg.steps_per_block,
+        cfg.reveal_order,
+        cfg.targets,
         scale=scale if scale is not None else (cfg.steps_per_block if cfg.scale == "unbiased" else 1),
-        confidence=confidence, t_fixed=t_fixed,
+        confidence=confidence,
+        t_fixed=t_fixed,
     )
 
 
@@ -169,8 +187,17 @@ def draw_trajectory(adapter, batch, seeds, cfg, ref_model=None) -> list[State]:
     states = []
     for t in range(cfg.steps_per_block, 0, -1):
         st = draw_block_states(
-            batch.response_ids, batch.response_valid, seeds, adapter.mask_token_id, adapter.block_size,
-            cfg.steps_per_block, cfg.reveal_order, "newly_unmasked", scale=1, confidence=conf, t_fixed=t,
+            batch.response_ids,
+            batch.response_valid,
+            seeds,
+            adapter.mask_token_id,
+            adapter.block_size,
+            cfg.steps_per_block,
+            cfg.reveal_order,
+            "newly_unmasked",
+            scale=1,
+            confidence=conf,
+            t_fixed=t,
         )
         states.append(State(st.noisy_ids, st.weights, cfg.trajectory_mode))
     return states

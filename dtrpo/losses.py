@@ -56,7 +56,10 @@ LOSSES = {"sigmoid": sigmoid_loss, "ipo": ipo_loss, "hinge": hinge_loss, "robust
 
 
 def preference_loss(
-    chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair losses and the TRL-named reward metrics (per pair, detached)."""

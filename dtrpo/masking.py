@@ -56,9 +56,14 @@ class Layout:
         S = self.input_ids.shape[1]
         idx = torch.arange(S, device=self.input_ids.device)
         ok = allowed(
-            self.kind[:, :, None], self.block[:, :, None], idx[None, :, None],
-            self.kind[:, None, :], self.block[:, None, :], idx[None, None, :],
-            prompt_causal, full,
+            self.kind[:, :, None],
+            self.block[:, :, None],
+            idx[None, :, None],
+            self.kind[:, None, :],
+            self.block[:, None, :],
+            idx[None, None, :],
+            prompt_causal,
+            full,
         )  # (B, S, S)
         ok = ok & self.valid[:, None, :] & self.valid[:, :, None]
         ok = ok | torch.eye(S, dtype=torch.bool, device=ok.device)

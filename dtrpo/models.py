@@ -73,7 +73,9 @@ class ModelAdapter:
         backend = getattr(getattr(inner, "config", None), "_attn_implementation", "sdpa")
         full, causal = not self.block_causal, self.prompt_attention == "causal"
         if backend == "eager":
-            raise ValueError("attn_implementation='eager' ignores boolean masks; load the model with 'sdpa' or 'flex_attention'")
+            raise ValueError(
+                "attn_implementation='eager' ignores boolean masks; load the model with 'sdpa' or 'flex_attention'"
+            )
         if backend == "flex_attention":
             return layout.flex_mask(causal, full)
         return layout.dense_mask(causal, full)
@@ -180,7 +182,9 @@ def make_tiny_model(
     return model.float().eval()
 
 
-def init_tiny(output: str | Path, block_size: int = 8, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+def init_tiny(
+    output: str | Path, block_size: int = 8, hidden_size: int = 64, num_layers: int = 2, seed: int = 0
+) -> Path:
     """Write the built-in tiny model and its tokenizer to `output` with `save_pretrained`."""
     output = Path(output)
     tokenizer = make_char_tokenizer()

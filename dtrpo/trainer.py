@@ -44,6 +44,13 @@ class DiffusionArguments:
         metadata={"help": "Over-long responses: 'truncate' (keep the first tokens, counted) or 'error' (refuse)."},
     )
 
+    # defaults that differ from TrainingArguments
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads token ids."})
+    report_to: str | list[str] | None = field(default="none", metadata={"help": "Loggers: none, tensorboard, wandb..."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    save_strategy: str = field(default="steps", metadata={"help": "Checkpoint strategy."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU; 140x slower on these CPUs)."})
+
     def _validate_diffusion(self) -> None:
         if self.block_size is not None and self.block_size <= 0:
             raise ValueError(f"--block_size must be positive, got {self.block_size}")
@@ -80,12 +87,6 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
     trajectory_mode: str = field(
         default="exact", metadata={"help": "State evaluation mode of the trajectory estimator (ground truth)."}
     )
-    # defaults that differ from TrainingArguments
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads token ids."})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "Loggers: none, tensorboard, wandb..."})
-    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
-    save_strategy: str = field(default="steps", metadata={"help": "Checkpoint strategy."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU; 140x slower on these CPUs)."})
 
     def __post_init__(self) -> None:
         self._validate_diffusion()
@@ -113,8 +114,14 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
         if self.targets not in TARGETS:
             raise ValueError(f"--targets must be one of {TARGETS}, got {self.targets!r}")
         return EstimatorConfig(
-            estimator=self.estimator, mode=self.mode, steps_per_block=steps, reveal_order=self.reveal_order,
-            targets=self.targets, scale=self.scale, vrpo_samples=self.vrpo_samples, trajectory_mode=self.trajectory_mode,
+            estimator=self.estimator,
+            mode=self.mode,
+            steps_per_block=steps,
+            reveal_order=self.reveal_order,
+            targets=self.targets,
+            scale=self.scale,
+            vrpo_samples=self.vrpo_samples,
+            trajectory_mode=self.trajectory_mode,
         )
 
 
@@ -159,8 +166,17 @@ class DTRPOTrainer(DiffusionTrainer):
     in one batch, and through the reference in one batch, with the same re-masking draws.
     """
 
-    def __init__(self, model, args: DTRPOConfig, adapter: ModelAdapter, processing_class, train_dataset=None,
-                 eval_dataset=None, ref_model=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: DTRPOConfig,
+        adapter: ModelAdapter,
+        processing_class,
+        train_dataset=None,
+        eval_dataset=None,
+        ref_model=None,
+        **kwargs,
+    ):
         from dtrpo.data import PreferenceCollator, build_preference_dataset
 
         block_size = args.block_size or adapter.block_size
@@ -173,13 +189,22 @@ class DTRPOTrainer(DiffusionTrainer):
         def prepare(ds):
             if ds is None or "prompt_ids" in getattr(ds, "column_names", []):
                 return ds
-            ds, _ = build_preference_dataset(ds, processing_class, block_size, args.max_prompt_length,
-                                             args.max_response_length, args.truncation)
+            ds, _ = build_preference_dataset(
+                ds, processing_class, block_size, args.max_prompt_length, args.max_response_length, args.truncation
+            )
             return ds
 
         collator = kwargs.pop("data_collator", None) or PreferenceCollator(processing_class.pad_token_id, block_size)
-        super().__init__(model, args, adapter, processing_class, train_dataset=prepare(train_dataset),
-                         eval_dataset=prepare(eval_dataset), data_collator=collator, **kwargs)
+        super().__init__(
+            model,
+            args,
+            adapter,
+            processing_class,
+            train_dataset=prepare(train_dataset),
+            eval_dataset=prepare(eval_dataset),
+            data_collator=collator,
+            **kwargs,
+        )
         self.ref_model = None
         if ref_model is not None:
             self.ref_model = ref_model.to(self.accelerator.device)
@@ -219,15 +244,18 @@ class DTRPOTrainer(DiffusionTrainer):
         with torch.no_grad(), self.reference(model) as ref:
             reference, _ = score(adapter, ref, batch, states)
         logratios = policy - reference  # (2n,)
-        losses, metrics = preference_loss(logratios[:n], logratios[n:], self.args.beta, self.args.loss_type,
-                                          self.args.label_smoothing)
+        losses, metrics = preference_loss(
+            logratios[:n], logratios[n:], self.args.beta, self.args.loss_type, self.args.label_smoothing
+        )
         targets = sum((s.weights != 0).sum(-1).float() for s in states)
-        metrics.update({
-            "logps/chosen": policy[:n].detach(),
-            "logps/rejected": policy[n:].detach(),
-            "estimator/targets_per_seq": targets,
-            "estimator/forward_passes_per_pair": torch.tensor(4.0 * passes),
-        })
+        metrics.update(
+            {
+                "logps/chosen": policy[:n].detach(),
+                "logps/rejected": policy[n:].detach(),
+                "estimator/targets_per_seq": targets,
+                "estimator/forward_passes_per_pair": torch.tensor(4.0 * passes),
+            }
+        )
         return losses, metrics
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

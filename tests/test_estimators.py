@@ -147,7 +147,9 @@ def test_dtrpo_averaged_over_steps_equals_trajectory_exactly(tiny, tokenizer, st
     torch.testing.assert_close(mean, traj, atol=1e-5, rtol=0)
     for i, seed in enumerate(seeds):  # the trajectory itself against a step-by-step walk
         keys = torch.rand(len(responses[i]) // BS, BS, generator=torch.Generator().manual_seed(seed))
-        want = brute_force_trajectory(policy, ref, prompts[i], responses[i], keys.tolist(), steps, adapter.mask_token_id)
+        want = brute_force_trajectory(
+            policy, ref, prompts[i], responses[i], keys.tolist(), steps, adapter.mask_token_id
+        )
         assert abs(traj[i].item() - want) < 1e-4
 
 
@@ -159,13 +161,16 @@ def test_dtrpo_mean_matches_trajectory_mean_over_random_orders(tiny, tokenizer, 
     batch = Batch(*(x.expand(n, -1) for x in (one.prompt_ids, one.prompt_valid, one.response_ids, one.response_valid)))
     seeds = list(range(n))
     with torch.no_grad():
+
         def ratio(cfg, seeds):
             states = draw(adapter, batch, seeds, cfg)
             return score(adapter, policy, batch, states)[0] - score(adapter, ref, batch, states)[0]
 
         est = ratio(EstimatorConfig(steps_per_block=4, targets=targets), seeds)
-        traj = ratio(EstimatorConfig(estimator="trajectory", steps_per_block=4, trajectory_mode="packed"),
-                     [s + 10_000 for s in seeds])
+        traj = ratio(
+            EstimatorConfig(estimator="trajectory", steps_per_block=4, trajectory_mode="packed"),
+            [s + 10_000 for s in seeds],
+        )
     se = (est.var() / n + traj.var() / n).sqrt()
     assert abs(est.mean() - traj.mean()) < 3 * se
     assert est.std() > 0  # a real estimator, with variance
@@ -178,8 +183,10 @@ def test_autoregressive_limit_equals_sequence_dpo(tiny, tokenizer):
     prompt = [20, 21, 22]
     chosen, rejected = [30, 31, 32, 33], [40, 41, 42, 43]
     batch = Batch(
-        prompt_ids=torch.tensor([prompt, prompt]), prompt_valid=torch.ones(2, 3, dtype=torch.bool),
-        response_ids=torch.tensor([chosen, rejected]), response_valid=torch.ones(2, 4, dtype=torch.bool),
+        prompt_ids=torch.tensor([prompt, prompt]),
+        prompt_valid=torch.ones(2, 3, dtype=torch.bool),
+        response_ids=torch.tensor([chosen, rejected]),
+        response_valid=torch.ones(2, 4, dtype=torch.bool),
     )
     cfg = EstimatorConfig(steps_per_block=1)
     with torch.no_grad():
@@ -207,7 +214,10 @@ def test_every_estimator_shares_draws_and_counts_passes(tiny, tokenizer):
         cfg = EstimatorConfig(estimator=name, steps_per_block=4)
         a = draw(adapter, batch, [1, 2, 3], cfg)
         b = draw(adapter, batch, [1, 2, 3], cfg)
-        assert all(torch.equal(x.noisy_ids, y.noisy_ids) and torch.equal(x.weights, y.weights) for x, y in zip(a, b))
+        assert all(
+            torch.equal(x.noisy_ids, y.noisy_ids) and torch.equal(x.weights, y.weights)
+            for x, y in zip(a, b, strict=False)
+        )
         with torch.no_grad():
             value, n = score(adapter, policy, batch, a)
         assert n == passes, name

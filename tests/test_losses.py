@@ -29,7 +29,9 @@ def test_hinge():
 
 
 def test_robust():
-    close(robust_loss(torch.tensor([0.0, 10.0, -10.0]), beta=0.1, label_smoothing=0.25), [0.693147, -0.186738, 1.813262])
+    close(
+        robust_loss(torch.tensor([0.0, 10.0, -10.0]), beta=0.1, label_smoothing=0.25), [0.693147, -0.186738, 1.813262]
+    )
     with pytest.raises(ValueError, match="label_smoothing"):
         robust_loss(torch.zeros(3), beta=0.1, label_smoothing=0.5)
 

@@ -10,25 +10,39 @@ MASK = 99
 
 def test_packed_mask_three_parts_by_hand():
     # prompt of 1 token, response of 2 blocks of 1 token: columns [x, C0, C1, N0, N1]
-    layout = packed_layout(torch.tensor([[5]]), torch.tensor([[True]]), torch.tensor([[6, 7]]),
-                           torch.tensor([[True, True]]), torch.tensor([[MASK, MASK]]), block_size=1)
-    want = torch.tensor([
-        # x  C0 C1 N0 N1
-        [1, 0, 0, 0, 0],  # x: prompt only
-        [1, 1, 0, 0, 0],  # C0: prompt, C0
-        [1, 1, 1, 0, 0],  # C1: prompt, C0, C1
-        [1, 0, 0, 1, 0],  # N0: prompt, itself
-        [1, 1, 0, 0, 1],  # N1: prompt, C0 (b' < b), itself
-    ], dtype=torch.bool)
+    layout = packed_layout(
+        torch.tensor([[5]]),
+        torch.tensor([[True]]),
+        torch.tensor([[6, 7]]),
+        torch.tensor([[True, True]]),
+        torch.tensor([[MASK, MASK]]),
+        block_size=1,
+    )
+    want = torch.tensor(
+        [
+            # x  C0 C1 N0 N1
+            [1, 0, 0, 0, 0],  # x: prompt only
+            [1, 1, 0, 0, 0],  # C0: prompt, C0
+            [1, 1, 1, 0, 0],  # C1: prompt, C0, C1
+            [1, 0, 0, 1, 0],  # N0: prompt, itself
+            [1, 1, 0, 0, 1],  # N1: prompt, C0 (b' < b), itself
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(layout.dense_mask(prompt_causal=False, full=False)[0, 0], want)
     assert layout.position_ids.tolist() == [[0, 1, 2, 1, 2]]  # the noisy copy reuses the clean positions
 
 
 def test_padding_never_attended_and_no_empty_rows():
     layout = Layout(
-        input_ids=torch.zeros(1, 4, dtype=torch.long), position_ids=torch.zeros(1, 4, dtype=torch.long),
-        kind=torch.tensor([[PROMPT, PROMPT, CLEAN, NOISY]]), block=torch.tensor([[-1, -1, 0, 0]]),
-        valid=torch.tensor([[False, True, True, True]]), clean_start=2, noisy_start=3, response_len=1,
+        input_ids=torch.zeros(1, 4, dtype=torch.long),
+        position_ids=torch.zeros(1, 4, dtype=torch.long),
+        kind=torch.tensor([[PROMPT, PROMPT, CLEAN, NOISY]]),
+        block=torch.tensor([[-1, -1, 0, 0]]),
+        valid=torch.tensor([[False, True, True, True]]),
+        clean_start=2,
+        noisy_start=3,
+        response_len=1,
     )
     m = layout.dense_mask(prompt_causal=True, full=False)[0, 0]
     assert not m[1:, 0].any()  # the padded prompt column is never attended by a real row
@@ -60,8 +74,9 @@ def test_left_to_right_and_confidence_orders():
 
 def test_all_masked_weighted_weights():
     ids = torch.arange(8).view(1, 8)
-    st = draw_block_states(ids, torch.ones(1, 8, dtype=torch.bool), [0], MASK, 8, 4, targets="all_masked_weighted",
-                           t_fixed=3, scale=1)
+    st = draw_block_states(
+        ids, torch.ones(1, 8, dtype=torch.bool), [0], MASK, 8, 4, targets="all_masked_weighted", t_fixed=3, scale=1
+    )
     # t = 3: n_before = 2, |M_t| = 6 masked, k = 2: weight k / |M_t| = 1/3 on each masked position
     assert torch.allclose(st.weights[st.noisy_ids == MASK], torch.full((6,), 1 / 3))
     assert (st.weights[st.noisy_ids != MASK] == 0).all()

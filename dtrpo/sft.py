@@ -1,0 +1,109 @@
+"""Supervised training of diffusion LMs (method.md section 7), on the same trainer base as dTRPO.
+
+- `masked` (LLaDA style): one level t per sequence, response tokens masked with probability t,
+  cross-entropy on the masked tokens weighted 1/t, one pass over `[x | y_t]` with the model's own
+  attention. The prompt is never masked.
+- `block` (BD3-LM / SDAR / Fast-dLLM v2 style): one level t per block, the packed layout
+  `[x | y | y_t]` of section 4, cross-entropy on the masked tokens of the noisy copy weighted 1/t.
+
+Both are normalised by the number of response tokens, so the loss is a per-token ELBO bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from dtrpo.estimators import Batch, position_logprobs
+from dtrpo.masking import example_seed
+from dtrpo.trainer import DiffusionArguments, DiffusionTrainer
+
+OBJECTIVES = ("masked", "block")
+MIN_LEVEL = 1e-3  # t is drawn in [MIN_LEVEL, 1] so that 1/t stays bounded
+
+
+@dataclass
+class DiffusionSFTConfig(DiffusionArguments, TrainingArguments):
+    """Training arguments of `transformers.TrainingArguments` plus the diffusion SFT fields."""
+
+    objective: str | None = field(
+        default=None,
+        metadata={"help": f"SFT objective {OBJECTIVES}; default: 'block' for block-causal models, else 'masked'."},
+    )
+
+    def __post_init__(self) -> None:
+        self._validate_diffusion()
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        super().__post_init__()
+
+
+def draw_sft_noise(response_ids, response_valid, seeds, mask_token_id, block_size, per_block: bool):
+    """Masked response and 1/t weights: one level per sequence, or one per block. (B, R) each."""
+    B, R = response_ids.shape
+    levels, coins = torch.empty(B, R), torch.empty(B, R)
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        n_levels = R // block_size if per_block else 1
+        t = MIN_LEVEL + (1 - MIN_LEVEL) * torch.rand(n_levels, generator=g)
+        levels[i] = t.repeat_interleave(R // n_levels)
+        coins[i] = torch.rand(R, generator=g)
+    levels, coins = levels.to(response_ids.device), coins.to(response_ids.device)
+    masked = (coins < levels) & response_valid
+    noisy = torch.where(masked, mask_token_id, response_ids)
+    return noisy, masked.float() / levels
+
+
+def sft_loss(adapter, model, batch: Batch, seeds: list[int], objective: str) -> torch.Tensor:
+    """Per-token diffusion cross-entropy of one batch (a scalar)."""
+    per_block = objective == "block"
+    noisy, weights = draw_sft_noise(
+        batch.response_ids, batch.response_valid, seeds, adapter.mask_token_id, adapter.block_size, per_block
+    )
+    logp, _ = position_logprobs(adapter, model, batch, noisy, weights != 0, "packed" if per_block else "remasked")
+    return -(logp * weights).sum() / batch.response_valid.sum().clamp(min=1)
+
+
+class DiffusionSFTTrainer(DiffusionTrainer):
+    """Masked- or block-diffusion SFT on prompt/completion data."""
+
+    def __init__(self, model, args, adapter, processing_class, train_dataset=None, eval_dataset=None, **kwargs):
+        from dtrpo.data import SFTCollator, build_sft_dataset
+
+        block_size = args.block_size or adapter.block_size
+        self.objective = args.objective or ("block" if adapter.block_causal else "masked")
+
+        def prepare(ds):
+            if ds is None or "prompt_ids" in getattr(ds, "column_names", []):
+                return ds
+            ds, _ = build_sft_dataset(
+                ds, processing_class, block_size, args.max_prompt_length, args.max_response_length, args.truncation
+            )
+            return ds
+
+        collator = kwargs.pop("data_collator", None) or SFTCollator(processing_class.pad_token_id, block_size)
+        super().__init__(
+            model,
+            args,
+            adapter,
+            processing_class,
+            train_dataset=prepare(train_dataset),
+            eval_dataset=prepare(eval_dataset),
+            data_collator=collator,
+            **kwargs,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = Batch(inputs["prompt_ids"], inputs["prompt_mask"], inputs["response_ids"], inputs["response_mask"])
+        epoch = int(self.state.epoch or 0)
+        seeds = [example_seed(self.args.seed, i, epoch, "sft") for i in inputs["index"].tolist()]
+        loss = sft_loss(self.adapter, model, batch, seeds, self.objective)
+        return (loss, {}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None

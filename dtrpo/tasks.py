@@ -1,0 +1,327 @@
+"""Verifiable tasks: prompts with references, and a score for each response.
+
+A task gives `prompts(split, n, seed)`, rows that are dicts with at least `id`, `prompt` and
+`answer` (the reference), and `score(row, response) -> float`: 1.0 / 0.0 for a verifier, any float
+for a reward function. Preference pairs come from scoring several generations of one prompt;
+evaluation averages the scores on the `heldout` split. `score_batch` is the checked way to score: it
+names the item when a scorer raises or returns something that is not a number.
+
+`load_task` resolves a spec: a built-in name from `TASKS` with options (`"arithmetic:digits=3"`), or a
+prompts file (.jsonl / .json) scored by exact or numeric match against each row's answer, or by a
+reward function `"module:function"`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import numbers
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from decimal import Decimal
+from pathlib import Path
+from typing import Protocol
+
+SPLITS = ("train", "heldout")
+MATCHES = ("exact", "numeric")
+HELDOUT_PER_MILLE = 100  # a tenth of all arithmetic problems is held out, chosen by a hash of the problem
+NUMERIC_TOL = Decimal("1e-6")
+# a number, with optional thousands separators ("1,080") as GSM8K-style answers write them
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+
+Reward = Callable[[str, str, dict], float]
+
+
+class Task(Protocol):
+    name: str
+
+    def prompts(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]: ...
+
+    def score(self, row: dict, response: str) -> float: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# Built-in: column arithmetic with the work written out
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def problem_split(problem: str) -> str:
+    """The split a problem ("47+85") belongs to, fixed by a hash of its text whatever the seed or n."""
+    h = int.from_bytes(hashlib.sha256(problem.encode()).digest()[:8], "big")
+    return "heldout" if h % 1000 < HELDOUT_PER_MILLE else "train"
+
+
+# one column, right to left: (x, y, carry in) -> (carry out, written digit); "-" borrows instead of carrying
+_COLUMN = {
+    "+": lambda x, y, c: divmod(x + y + c, 10),
+    "-": lambda x, y, c: (int(x - y - c < 0), (x - y - c) % 10),
+    "*": lambda x, y, c: divmod(x * y + c, 10),
+}
+
+
+def worked_answer(a: int, op: str, b: int, digits: int) -> str:
+    """The answer text of `a op b` in the format of `Arithmetic` (requires a >= b for "-")."""
+    xs = str(a).zfill(digits)[::-1]
+    ys = str(b) * digits if op == "*" else str(b).zfill(digits)[::-1]
+    carry, entries, written = 0, [], []
+    for x, y in zip(xs, ys, strict=True):
+        carry, digit = _COLUMN[op](int(x), int(y), carry)
+        entries.append(f"{carry}{digit}")
+        written.append(str(digit))
+    return ",".join(entries) + "=" + str(carry) + "".join(reversed(written))
+
+
+def read_result(text: str) -> int | None:
+    """The integer right after the first "=" (later text, EOS or junk, is ignored); without "=", the last
+    integer of the text. None when there is none."""
+    _, eq, tail = text.partition("=")
+    if eq:
+        m = re.match(r"\s*(\d+)", tail)
+        return int(m.group(1)) if m else None
+    found = re.findall(r"\d+", text)
+    return int(found[-1]) if found else None
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """Multi-digit arithmetic whose answer writes out one column at a time, right to left.
+
+    Prompt `"47+85="`, answer `"12,13=132"`: one two-character entry per column, the column's carry
+    (the borrow for "-") then the digit written down, separated by ","; then "=" and the result with
+    `digits + 1` digits, which is the last carry followed by the written digits read left to right (so
+    it can start with 0). Every answer of a task has the same length, 4 * digits + 1 characters: two
+    blocks of 8 for digits 2-3, three for 4-5, four for 6-7 (with EOS too).
+
+        47+85=  ->  12,13=132   7+5 = 12: write 2, carry 1; 4+8+1 = 13
+        85-47=  ->  18,03=038   5-7: borrow 1, write 8; 8-4-1 = 3
+        47*6=   ->  42,28=282   7*6 = 42: write 2, carry 4; 4*6+4 = 28
+
+    Operands have exactly `digits` digits (0-9 for one digit); "-" puts the larger operand first so the
+    result is never negative; "*" uses a one-digit multiplier (2-9) so the work stays one row. The
+    verifier compares the number right after the first "=" of the response with the exact result.
+    A problem's split is fixed by a hash of its text, so `train` and `heldout` never share a problem.
+    """
+
+    digits: int = 2
+    ops: str = "+"
+
+    def __post_init__(self) -> None:
+        if self.digits < 1:
+            raise ValueError(f"arithmetic: digits must be >= 1, got {self.digits}")
+        if not self.ops or set(self.ops) - set(_COLUMN):
+            raise ValueError(f"arithmetic: ops must be a non-empty string of {''.join(_COLUMN)!r}, got {self.ops!r}")
+
+    @property
+    def name(self) -> str:
+        return f"arithmetic:digits={self.digits},ops={self.ops}"
+
+    def _draw(self, rng: random.Random) -> tuple[int, str, int]:
+        lo, hi = (0 if self.digits == 1 else 10 ** (self.digits - 1)), 10**self.digits - 1
+        op, a = rng.choice(self.ops), rng.randint(lo, hi)
+        if op == "*":
+            return a, op, rng.randint(2, 9)
+        b = rng.randint(lo, hi)
+        return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)
+
+    def prompts(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
+        """`n` distinct problems of `split` (default 100), the same for the same arguments."""
+        _check_split(split)
+        n = 100 if n is None else n
+        rng = random.Random(f"arithmetic:{split}:{seed}")
+        rows: dict[str, dict] = {}
+        misses = 0
+        while len(rows) < n:
+            a, op, b = self._draw(rng)
+            problem = f"{a}{op}{b}"
+            if problem in rows or problem_split(problem) != split:
+                misses += 1
+                if misses > 10_000:  # the split has fewer distinct problems than asked for
+                    raise ValueError(f"{self.name}: found only {len(rows)} distinct {split} problems, {n} asked")
+                continue
+            misses = 0
+            rows[problem] = {"id": problem, "prompt": problem + "=", "answer": worked_answer(a, op, b, self.digits)}
+        return list(rows.values())
+
+    def score(self, row: dict, response: str) -> float:
+        got = read_result(response)
+        return float(got is not None and got == read_result(row["answer"]))
+
+
+TASKS = {"arithmetic": Arithmetic}
+
+
+def _parse_options(cls: type, text: str) -> dict:
+    """Options text to keyword arguments, each value of the type of its default: "digits=3" -> {"digits": 3}."""
+    known = {f.name: f.default for f in fields(cls)}
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if not eq or key not in known:
+            raise ValueError(f"task option {item!r}: expected key=value with key one of {sorted(known)}")
+        try:
+            options[key] = type(known[key])(value)
+        except ValueError:
+            raise ValueError(f"task option {key}={value!r}: expected {type(known[key]).__name__}") from None
+    return options
+
+
+# ---------------------------------------------------------------------------------------------------
+# User tasks: a prompts file with references or a reward function
+
+
+def last_number(text: str) -> Decimal | None:
+    """The last number in `text` ("1,080" reads as 1080), exactly as written; None when there is none."""
+    found = NUMBER.findall(text)
+    return Decimal(found[-1].replace(",", "")) if found else None
+
+
+@dataclass
+class FileTask:
+    """Rows of a prompts file, scored by `match` against `answer` or by `reward(prompt, response, row)`.
+
+    A row may carry `split` ("train" / "heldout"); a row without one is in every split. `match="exact"`
+    compares stripped strings; `"numeric"` compares the last number of the response with the last
+    number of the answer, within 1e-6.
+    """
+
+    path: Path
+    rows: list[dict]
+    match: str = "exact"
+    reward: Reward | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def prompts(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
+        """The rows of `split`: all of them in file order, or at most `n` drawn with `seed`."""
+        _check_split(split)
+        rows = [dict(row) for row in self.rows if row.get("split", split) == split]  # copies: callers may annotate
+        return rows if n is None else random.Random(seed).sample(rows, min(n, len(rows)))
+
+    def score(self, row: dict, response: str) -> float:
+        if self.reward is not None:
+            return self.reward(row["prompt"], response, row)
+        if self.match == "exact":
+            return float(response.strip() == row["answer"].strip())
+        got = last_number(response)
+        return float(got is not None and abs(got - last_number(row["answer"])) <= NUMERIC_TOL)
+
+
+def import_reward(spec: str) -> Reward:
+    """Import the reward function named by "module:function"."""
+    module_name, sep, attr = spec.partition(":")
+    if not (sep and module_name and attr):
+        raise ValueError(f"reward function {spec!r}: expected 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ImportError(f"reward function {spec!r}: cannot import module {module_name!r}: {e}") from e
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ImportError(f"reward function {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise TypeError(f"reward function {spec!r}: {module_name}.{attr} is a {type(fn).__name__}, not callable")
+    return fn
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) pairs, `where` naming the file and the line (.jsonl) or index (.json) of the row."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        pairs = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    pairs.append((f"{path}, line {lineno}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+        pairs = [(f"{path}, row {i}", row) for i, row in enumerate(data)]
+    if not pairs:
+        raise ValueError(f"{path}: no rows")
+    return pairs
+
+
+def _check_row(where: str, row: object, index: int, match: str, has_reward: bool) -> dict:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if not isinstance(row.get("prompt"), str):
+        raise ValueError(f"{where}: missing 'prompt' (a string); the row has keys {sorted(row)}")
+    if "answer" not in row and not has_reward:
+        raise ValueError(f"{where}: missing 'answer' and no reward function given (reward='module:function')")
+    if row.get("split", "train") not in SPLITS:
+        raise ValueError(f"{where}: split {row['split']!r} is not one of {SPLITS}")
+    answer = str(row.get("answer", ""))
+    if match == "numeric" and not has_reward and last_number(answer) is None:
+        raise ValueError(f"{where}: answer {answer!r} has no number to match numerically")
+    return {**row, "id": str(row.get("id", index)), "answer": answer}
+
+
+def load_prompts_file(path: str | Path, match: str = "exact", reward: str | Reward | None = None) -> FileTask:
+    """A `FileTask` from a .jsonl / .json file of rows with `prompt` and `answer` (or a reward function)."""
+    if match not in MATCHES:
+        raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
+    path = Path(path)
+    fn = import_reward(reward) if isinstance(reward, str) else reward
+    rows = [_check_row(where, row, i, match, fn is not None) for i, (where, row) in enumerate(_read_rows(path))]
+    return FileTask(path, rows, match, fn)
+
+
+def load_task(spec: str, match: str | None = None, reward: str | Reward | None = None) -> Task:
+    """A built-in task ("arithmetic", "arithmetic:digits=3,ops=+-") or a prompts file ("data.jsonl").
+
+    `match` ("exact" by default, or "numeric") and `reward` ("module:function") apply to prompts files.
+    """
+    if spec.endswith((".jsonl", ".json")):
+        return load_prompts_file(spec, match or "exact", reward)
+    name, _, options = spec.partition(":")
+    if name not in TASKS:
+        raise ValueError(f"unknown task {spec!r}: not a built-in ({', '.join(TASKS)}) nor a .jsonl/.json prompts file")
+    if match is not None or reward is not None:
+        raise ValueError(f"task {spec!r}: match and reward apply to prompts files, not to built-in tasks")
+    return TASKS[name](**_parse_options(TASKS[name], options))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checked scoring
+
+
+def _describe(row: dict) -> str:
+    return f"item id={row.get('id')!r} (prompt {str(row.get('prompt', ''))[:80]!r})"
+
+
+def score_batch(task: Task, rows: list[dict], responses: list[str]) -> list[float]:
+    """`task.score` of each (row, response) as floats; an error names the item that caused it."""
+    if len(rows) != len(responses):
+        raise ValueError(f"{task.name}: {len(rows)} rows but {len(responses)} responses")
+    scores = []
+    for row, response in zip(rows, responses, strict=True):
+        try:
+            value = task.score(row, response)
+        except Exception as e:
+            raise RuntimeError(f"{task.name}: scoring {_describe(row)} raised {type(e).__name__}: {e}") from e
+        if not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"{task.name}: scoring {_describe(row)} returned {value!r} ({type(value).__name__}), not a number"
+            )
+        if math.isnan(value):
+            raise ValueError(f"{task.name}: scoring {_describe(row)} returned NaN")
+        scores.append(float(value))
+    return scores
