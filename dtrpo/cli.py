@@ -138,6 +138,127 @@ def train_main(argv: list[str]) -> None:
     print(f"saved aligned model to {config.output_dir}")
 
 
+@dataclass
+class SFTScript(ModelArgs):
+    data: str = field(default=None, metadata={"help": "Prompt/completion data: .jsonl, .json, .parquet or a folder."})
+    eval_data: str | None = field(default=None, metadata={"help": "Held-out prompt/completion data."})
+
+
+@command("sft", "supervised masked- or block-diffusion training (method.md section 7)")
+def sft_main(argv: list[str]) -> None:
+    from dtrpo.families import load_model
+    from dtrpo.sft import DiffusionSFTConfig, DiffusionSFTTrainer
+
+    script, config = parse([SFTScript, DiffusionSFTConfig], argv, "dtrpo sft", COMMANDS["sft"][1])
+    require(script, "model", "data")
+    require(config, "output_dir")
+    model, tokenizer, adapter = load_model(script.model, script.family)
+    trainer = DiffusionSFTTrainer(model=model, args=config, adapter=adapter, processing_class=tokenizer,
+                                  train_dataset=script.data, eval_dataset=script.eval_data)
+    result = trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir))
+    trainer.save_model(config.output_dir)
+    print(json.dumps(result.metrics, indent=2))
+    print(f"saved model to {config.output_dir}")
+
+
+@dataclass
+class TaskArgs(ModelArgs):
+    task: str = field(default="arithmetic", metadata={"help": "Built-in task (arithmetic:digits=3) or prompts file."})
+    match: str | None = field(default=None, metadata={"help": "Prompts file answers: 'exact' or 'numeric' match."})
+    reward: str | None = field(default=None, metadata={"help": "Reward function 'module:function' for a prompts file."})
+    split: str | None = field(
+        default=None, metadata={"help": "Split of the task's prompts: train or heldout (default: heldout for eval, "
+                                        "train for pairs)."}
+    )
+    n: int | None = field(default=None, metadata={"help": "Number of prompts (default: the task's default / all)."})
+    output: str = field(default=None, metadata={"help": "File to write (JSON report or JSONL)."})
+
+
+def _load_for_task(t: TaskArgs):
+    from dtrpo.families import load_model
+    from dtrpo.tasks import load_task
+
+    require(t, "model")
+    task = load_task(t.task, match=t.match, reward=t.reward)
+    model, tokenizer, adapter = load_model(t.model, t.family)
+    return task, model, tokenizer, adapter
+
+
+@command("eval", "accuracy on held-out prompts with a 95% interval, NFE and tokens/s; writes JSON")
+def eval_main(argv: list[str]) -> None:
+    from dtrpo.evaluate import SamplingArgs, evaluate
+
+    t, s = parse([TaskArgs, SamplingArgs], argv, "dtrpo eval", COMMANDS["eval"][1])
+    task, model, tokenizer, adapter = _load_for_task(t)
+    rows = task.prompts(t.split or "heldout", t.n, seed=s.seed)
+    report = evaluate(model, tokenizer, adapter, task, rows, s, desc="eval")
+    print(f"{task.name}: accuracy {report['accuracy']:.3f} (95% CI {report['ci95'][0]:.3f}-{report['ci95'][1]:.3f},"
+          f" n={report['n']}), {report['nfe_per_batch']:.0f} NFE/batch, {report['tokens_per_second']:.0f} tokens/s")
+    if t.output:
+        Path(t.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(t.output).write_text(json.dumps(report, indent=2))
+        print(f"wrote {t.output}")
+
+
+@dataclass
+class PairArgs:
+    samples: int = field(default=8, metadata={"help": "Responses sampled per prompt."})
+    pairing: str = field(default="best_worst", metadata={"help": "How pairs are formed: best_worst or all."})
+    max_pairs_per_prompt: int | None = field(default=None, metadata={"help": "At most this many pairs per prompt."})
+
+
+@command("pairs", "sample responses, score them with the task's verifier, write preference pairs (JSONL)")
+def pairs_main(argv: list[str]) -> None:
+    from dtrpo.evaluate import SamplingArgs
+    from dtrpo.pairs import build_pairs, write_jsonl
+
+    t, p, s = parse([TaskArgs, PairArgs, SamplingArgs], argv, "dtrpo pairs", COMMANDS["pairs"][1])
+    require(t, "output")
+    task, model, tokenizer, adapter = _load_for_task(t)
+    rows = task.prompts(t.split or "train", t.n, seed=s.seed)
+    pairs, stats = build_pairs(model, tokenizer, adapter, task, rows, p.samples, s, p.pairing,
+                               p.max_pairs_per_prompt, model_name=t.model, desc="pairs")
+    write_jsonl(pairs, t.output)
+    print(json.dumps(stats, indent=2))
+    print(f"wrote {len(pairs)} pairs to {t.output}")
+
+
+@dataclass
+class GenerateArgs(ModelArgs):
+    prompt: list[str] = field(default=None, metadata={"help": "Prompt text(s) to complete."})
+    use_cache: bool = field(default=True, metadata={"help": "KV cache over finished blocks (block-causal models)."})
+
+
+@command("generate", "block-wise diffusion sampling from prompts; prints responses, NFE and tokens/s")
+def generate_main(argv: list[str]) -> None:
+    from dtrpo.evaluate import SamplingArgs, encode_prompt
+    from dtrpo.families import load_model
+    from dtrpo.sampler import generate
+
+    g, s = parse([GenerateArgs, SamplingArgs], argv, "dtrpo generate", COMMANDS["generate"][1])
+    require(g, "model", "prompt")
+    model, tokenizer, adapter = load_model(g.model, g.family)
+    model.eval()
+    prompts = [encode_prompt(tokenizer, p, s.chat_template) for p in g.prompt]
+    out = generate(adapter, model, prompts, s.gen_length, s.steps_per_block or adapter.block_size, s.remasking,
+                   s.threshold, s.temperature, seed=s.seed, eos_token_id=tokenizer.eos_token_id, use_cache=g.use_cache)
+    for p, seq in zip(g.prompt, out.sequences, strict=True):
+        print(json.dumps({"prompt": p, "response": tokenizer.decode(seq, skip_special_tokens=True)}))
+    print(f"NFE {out.nfe}, {out.tokens_per_second:.0f} tokens/s, {out.seconds:.2f} s")
+
+
+@command("demo", "the whole loop on CPU: tiny model, SFT, eval, pairs, dTRPO, eval; table, JSON and plot")
+def demo_main(argv: list[str]) -> None:
+    from dtrpo.demo import DemoArgs, format_table, run_demo
+
+    (args,) = parse([DemoArgs], argv, "dtrpo demo", COMMANDS["demo"][1])
+    report = run_demo(args)
+    print()
+    print(format_table(report))
+    print(f"\ngain {report['gain']:+.3f}; stage seconds {report['seconds']}")
+    print(f"report: {args.output_dir}/report.json   plot: {args.output_dir}/curves.png")
+
+
 @command("bench", "time a training step of each estimator side by side; writes JSON")
 def bench_main(argv: list[str]) -> None:
     from dtrpo.bench import BenchArgs, estimator_costs

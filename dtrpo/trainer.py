@@ -46,9 +46,7 @@ class DiffusionArguments:
 
     # defaults that differ from TrainingArguments
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads token ids."})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "Loggers: none, tensorboard, wandb..."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
-    save_strategy: str = field(default="steps", metadata={"help": "Checkpoint strategy."})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU; 140x slower on these CPUs)."})
 
     def _validate_diffusion(self) -> None:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set-up on a fresh machine with nothing but Python: a virtualenv in .venv with the CPU build of
+# torch first (so that nothing pulls a multi-GB CUDA build), then dtrpo and its test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    .venv/bin/pip install -q "torch>=2.5,<2.15"
+  else
+    .venv/bin/pip install -q torch==2.13.0 || .venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+.venv/bin/pip install -q -e ".[dev]"

@@ -1,0 +1,129 @@
+"""The dTRPO trainer on CPU: parameters move, the reference does not, separable pairs are learned,
+and a resumed run continues exactly like the uninterrupted one."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from dtrpo.families import load_model
+from dtrpo.models import init_tiny, make_tiny_model
+from dtrpo.trainer import CONFIG_FILE, DTRPOConfig, DTRPOTrainer
+
+PAIRS = [
+    {"prompt": f"{i}+{i}=", "chosen": "a" * (3 + i % 4), "rejected": "zz" * (1 + i % 3)} for i in range(8)
+]
+
+
+def make_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=3,
+                use_cpu=True, seed=0, data_seed=0, save_strategy="no", disable_tqdm=True, steps_per_block=2)
+    return DTRPOConfig(**{**base, **kw})
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after `step` (as a crash would, after the checkpoint of that step)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def train(model, tokenizer, args, data=PAIRS, resume=None, callbacks=None):
+    from dtrpo.models import adapter_from_config
+
+    trainer = DTRPOTrainer(model=model, args=args, adapter=adapter_from_config(model.config, tokenizer),
+                           processing_class=tokenizer, train_dataset=data, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_steps_change_every_parameter_and_not_the_reference(tmp_path, tokenizer):
+    model = make_tiny_model(tokenizer, block_size=4)
+    before = copy.deepcopy(model.state_dict())
+    trainer = train(model, tokenizer, make_args(tmp_path))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(x)) for x in losses)
+    for name, p in model.named_parameters():
+        assert not torch.equal(p.detach(), before[name]), f"{name} did not change"
+    for name, p in trainer.ref_model.named_parameters():
+        assert torch.equal(p, before[name]), f"reference {name} changed"
+        assert not p.requires_grad
+    assert not trainer.ref_model.training
+    logged = trainer.state.log_history[0]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "estimator/targets_per_seq", "estimator/forward_passes_per_pair"):
+        assert key in logged
+    assert logged["estimator/forward_passes_per_pair"] == 4  # dtrpo packed: the DPO count
+
+
+def test_separable_pairs_reach_high_reward_accuracy(tmp_path, tokenizer):
+    model = make_tiny_model(tokenizer, block_size=4)
+    args = make_args(tmp_path, max_steps=30, learning_rate=3e-3, beta=0.5, logging_steps=5)
+    trainer = train(model, tokenizer, args)
+    last = [h for h in trainer.state.log_history if "rewards/accuracies" in h][-1]
+    assert last["rewards/accuracies"] > 0.9
+
+
+def test_resume_gives_the_same_next_losses(tmp_path, tokenizer):
+    init = make_tiny_model(tokenizer, block_size=4)
+    full = train(copy.deepcopy(init), tokenizer, make_args(tmp_path / "a", max_steps=4, save_strategy="steps",
+                                                           save_steps=2))
+    part = make_args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2)
+    train(copy.deepcopy(init), tokenizer, part, callbacks=[StopAt(2)])
+    resumed = train(copy.deepcopy(init), tokenizer, part, resume=str(tmp_path / "b" / "out" / "checkpoint-2"))
+
+    def losses(t):
+        return {h["step"]: h["loss"] for h in t.state.log_history if "loss" in h}
+
+    want, got = losses(full), losses(resumed)
+    assert {3, 4} <= set(got)
+    for step in (3, 4):
+        assert abs(got[step] - want[step]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [("estimator", "magic", "estimator"), ("loss_type", "l2", "--loss_type"), ("reveal_order", "sideways",
+     "--reveal_order"), ("beta", 0.0, "--beta"), ("block_size", 0, "--block_size"), ("targets", "x", "--targets"),
+     ("truncation", "drop", "--truncation"), ("steps_per_block", 3, "must divide")],
+)
+def test_bad_options_name_the_flag(tmp_path, field, value, match):
+    kw = {"block_size": 8} if field == "steps_per_block" else {}
+    with pytest.raises(ValueError, match=match):
+        cfg = DTRPOConfig(output_dir=str(tmp_path), **{field: value, **kw})
+        cfg.estimator_config(cfg.block_size or 8)
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "dtrpo.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_init_train_with_preset_and_reload(tmp_path):
+    init_tiny(tmp_path / "tiny", block_size=4)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    (tmp_path / "preset.yaml").write_text("beta: 0.2\nmax_steps: 2\nper_device_train_batch_size: 4\nuse_cpu: true\n")
+    out = run_cli("train", "--model", str(tmp_path / "tiny"), "--data", str(data), "--output", str(tmp_path / "al"),
+                  "--config", str(tmp_path / "preset.yaml"), "--steps_per_block", "2", "--beta", "0.3",
+                  "--disable_tqdm", "true", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((tmp_path / "al" / CONFIG_FILE).read_text())
+    assert saved["args"]["beta"] == 0.3  # the flag overrides the preset
+    assert saved["args"]["max_steps"] == 2  # the preset overrides the default
+    model, _, adapter = load_model(tmp_path / "al")
+    assert adapter.block_size == 4 and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_cli_rejects_unknown_preset_key(tmp_path):
+    (tmp_path / "preset.yaml").write_text("betta: 0.2\n")
+    out = run_cli("train", "--config", str(tmp_path / "preset.yaml"), cwd=tmp_path)
+    assert out.returncode != 0
+    assert "unknown config key 'betta'" in out.stderr and "did you mean 'beta'" in out.stderr
