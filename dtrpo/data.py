@@ -1,0 +1,554 @@
+"""Preference and SFT data: loading, validation, tokenization and collation.
+
+Files: `.jsonl`, `.json` (a list of objects, or one object per line), `.parquet`, or a folder written
+by `datasets.Dataset.save_to_disk`. The builders also take an in-memory `datasets.Dataset` or a list
+of dicts, named "<memory>" in errors. Rows are counted from 0 in file order (blank JSONL lines are
+skipped); that number is the `index` column, kept when rows are dropped, and is what errors name.
+
+Preference rows (TRL's formats):
+- standard: `prompt`, `chosen`, `rejected` strings;
+- conversational: `prompt` a list of `{role, content}` messages, rendered with the tokenizer's chat
+  template and a generation prompt; `chosen` and `rejected` each a list of one assistant message,
+  whose content is the response;
+- implicit prompt: only `chosen` and `rejected`, both strings or both message lists. For strings the
+  prompt is their longest common prefix (character-wise, so "is 4." / "is 42." split after "is 4");
+  for message lists it is all messages but the last, which must be the same in both, and the last
+  message of each is the response.
+A row whose chosen response equals its rejected one teaches nothing: it is dropped with one warning
+that gives the count. Any other bad row (missing field, wrong type, empty prompt or response) raises
+`ValueError` naming the source, the row and the field.
+
+SFT rows: `prompt` with `completion` (alias `response`; `completion` wins when both are set), in
+the standard or conversational form, or conversational `messages` whose last message is the
+assistant response and whose earlier messages are the prompt.
+
+Tokenization and limits:
+- prompt: token ids without added special tokens. Longer than `max_prompt_length`: the LAST
+  `max_prompt_length` tokens are kept (left truncation, counted in `prompts_truncated`).
+- response: token ids, then EOS, then more EOS up to a multiple of `block_size` (the padding the
+  block-diffusion models are trained with; these EOS are real tokens, predicted like any other).
+- `max_response_length` counts the response with its EOS and must be a positive multiple of
+  `block_size`. A response whose ids plus one EOS exceed it is, under `truncation="truncate"`, cut
+  to its first `max_response_length` ids with no EOS appended (counted in `responses_truncated`,
+  once per chosen or rejected response), and under `truncation="error"` refused with the lengths.
+
+Collators pad prompts LEFT and responses RIGHT with the pad token; the masks are True on real
+tokens, EOS padding included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+TRUNCATIONS = ("truncate", "error")
+MEMORY = "<memory>"
+Rows = str | os.PathLike | datasets.Dataset | list[dict]
+
+# ----------------------------------------------------------------------------- files
+
+
+def load_rows(path: str | os.PathLike) -> datasets.Dataset:
+    """The rows of a .jsonl, .json or .parquet file, or of a `save_to_disk` folder, as a Dataset."""
+    rows = _read(Path(path))
+    return rows if isinstance(rows, datasets.Dataset) else _to_dataset(rows, str(path))
+
+
+def _read(path: Path) -> list[dict] | datasets.Dataset:
+    """Rows as Python dicts for JSON (so that validation sees them before Arrow unifies types)."""
+    if path.is_dir():
+        return _load_from_disk(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _json_lines(path, _read_text(path))
+    if suffix == ".json":
+        return _json(path, _read_text(path))
+    if suffix == ".parquet":
+        try:
+            return datasets.Dataset(pq.read_table(path))
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    raise ValueError(
+        f"{path}: unknown data format {suffix or '(no extension)'!r}; "
+        "expected .jsonl, .json, .parquet or a folder written by Dataset.save_to_disk"
+    )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _json_lines(path: Path, text: str, hint: str = "") -> list[dict]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _json(path: Path, text: str) -> list[dict]:
+    """A JSON list of objects when the file starts with '[', else JSON lines."""
+    if not text.lstrip().startswith("["):
+        return _json_lines(path, text, hint="; a .json file holds a list of objects or one object per line")
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: item {i}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
+def _load_from_disk(path: Path) -> datasets.Dataset:
+    try:
+        data = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: a folder, but not one written by Dataset.save_to_disk") from None
+    if isinstance(data, datasets.DatasetDict):
+        if len(data) != 1:
+            raise ValueError(f"{path}: holds splits {sorted(data)}; pass one split's folder, e.g. {path / 'train'}")
+        data = next(iter(data.values()))
+    return data
+
+
+def _to_dataset(rows: list[dict], source: str) -> datasets.Dataset:
+    try:
+        return datasets.Dataset.from_list(rows)
+    except pa.ArrowException as e:
+        raise ValueError(f"{source}: rows do not fit one table (a field of several types?): {e}") from None
+
+
+def _rows(data: Rows) -> tuple[Any, str]:
+    """Iterable rows and their source name."""
+    if isinstance(data, (str, os.PathLike)):
+        return _read(Path(data)), str(data)
+    if isinstance(data, (datasets.Dataset, list)):
+        return data, MEMORY
+    raise TypeError(f"data must be a path, a datasets.Dataset or a list of dicts, got {type(data).__name__}")
+
+
+# ----------------------------------------------------------------------------- row validation
+
+
+def _error(where: str, field: str, problem: str) -> ValueError:
+    return ValueError(f"{where}: field '{field}' {problem}")
+
+
+def _field(row: dict, field: str, where: str) -> Any:
+    value = row.get(field) if isinstance(row, dict) else None
+    if value is None:
+        raise _error(where, field, "is missing")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def _messages(value: Any, where: str, field: str) -> list[dict]:
+    """A validated list of `{role, content}` string messages (keys Arrow filled with None dropped)."""
+    if not isinstance(value, list):
+        raise _error(where, field, f"must be a list of messages, got {_kind(value)}")
+    out = []
+    for j, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise _error(where, f"{field}[{j}]", f"must be a message {{'role': str, 'content': str}}, got {m!r}")
+        out.append({k: v for k, v in m.items() if v is not None})
+    return out
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str, field: str) -> str:
+    if not messages:
+        raise _error(where, field, "is empty")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: field '{field}' is a conversation but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _nonempty(text: str, where: str, field: str) -> str:
+    if not text.strip():
+        raise _error(where, field, "is empty")
+    return text
+
+
+def _prompt_text(value: Any, tokenizer: PreTrainedTokenizerBase, where: str, field: str = "prompt") -> str:
+    if isinstance(value, str):
+        return _nonempty(value, where, field)
+    if isinstance(value, list):
+        return _render(tokenizer, _messages(value, where, field), where, field)
+    raise _error(where, field, f"must be a string or a list of messages, got {_kind(value)}")
+
+
+def _assistant(message: dict, where: str, field: str) -> str:
+    if message["role"] != "assistant":
+        raise _error(where, field, f"must end with an assistant message, got role {message['role']!r}")
+    return _nonempty(message["content"], where, field)
+
+
+def _response_text(value: Any, conversational: bool, where: str, field: str) -> str:
+    """The response string; for a conversational row, the content of its one assistant message."""
+    if not conversational:
+        if not isinstance(value, str):
+            raise _error(where, field, f"must be a string (the prompt is a string), got {_kind(value)}")
+        return _nonempty(value, where, field)
+    messages = _messages(value, where, field)
+    if len(messages) != 1:
+        raise _error(where, field, f"must hold exactly one assistant message, got {len(messages)} messages")
+    return _assistant(messages[0], where, field)
+
+
+def _implicit(chosen: Any, rejected: Any, tokenizer: PreTrainedTokenizerBase, where: str) -> tuple[str, ...] | None:
+    """Prompt = what chosen and rejected share: the longest common string prefix, or the leading messages."""
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if chosen == rejected:
+            return None
+        prompt = os.path.commonprefix([chosen, rejected])
+        if not prompt.strip():
+            raise _error(where, "chosen", "shares no prefix with 'rejected': the implicit prompt is empty")
+        rest = chosen[len(prompt) :], rejected[len(prompt) :]
+        return prompt, _nonempty(rest[0], where, "chosen"), _nonempty(rest[1], where, "rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        c, r = _messages(chosen, where, "chosen"), _messages(rejected, where, "rejected")
+        for field, messages in (("chosen", c), ("rejected", r)):
+            if len(messages) < 2:
+                raise _error(where, field, "needs prompt messages before the response (no 'prompt' field)")
+        same = [(m["role"], m["content"]) for m in c[:-1]] == [(m["role"], m["content"]) for m in r[:-1]]
+        if not same:
+            raise _error(where, "rejected", "must repeat every message of 'chosen' but the last (the implicit prompt)")
+        if c == r:
+            return None
+        prompt = _render(tokenizer, c[:-1], where, "chosen")
+        return prompt, _assistant(c[-1], where, "chosen"), _assistant(r[-1], where, "rejected")
+    raise _error(where, "rejected", f"must have the type of 'chosen' ({_kind(chosen)}), got {_kind(rejected)}")
+
+
+def preference_texts(
+    row: dict, tokenizer: PreTrainedTokenizerBase, source: str = MEMORY, index: int = 0
+) -> tuple[str, str, str] | None:
+    """(prompt, chosen, rejected) texts of a preference row in any TRL format; None if chosen equals rejected."""
+    where = f"{source}: row {index}"
+    chosen, rejected = _field(row, "chosen", where), _field(row, "rejected", where)
+    prompt = row.get("prompt")
+    if prompt is None:
+        return _implicit(chosen, rejected, tokenizer, where)
+    conversational = isinstance(prompt, list)
+    texts = (
+        _prompt_text(prompt, tokenizer, where),
+        _response_text(chosen, conversational, where, "chosen"),
+        _response_text(rejected, conversational, where, "rejected"),
+    )
+    return None if texts[1] == texts[2] else texts
+
+
+def sft_texts(row: dict, tokenizer: PreTrainedTokenizerBase, source: str = MEMORY, index: int = 0) -> tuple[str, str]:
+    """(prompt, response) texts of an SFT row: prompt + completion (or response), or messages."""
+    return _sft_row(row, tokenizer, f"{source}: row {index}")[:2]
+
+
+def _sft_row(row: dict, tokenizer: PreTrainedTokenizerBase, where: str) -> tuple[str, str, str]:
+    """(prompt, response, the field that held the response)."""
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if messages is not None:
+        messages = _messages(messages, where, "messages")
+        if len(messages) < 2:
+            raise _error(where, "messages", f"needs prompt messages and an assistant response, got {len(messages)}")
+        prompt = _render(tokenizer, messages[:-1], where, "messages")
+        return prompt, _assistant(messages[-1], where, "messages"), "messages"
+    prompt = _field(row, "prompt", where)
+    key = "completion" if row.get("completion") is not None or row.get("response") is None else "response"
+    completion = _field(row, key, where)
+    response = _response_text(completion, isinstance(prompt, list), where, key)
+    return _prompt_text(prompt, tokenizer, where), response, key
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+@dataclass(frozen=True)
+class _Limits:
+    block_size: int
+    max_prompt_length: int | None = None
+    max_response_length: int | None = None
+    truncation: str = "truncate"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if self.max_prompt_length is not None and self.max_prompt_length <= 0:
+            raise ValueError(f"max_prompt_length must be positive or None, got {self.max_prompt_length}")
+        m = self.max_response_length
+        if m is not None and (m <= 0 or m % self.block_size):
+            b = self.block_size
+            raise ValueError(f"max_response_length must be a positive multiple of block_size={b}, got {m}")
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
+
+
+def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token: responses end with EOS and are EOS-padded to the block size")
+    return tokenizer.eos_token_id
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _fit_prompt(ids: list[int], limits: _Limits) -> tuple[list[int], bool]:
+    m = limits.max_prompt_length
+    if m is None or len(ids) <= m:
+        return ids, False
+    return ids[-m:], True  # the end of the prompt is what the response follows
+
+
+def _fit_response(ids: list[int], eos: int, limits: _Limits, where: str, field: str) -> tuple[list[int], bool]:
+    """ids + EOS, EOS-padded to a block multiple; an over-long response is cut (no EOS) or refused."""
+    m, n = limits.max_response_length, len(ids) + 1
+    if m is not None and n > m:
+        if limits.truncation == "error":
+            raise _error(where, field, f"is {n} tokens with its EOS, over max_response_length={m} (truncation='error')")
+        return ids[:m], True
+    width = -(-n // limits.block_size) * limits.block_size
+    return ids + [eos] * (width - len(ids)), False
+
+
+def tokenize_preference(
+    prompt: str,
+    chosen: str,
+    rejected: str,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    max_prompt_length: int | None = None,
+    max_response_length: int | None = None,
+    truncation: str = "truncate",
+    source: str = MEMORY,
+    index: int = 0,
+) -> dict[str, Any]:
+    """Token ids of one preference example under the module's limits, with what was truncated.
+
+    Returns `prompt_ids`, `chosen_ids`, `rejected_ids`, `prompt_truncated` (bool) and
+    `responses_truncated` (0, 1 or 2).
+    """
+    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation)
+    p, c, r = _encode(tokenizer, [prompt, chosen, rejected])
+    return _fit_preference(p, c, r, _eos(tokenizer), limits, f"{source}: row {index}")
+
+
+def _fit_preference(p, c, r, eos: int, limits: _Limits, where: str) -> dict[str, Any]:
+    prompt_ids, prompt_cut = _fit_prompt(p, limits)
+    chosen_ids, chosen_cut = _fit_response(c, eos, limits, where, "chosen")
+    rejected_ids, rejected_cut = _fit_response(r, eos, limits, where, "rejected")
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": chosen_ids,
+        "rejected_ids": rejected_ids,
+        "prompt_truncated": prompt_cut,
+        "responses_truncated": int(chosen_cut) + int(rejected_cut),
+    }
+
+
+def tokenize_sft(
+    prompt: str,
+    response: str,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    max_prompt_length: int | None = None,
+    max_response_length: int | None = None,
+    truncation: str = "truncate",
+    source: str = MEMORY,
+    index: int = 0,
+) -> dict[str, Any]:
+    """Token ids of one SFT example: `prompt_ids`, `response_ids`, `prompt_truncated`, `response_truncated`."""
+    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation)
+    p, r = _encode(tokenizer, [prompt, response])
+    return _fit_sft(p, r, _eos(tokenizer), limits, f"{source}: row {index}", "response")
+
+
+def _fit_sft(p, r, eos: int, limits: _Limits, where: str, field: str) -> dict[str, Any]:
+    prompt_ids, prompt_cut = _fit_prompt(p, limits)
+    response_ids, response_cut = _fit_response(r, eos, limits, where, field)
+    return {
+        "prompt_ids": prompt_ids,
+        "response_ids": response_ids,
+        "prompt_truncated": prompt_cut,
+        "response_truncated": response_cut,
+    }
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def build_preference_dataset(
+    data: Rows,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    max_prompt_length: int | None = None,
+    max_response_length: int | None = None,
+    truncation: str = "truncate",
+) -> tuple[datasets.Dataset, dict[str, int]]:
+    """Tokenized preference pairs (`prompt_ids`, `chosen_ids`, `rejected_ids`, `index`) and counts.
+
+    `data` is a path (see `load_rows`), a Dataset or a list of dicts. The stats are `rows`, `kept`,
+    `identical_dropped`, `prompts_truncated` and `responses_truncated`.
+    """
+    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation)
+    eos = _eos(tokenizer)
+    rows, source = _rows(data)
+    texts, index, identical = [], [], []
+    for i, row in enumerate(rows):
+        t = preference_texts(row, tokenizer, source, i)
+        if t is None:
+            identical.append(i)
+        else:
+            texts.append(t)
+            index.append(i)
+    n = len(index) + len(identical)
+    if identical:
+        shown = ", ".join(map(str, identical[:10])) + (", ..." if len(identical) > 10 else "")
+        warnings.warn(
+            f"{source}: dropped {len(identical)} of {n} rows whose chosen equals rejected (rows {shown})", stacklevel=2
+        )
+    if not index:
+        raise ValueError(f"{source}: no usable rows ({n} rows, {len(identical)} with chosen equal to rejected)")
+    p, c, r = (_encode(tokenizer, [t[k] for t in texts]) for k in range(3))
+    examples = [
+        _fit_preference(*ids, eos, limits, f"{source}: row {i}") for *ids, i in zip(p, c, r, index, strict=True)
+    ]
+    stats = {
+        "rows": n,
+        "kept": len(index),
+        "identical_dropped": len(identical),
+        "prompts_truncated": sum(e["prompt_truncated"] for e in examples),
+        "responses_truncated": sum(e["responses_truncated"] for e in examples),
+    }
+    logger.info("%s: preference data %s", source, stats)
+    columns = {k: [e[k] for e in examples] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    return datasets.Dataset.from_dict({**columns, "index": index}), stats
+
+
+def build_sft_dataset(
+    data: Rows,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    max_prompt_length: int | None = None,
+    max_response_length: int | None = None,
+    truncation: str = "truncate",
+) -> tuple[datasets.Dataset, dict[str, int]]:
+    """Tokenized SFT examples (`prompt_ids`, `response_ids`, `index`) and counts (`rows`, `kept`,
+    `prompts_truncated`, `responses_truncated`)."""
+    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation)
+    eos = _eos(tokenizer)
+    rows, source = _rows(data)
+    texts = [_sft_row(row, tokenizer, f"{source}: row {i}") for i, row in enumerate(rows)]
+    if not texts:
+        raise ValueError(f"{source}: no rows")
+    p, r = (_encode(tokenizer, [t[k] for t in texts]) for k in range(2))
+    examples = [
+        _fit_sft(pi, ri, eos, limits, f"{source}: row {i}", t[2])
+        for i, (pi, ri, t) in enumerate(zip(p, r, texts, strict=True))
+    ]
+    stats = {
+        "rows": len(texts),
+        "kept": len(texts),
+        "prompts_truncated": sum(e["prompt_truncated"] for e in examples),
+        "responses_truncated": sum(e["response_truncated"] for e in examples),
+    }
+    logger.info("%s: SFT data %s", source, stats)
+    columns = {k: [e[k] for e in examples] for k in ("prompt_ids", "response_ids")}
+    return datasets.Dataset.from_dict({**columns, "index": list(range(len(texts)))}), stats
+
+
+# ----------------------------------------------------------------------------- collation
+
+
+def _pad(seqs: list, pad_token_id: int, width: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) ids filled with pad_token_id around each sequence, and the (B, width) mask of real tokens."""
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for row, seq in enumerate(seqs):
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, cols] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, cols] = True
+    return ids, mask
+
+
+def _index(features: list[dict]) -> torch.Tensor:
+    if any("index" not in f for f in features):
+        raise ValueError("features need an 'index' column: the row index seeds each example's draws")
+    return torch.tensor([int(f["index"]) for f in features], dtype=torch.long)  # (B,)
+
+
+def _responses(features: list[dict], key: str, block_size: int) -> list:
+    seqs = [f[key] for f in features]
+    for f, seq in zip(features, seqs, strict=True):
+        if len(seq) % block_size:
+            raise ValueError(
+                f"row {f.get('index')}: {key} has {len(seq)} tokens, not a multiple of block_size={block_size}; "
+                "make the data with build_preference_dataset or build_sft_dataset"
+            )
+    return seqs
+
+
+def _prompts(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    seqs = [f["prompt_ids"] for f in features]
+    ids, mask = _pad(seqs, pad_token_id, max(map(len, seqs)), left=True)
+    return {"prompt_ids": ids, "prompt_mask": mask}  # (B, P)
+
+
+@dataclass
+class PreferenceCollator:
+    """Pads prompts left to the longest, and chosen and rejected right to one common block-multiple length R."""
+
+    pad_token_id: int
+    block_size: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        chosen = _responses(features, "chosen_ids", self.block_size)
+        rejected = _responses(features, "rejected_ids", self.block_size)
+        width = max(map(len, chosen + rejected))  # R, shared so that chosen and rejected stack
+        out = _prompts(features, self.pad_token_id)
+        out["chosen_ids"], out["chosen_mask"] = _pad(chosen, self.pad_token_id, width, left=False)  # (B, R)
+        out["rejected_ids"], out["rejected_mask"] = _pad(rejected, self.pad_token_id, width, left=False)  # (B, R)
+        out["index"] = _index(features)
+        return out
+
+
+@dataclass
+class SFTCollator:
+    """Pads prompts left to the longest, and responses right to the longest (a block multiple)."""
+
+    pad_token_id: int
+    block_size: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        responses = _responses(features, "response_ids", self.block_size)
+        out = _prompts(features, self.pad_token_id)
+        out["response_ids"], out["response_mask"] = _pad(responses, self.pad_token_id, max(map(len, responses)), False)
+        out["index"] = _index(features)
+        return out
