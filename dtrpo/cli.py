@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,8 +154,14 @@ def sft_main(argv: list[str]) -> None:
     require(script, "model", "data")
     require(config, "output_dir")
     model, tokenizer, adapter = load_model(script.model, script.family)
-    trainer = DiffusionSFTTrainer(model=model, args=config, adapter=adapter, processing_class=tokenizer,
-                                  train_dataset=script.data, eval_dataset=script.eval_data)
+    trainer = DiffusionSFTTrainer(
+        model=model,
+        args=config,
+        adapter=adapter,
+        processing_class=tokenizer,
+        train_dataset=script.data,
+        eval_dataset=script.eval_data,
+    )
     result = trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir))
     trainer.save_model(config.output_dir)
     print(json.dumps(result.metrics, indent=2))
@@ -167,8 +174,10 @@ class TaskArgs(ModelArgs):
     match: str | None = field(default=None, metadata={"help": "Prompts file answers: 'exact' or 'numeric' match."})
     reward: str | None = field(default=None, metadata={"help": "Reward function 'module:function' for a prompts file."})
     split: str | None = field(
-        default=None, metadata={"help": "Split of the task's prompts: train or heldout (default: heldout for eval, "
-                                        "train for pairs)."}
+        default=None,
+        metadata={
+            "help": "Split of the task's prompts: train or heldout (default: heldout for eval, train for pairs)."
+        },
     )
     n: int | None = field(default=None, metadata={"help": "Number of prompts (default: the task's default / all)."})
     output: str = field(default=None, metadata={"help": "File to write (JSON report or JSONL)."})
@@ -192,8 +201,10 @@ def eval_main(argv: list[str]) -> None:
     task, model, tokenizer, adapter = _load_for_task(t)
     rows = task.prompts(t.split or "heldout", t.n, seed=s.seed)
     report = evaluate(model, tokenizer, adapter, task, rows, s, desc="eval")
-    print(f"{task.name}: accuracy {report['accuracy']:.3f} (95% CI {report['ci95'][0]:.3f}-{report['ci95'][1]:.3f},"
-          f" n={report['n']}), {report['nfe_per_batch']:.0f} NFE/batch, {report['tokens_per_second']:.0f} tokens/s")
+    print(
+        f"{task.name}: accuracy {report['accuracy']:.3f} (95% CI {report['ci95'][0]:.3f}-{report['ci95'][1]:.3f},"
+        f" n={report['n']}), {report['nfe_per_batch']:.0f} NFE/batch, {report['tokens_per_second']:.0f} tokens/s"
+    )
     if t.output:
         Path(t.output).parent.mkdir(parents=True, exist_ok=True)
         Path(t.output).write_text(json.dumps(report, indent=2))
@@ -216,8 +227,19 @@ def pairs_main(argv: list[str]) -> None:
     require(t, "output")
     task, model, tokenizer, adapter = _load_for_task(t)
     rows = task.prompts(t.split or "train", t.n, seed=s.seed)
-    pairs, stats = build_pairs(model, tokenizer, adapter, task, rows, p.samples, s, p.pairing,
-                               p.max_pairs_per_prompt, model_name=t.model, desc="pairs")
+    pairs, stats = build_pairs(
+        model,
+        tokenizer,
+        adapter,
+        task,
+        rows,
+        p.samples,
+        s,
+        p.pairing,
+        p.max_pairs_per_prompt,
+        model_name=t.model,
+        desc="pairs",
+    )
     write_jsonl(pairs, t.output)
     print(json.dumps(stats, indent=2))
     print(f"wrote {len(pairs)} pairs to {t.output}")
@@ -240,8 +262,19 @@ def generate_main(argv: list[str]) -> None:
     model, tokenizer, adapter = load_model(g.model, g.family)
     model.eval()
     prompts = [encode_prompt(tokenizer, p, s.chat_template) for p in g.prompt]
-    out = generate(adapter, model, prompts, s.gen_length, s.steps_per_block or adapter.block_size, s.remasking,
-                   s.threshold, s.temperature, seed=s.seed, eos_token_id=tokenizer.eos_token_id, use_cache=g.use_cache)
+    out = generate(
+        adapter,
+        model,
+        prompts,
+        s.gen_length,
+        s.steps_per_block or adapter.block_size,
+        s.remasking,
+        s.threshold,
+        s.temperature,
+        seed=s.seed,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=g.use_cache,
+    )
     for p, seq in zip(g.prompt, out.sequences, strict=True):
         print(json.dumps({"prompt": p, "response": tokenizer.decode(seq, skip_special_tokens=True)}))
     print(f"NFE {out.nfe}, {out.tokens_per_second:.0f} tokens/s, {out.seconds:.2f} s")
@@ -286,7 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, list(COMMANDS), n=1)
         raise SystemExit(f"error: unknown command {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    COMMANDS[name][0](rest)
+    try:
+        COMMANDS[name][0](rest)
+    except (ValueError, FileNotFoundError, ImportError) as err:  # bad input: a message, not a traceback
+        if os.environ.get("DTRPO_DEBUG"):
+            raise
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -53,10 +53,24 @@ class DemoArgs:
 
 
 def _train_args(cls, out: Path, steps: int, lr: float, seed: int, batch: int, **extra):
-    return cls(output_dir=str(out), max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch,
-               lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), save_steps=max(steps // 2, 1),
-               save_total_limit=1, seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
-               max_prompt_length=64, max_response_length=64, disable_tqdm=False, logging_steps=5, **extra)
+    return cls(
+        output_dir=str(out),
+        max_steps=steps,
+        learning_rate=lr,
+        per_device_train_batch_size=batch,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        save_steps=max(steps // 2, 1),
+        save_total_limit=1,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        max_prompt_length=64,
+        max_response_length=64,
+        disable_tqdm=False,
+        logging_steps=5,
+        **extra,
+    )
 
 
 def run_demo(a: DemoArgs, log=print) -> dict:
@@ -80,8 +94,9 @@ def run_demo(a: DemoArgs, log=print) -> dict:
     model, tok, adapter = load_model(run / "model")
     log(f"[1/5] SFT on {len(sft_rows)} worked answers, {a.sft_steps} steps")
     sft_args = _train_args(DiffusionSFTConfig, run / "sft", a.sft_steps, 2e-3, a.seed, 32)
-    DiffusionSFTTrainer(model=model, args=sft_args, adapter=adapter, processing_class=tok,
-                        train_dataset=str(run / "sft_data.jsonl")).train()
+    DiffusionSFTTrainer(
+        model=model, args=sft_args, adapter=adapter, processing_class=tok, train_dataset=str(run / "sft_data.jsonl")
+    ).train()
     model.save_pretrained(run / "sft")
     tok.save_pretrained(run / "sft")
     lap("sft")
@@ -98,16 +113,26 @@ def run_demo(a: DemoArgs, log=print) -> dict:
     log(f"[3/5] sampling {a.samples} answers to {a.pair_prompts} train prompts and pairing them by the verifier")
     sampling = SamplingArgs(gen_length=gen_length, temperature=1.0, batch_size=200, seed=a.seed + 1)
     pair_rows = task.prompts("train", a.pair_prompts, seed=a.seed + 1)
-    pairs, pair_stats = build_pairs(model, tok, adapter, task, pair_rows, a.samples, sampling,
-                                    model_name=str(run / "sft"), desc="pairs")
+    pairs, pair_stats = build_pairs(
+        model, tok, adapter, task, pair_rows, a.samples, sampling, model_name=str(run / "sft"), desc="pairs"
+    )
     write_jsonl(pairs, run / "pairs.jsonl")
     lap("pairs")
 
     log(f"[4/5] dTRPO on {len(pairs)} pairs, {a.dtrpo_steps} steps")
-    args = _train_args(DTRPOConfig, run / "dtrpo", a.dtrpo_steps, a.learning_rate, a.seed, 16, beta=a.beta,
-                       steps_per_block=a.block_size)
-    trainer = DTRPOTrainer(model=model, args=args, adapter=adapter, processing_class=tok,
-                           train_dataset=str(run / "pairs.jsonl"))
+    args = _train_args(
+        DTRPOConfig,
+        run / "dtrpo",
+        a.dtrpo_steps,
+        a.learning_rate,
+        a.seed,
+        16,
+        beta=a.beta,
+        steps_per_block=a.block_size,
+    )
+    trainer = DTRPOTrainer(
+        model=model, args=args, adapter=adapter, processing_class=tok, train_dataset=str(run / "pairs.jsonl")
+    )
     trainer.train()
     trainer.save_model(run / "dtrpo")
     lap("dtrpo")
@@ -142,16 +167,22 @@ def plot(report: dict, path: Path) -> None:
     h = report["history"]
     steps = [r["step"] for r in h]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, key, title in zip(axes, ["loss", "rewards/margins", "rewards/accuracies"],
-                              ["dTRPO loss", "reward margin", "reward accuracy"], strict=False):
+    for ax, key, title in zip(
+        axes,
+        ["loss", "rewards/margins", "rewards/accuracies"],
+        ["dTRPO loss", "reward margin", "reward accuracy"],
+        strict=False,
+    ):
         ax.plot(steps, [r.get(key, float("nan")) for r in h], marker=".")
         ax.set_title(title)
         ax.set_xlabel("step")
     ax = axes[3]
     names = ["SFT", "SFT + dTRPO"]
     accs = [report["sft"]["accuracy"], report["dtrpo"]["accuracy"]]
-    errs = [[acc - r["ci95"][0] for acc, r in zip(accs, (report["sft"], report["dtrpo"]), strict=True)],
-            [r["ci95"][1] - acc for acc, r in zip(accs, (report["sft"], report["dtrpo"]), strict=True)]]
+    errs = [
+        [acc - r["ci95"][0] for acc, r in zip(accs, (report["sft"], report["dtrpo"]), strict=True)],
+        [r["ci95"][1] - acc for acc, r in zip(accs, (report["sft"], report["dtrpo"]), strict=True)],
+    ]
     ax.bar(names, accs, yerr=errs, capsize=6, color=["#999999", "#3b7dd8"])
     ax.set_ylim(0, 1)
     ax.set_title(f"held-out accuracy (n={report['sft']['n']}, 95% CI)")
@@ -164,7 +195,14 @@ def format_table(report: dict) -> str:
     rows = [("stage", "accuracy", "95% interval", "NFE/batch", "tokens/s")]
     for name, key in (("SFT", "sft"), ("SFT + dTRPO", "dtrpo")):
         r = report[key]
-        rows.append((name, f"{r['accuracy']:.3f}", f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]",
-                     f"{r['nfe_per_batch']:.0f}", f"{r['tokens_per_second']:.0f}"))
+        rows.append(
+            (
+                name,
+                f"{r['accuracy']:.3f}",
+                f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]",
+                f"{r['nfe_per_batch']:.0f}",
+                f"{r['tokens_per_second']:.0f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

@@ -69,7 +69,7 @@ def interval95(scores: list[float]) -> tuple[float, float]:
     if all(s in (0.0, 1.0) for s in scores):
         centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return (centre - half, centre + half)
+        return (max(0.0, centre - half), min(1.0, centre + half))
     sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(n - 1, 1))
     return (mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n))
 

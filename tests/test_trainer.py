@@ -14,14 +14,22 @@ from dtrpo.families import load_model
 from dtrpo.models import init_tiny, make_tiny_model
 from dtrpo.trainer import CONFIG_FILE, DTRPOConfig, DTRPOTrainer
 
-PAIRS = [
-    {"prompt": f"{i}+{i}=", "chosen": "a" * (3 + i % 4), "rejected": "zz" * (1 + i % 3)} for i in range(8)
-]
+PAIRS = [{"prompt": f"{i}+{i}=", "chosen": "a" * (3 + i % 4), "rejected": "zz" * (1 + i % 3)} for i in range(8)]
 
 
 def make_args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=3,
-                use_cpu=True, seed=0, data_seed=0, save_strategy="no", disable_tqdm=True, steps_per_block=2)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=3,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        steps_per_block=2,
+    )
     return DTRPOConfig(**{**base, **kw})
 
 
@@ -39,8 +47,14 @@ class StopAt(TrainerCallback):
 def train(model, tokenizer, args, data=PAIRS, resume=None, callbacks=None):
     from dtrpo.models import adapter_from_config
 
-    trainer = DTRPOTrainer(model=model, args=args, adapter=adapter_from_config(model.config, tokenizer),
-                           processing_class=tokenizer, train_dataset=data, callbacks=callbacks)
+    trainer = DTRPOTrainer(
+        model=model,
+        args=args,
+        adapter=adapter_from_config(model.config, tokenizer),
+        processing_class=tokenizer,
+        train_dataset=data,
+        callbacks=callbacks,
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -58,8 +72,14 @@ def test_steps_change_every_parameter_and_not_the_reference(tmp_path, tokenizer)
         assert not p.requires_grad
     assert not trainer.ref_model.training
     logged = trainer.state.log_history[0]
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                "estimator/targets_per_seq", "estimator/forward_passes_per_pair"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "estimator/targets_per_seq",
+        "estimator/forward_passes_per_pair",
+    ):
         assert key in logged
     assert logged["estimator/forward_passes_per_pair"] == 4  # dtrpo packed: the DPO count
 
@@ -74,8 +94,9 @@ def test_separable_pairs_reach_high_reward_accuracy(tmp_path, tokenizer):
 
 def test_resume_gives_the_same_next_losses(tmp_path, tokenizer):
     init = make_tiny_model(tokenizer, block_size=4)
-    full = train(copy.deepcopy(init), tokenizer, make_args(tmp_path / "a", max_steps=4, save_strategy="steps",
-                                                           save_steps=2))
+    full = train(
+        copy.deepcopy(init), tokenizer, make_args(tmp_path / "a", max_steps=4, save_strategy="steps", save_steps=2)
+    )
     part = make_args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2)
     train(copy.deepcopy(init), tokenizer, part, callbacks=[StopAt(2)])
     resumed = train(copy.deepcopy(init), tokenizer, part, resume=str(tmp_path / "b" / "out" / "checkpoint-2"))
@@ -91,9 +112,16 @@ def test_resume_gives_the_same_next_losses(tmp_path, tokenizer):
 
 @pytest.mark.parametrize(
     "field,value,match",
-    [("estimator", "magic", "estimator"), ("loss_type", "l2", "--loss_type"), ("reveal_order", "sideways",
-     "--reveal_order"), ("beta", 0.0, "--beta"), ("block_size", 0, "--block_size"), ("targets", "x", "--targets"),
-     ("truncation", "drop", "--truncation"), ("steps_per_block", 3, "must divide")],
+    [
+        ("estimator", "magic", "estimator"),
+        ("loss_type", "l2", "--loss_type"),
+        ("reveal_order", "sideways", "--reveal_order"),
+        ("beta", 0.0, "--beta"),
+        ("block_size", 0, "--block_size"),
+        ("targets", "x", "--targets"),
+        ("truncation", "drop", "--truncation"),
+        ("steps_per_block", 3, "must divide"),
+    ],
 )
 def test_bad_options_name_the_flag(tmp_path, field, value, match):
     kw = {"block_size": 8} if field == "steps_per_block" else {}
@@ -111,9 +139,24 @@ def test_cli_init_train_with_preset_and_reload(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
     (tmp_path / "preset.yaml").write_text("beta: 0.2\nmax_steps: 2\nper_device_train_batch_size: 4\nuse_cpu: true\n")
-    out = run_cli("train", "--model", str(tmp_path / "tiny"), "--data", str(data), "--output", str(tmp_path / "al"),
-                  "--config", str(tmp_path / "preset.yaml"), "--steps_per_block", "2", "--beta", "0.3",
-                  "--disable_tqdm", "true", cwd=tmp_path)
+    out = run_cli(
+        "train",
+        "--model",
+        str(tmp_path / "tiny"),
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "al"),
+        "--config",
+        str(tmp_path / "preset.yaml"),
+        "--steps_per_block",
+        "2",
+        "--beta",
+        "0.3",
+        "--disable_tqdm",
+        "true",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     saved = json.loads((tmp_path / "al" / CONFIG_FILE).read_text())
     assert saved["args"]["beta"] == 0.3  # the flag overrides the preset

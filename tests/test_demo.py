@@ -1,0 +1,126 @@
+"""The CLI commands of the whole loop, end to end on the tiny model, and `dtrpo demo --quick`."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from dtrpo.cli import main
+
+
+def cli(*args, ok=True, capsys=None):
+    """Runs `dtrpo ARGS` in this process; returns returncode, stdout and stderr like subprocess.run."""
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 2
+        if not isinstance(exit.code, int):
+            print(exit.code, file=sys.stderr)
+    out, err = capsys.readouterr() if capsys else ("", "")
+    if ok:
+        assert code == 0, err[-3000:]
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loop")
+    cli("init-tiny", "--output", tmp / "tiny", "--block_size", 8)
+    rows = [{"prompt": f"{a}+{a}=", "completion": str(2 * a)} for a in range(10, 40)]
+    (tmp / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli(
+        "sft",
+        "--model",
+        tmp / "tiny",
+        "--data",
+        tmp / "sft.jsonl",
+        "--output",
+        tmp / "sft",
+        "--max_steps",
+        3,
+        "--per_device_train_batch_size",
+        8,
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+    )
+    return tmp
+
+
+def test_eval_pairs_generate_commands(sft_model, capsys):
+    tmp = sft_model
+    cli(
+        "eval",
+        "--model",
+        tmp / "sft",
+        "--task",
+        "arithmetic:digits=2",
+        "--n",
+        10,
+        "--gen_length",
+        16,
+        "--output",
+        tmp / "eval.json",
+    )
+    report = json.loads((tmp / "eval.json").read_text())
+    assert report["n"] == 10 and 0 <= report["ci95"][0] <= report["accuracy"] <= report["ci95"][1] <= 1
+    assert report["nfe_per_batch"] > 0 and report["tokens_per_second"] > 0
+    out = cli(
+        "pairs",
+        "--model",
+        tmp / "sft",
+        "--task",
+        "arithmetic:digits=2",
+        "--n",
+        6,
+        "--samples",
+        4,
+        "--temperature",
+        1.0,
+        "--gen_length",
+        16,
+        "--output",
+        tmp / "pairs.jsonl",
+        capsys=capsys,
+    )
+    assert "pairs" in out.stdout
+    for line in (tmp / "pairs.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        assert row["chosen_score"] > row["rejected_score"] and row["provenance"]["samples"] == 4
+    out = cli("generate", "--model", tmp / "sft", "--prompt", "12+12=", "--gen_length", 16, capsys=capsys)
+    assert '"prompt": "12+12="' in out.stdout and "NFE" in out.stdout
+
+
+def test_bad_sampler_settings_are_clear_errors(sft_model, capsys):
+    out = cli(
+        "generate", "--model", sft_model / "sft", "--prompt", "1+1=", "--steps_per_block", 3, ok=False, capsys=capsys
+    )
+    assert out.returncode != 0 and "error:" in out.stderr and "Traceback" not in out.stderr
+    out = cli("eval", "--model", sft_model / "sft", "--task", "nope.jsonl", ok=False, capsys=capsys)
+    assert out.returncode != 0 and "nope.jsonl" in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path):
+    """The README's first command, as a user runs it (in a fresh process), in its --quick form."""
+    cmd = [sys.executable, "-m", "dtrpo.cli", "demo", "--quick", "--output_dir", str(tmp_path / "demo")]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "SFT + dTRPO" in out.stdout
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["pairs"]["pairs"] > 0 and report["history"]
+    for name in (
+        "model",
+        "sft",
+        "dtrpo",
+        "sft_data.jsonl",
+        "pairs.jsonl",
+        "eval_sft.json",
+        "eval_dtrpo.json",
+        "curves.png",
+    ):
+        assert (tmp_path / "demo" / name).exists(), name
