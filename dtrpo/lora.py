@@ -1,0 +1,71 @@
+"""LoRA through PEFT on a model loaded by `families.load_model`.
+
+After loading, every family sits in a native Llama/Qwen class, so PEFT's standard module names apply.
+A target list written with a family's original names (LLaDA: `attn_out`, `ff_proj`, `ff_out`, ...) is
+translated to the native names; a name that matches no Linear or Embedding layer is refused. The
+reference model of a LoRA policy is the same model with its adapters disabled
+(`with model.disable_adapter():`), which reproduces the base logits exactly: no second copy in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from dtrpo.models import ModelAdapter
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# a family's original module names -> native names (LLaDA's block-level `ff_out` is the down
+# projection; its top-level `ff_out`, the output head, is `lm_head` after loading)
+ORIGINAL_NAMES = {
+    "llada": {"attn_out": "o_proj", "ff_proj": "gate_proj", "ff_out": "down_proj", "wte": "embed_tokens"},
+}
+
+
+def lora_targets(model: torch.nn.Module, adapter: ModelAdapter, target_modules: list[str] | None) -> list[str]:
+    """Native module names for PEFT: the defaults, or `target_modules` translated from the family's names."""
+    names = list(DEFAULT_TARGETS if target_modules is None else target_modules)
+    rename = ORIGINAL_NAMES.get(adapter.family, {})
+    kinds = (torch.nn.Linear, torch.nn.Embedding)
+    layers = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)}
+    out = []
+    for name in names:
+        native = rename.get(name, name)
+        if native not in layers:
+            raise ValueError(
+                f"LoRA target {name!r} names no Linear or Embedding layer of this {adapter.family} model; "
+                f"choose among {sorted(layers | rename.keys())}"
+            )
+        out.append(native)
+    return sorted(set(out))
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    adapter: ModelAdapter,
+    r: int = 16,
+    alpha: int = 32,
+    target_modules: list[str] | None = None,
+    dropout: float = 0.0,
+) -> PeftModel:
+    """Wrap `model` with LoRA adapters (rank r, scale alpha / r) on the target modules; only they train."""
+    if r <= 0:
+        raise ValueError(f"LoRA rank r must be positive, got {r}")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=lora_targets(model, adapter, target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def merge_lora(model: torch.nn.Module) -> PreTrainedModel:
+    """Fold the LoRA weights into the base layers and return the plain model (for export)."""
+    if not isinstance(model, PeftModel):
+        return model
+    return model.merge_and_unload()
