@@ -96,12 +96,42 @@ class ModelArgs:
         default=None, metadata={"help": "Model folder: a dtrpo/transformers checkpoint or a family's own."}
     )
     family: str | None = field(default=None, metadata={"help": "Model family; default: detected from config.json."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 (GPU) or float16."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention backend: sdpa, or flex_attention on a GPU."}
+    )
+
+    def load(self):
+        """(model, tokenizer, adapter) of `--model`, on the GPU when there is one."""
+        import torch
+
+        from dtrpo.families import load_model
+
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        device = "cuda" if torch.cuda.is_available() else None
+        return load_model(self.model, self.family, getattr(torch, self.dtype), self.attn_implementation, device=device)
 
 
 @dataclass
 class TrainScript(ModelArgs):
     data: str = field(default=None, metadata={"help": "Preference data: .jsonl, .json, .parquet or a datasets folder."})
     eval_data: str | None = field(default=None, metadata={"help": "Held-out preference data for evaluation."})
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA rank; 0 trains every weight. The reference is then the base model with adapters disabled."
+        },
+    )
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA target modules (native or the family's own names); default: every "
+            "attention and MLP projection."
+        },
+    )
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | bool | None:
@@ -118,13 +148,18 @@ def resolve_resume(value: str | None, output_dir: str) -> str | bool | None:
 
 @command("train", "preference-train a diffusion LM with dTRPO (or a baseline estimator)")
 def train_main(argv: list[str]) -> None:
-    from dtrpo.families import load_model
     from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
 
     script, config = parse([TrainScript, DTRPOConfig], argv, "dtrpo train", COMMANDS["train"][1])
     require(script, "model", "data")
     require(config, "output_dir")
-    model, tokenizer, adapter = load_model(script.model, script.family)
+    model, tokenizer, adapter = script.load()
+    if script.lora_r:
+        from dtrpo.lora import apply_lora
+
+        model = apply_lora(
+            model, adapter, script.lora_r, script.lora_alpha, script.lora_target_modules, script.lora_dropout
+        )
     trainer = DTRPOTrainer(
         model=model,
         args=config,
@@ -134,7 +169,13 @@ def train_main(argv: list[str]) -> None:
         eval_dataset=script.eval_data,
     )
     result = trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir))
-    trainer.save_model(config.output_dir)
+    if script.lora_r:  # the adapters stay in the checkpoints; the output folder gets the merged model
+        from dtrpo.families import export_checkpoint
+        from dtrpo.lora import merge_lora
+
+        export_checkpoint(merge_lora(trainer.model), tokenizer, adapter, config.output_dir, format="native")
+    else:
+        trainer.save_model(config.output_dir)
     print(json.dumps(result.metrics, indent=2))
     print(f"saved aligned model to {config.output_dir}")
 
@@ -147,13 +188,12 @@ class SFTScript(ModelArgs):
 
 @command("sft", "supervised masked- or block-diffusion training (method.md section 7)")
 def sft_main(argv: list[str]) -> None:
-    from dtrpo.families import load_model
     from dtrpo.sft import DiffusionSFTConfig, DiffusionSFTTrainer
 
     script, config = parse([SFTScript, DiffusionSFTConfig], argv, "dtrpo sft", COMMANDS["sft"][1])
     require(script, "model", "data")
     require(config, "output_dir")
-    model, tokenizer, adapter = load_model(script.model, script.family)
+    model, tokenizer, adapter = script.load()
     trainer = DiffusionSFTTrainer(
         model=model,
         args=config,
@@ -184,12 +224,11 @@ class TaskArgs(ModelArgs):
 
 
 def _load_for_task(t: TaskArgs):
-    from dtrpo.families import load_model
     from dtrpo.tasks import load_task
 
     require(t, "model")
     task = load_task(t.task, match=t.match, reward=t.reward)
-    model, tokenizer, adapter = load_model(t.model, t.family)
+    model, tokenizer, adapter = t.load()
     return task, model, tokenizer, adapter
 
 
@@ -254,12 +293,11 @@ class GenerateArgs(ModelArgs):
 @command("generate", "block-wise diffusion sampling from prompts; prints responses, NFE and tokens/s")
 def generate_main(argv: list[str]) -> None:
     from dtrpo.evaluate import SamplingArgs, encode_prompt
-    from dtrpo.families import load_model
     from dtrpo.sampler import generate
 
     g, s = parse([GenerateArgs, SamplingArgs], argv, "dtrpo generate", COMMANDS["generate"][1])
     require(g, "model", "prompt")
-    model, tokenizer, adapter = load_model(g.model, g.family)
+    model, tokenizer, adapter = g.load()
     model.eval()
     prompts = [encode_prompt(tokenizer, p, s.chat_template) for p in g.prompt]
     out = generate(
@@ -278,6 +316,33 @@ def generate_main(argv: list[str]) -> None:
     for p, seq in zip(g.prompt, out.sequences, strict=True):
         print(json.dumps({"prompt": p, "response": tokenizer.decode(seq, skip_special_tokens=True)}))
     print(f"NFE {out.nfe}, {out.tokens_per_second:.0f} tokens/s, {out.seconds:.2f} s")
+
+
+@dataclass
+class ExportArgs(ModelArgs):
+    output: str = field(default=None, metadata={"help": "Folder to write."})
+    format: str = field(
+        default="family",
+        metadata={
+            "help": "'family' (the family's own config keys and parameter "
+            "names) or 'native' (transformers save_pretrained)."
+        },
+    )
+    code_from: str | None = field(
+        default=None,
+        metadata={"help": "Copy this folder's *.py (the family's remote code) beside a family-format export."},
+    )
+
+
+@command("export", "write a trained model in its family's original format or the native transformers format")
+def export_main(argv: list[str]) -> None:
+    from dtrpo.families import export_checkpoint
+
+    (e,) = parse([ExportArgs], argv, "dtrpo export", COMMANDS["export"][1])
+    require(e, "model", "output")
+    model, tokenizer, adapter = e.load()
+    path = export_checkpoint(model, tokenizer, adapter, e.output, e.format, e.code_from)
+    print(f"wrote {adapter.family} model in {e.format} format to {path}")
 
 
 @command("demo", "the whole loop on CPU: tiny model, SFT, eval, pairs, dTRPO, eval; table, JSON and plot")

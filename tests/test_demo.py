@@ -6,6 +6,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from dtrpo.cli import main
 
@@ -124,3 +125,22 @@ def test_demo_quick(tmp_path):
         "curves.png",
     ):
         assert (tmp_path / "demo" / name).exists(), name
+
+
+def test_lora_train_then_export(sft_model, capsys):
+    from dtrpo.families import load_model
+
+    tmp = sft_model
+    rows = [{"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a + 2)} for a in range(8)]
+    (tmp / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli("train", "--model", tmp / "sft", "--data", tmp / "p.jsonl", "--output", tmp / "lora", "--lora_r", 4,
+        "--max_steps", 2, "--per_device_train_batch_size", 4, "--use_cpu", "true", "--disable_tqdm", "true",
+        "--learning_rate", 1e-2, capsys=capsys)
+    base, _, _ = load_model(tmp / "sft")
+    merged, _, adapter = load_model(tmp / "lora")  # the merged model, loadable like any checkpoint
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, base.state_dict()[n])]
+    assert changed and all(("proj" in n) for n in changed)  # only LoRA-targeted projections moved
+    cli("export", "--model", tmp / "lora", "--output", tmp / "exported", "--format", "native", capsys=capsys)
+    again, _, adapter2 = load_model(tmp / "exported")
+    assert adapter2 == adapter
+    assert all(torch.equal(p, merged.state_dict()[n]) for n, p in again.named_parameters())
