@@ -202,16 +202,6 @@ def read_config_json(path: str | Path) -> dict:
     return json.loads(file.read_text())
 
 
-def load_native(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a transformers-native causal LM folder (the tiny model) with its tokenizer and adapter."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa")
-    return model, tokenizer, adapter_from_config(model.config, tokenizer)
-
-
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
