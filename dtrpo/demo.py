@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from dtrpo.evaluate import SamplingArgs, evaluate
 from dtrpo.families import load_model
@@ -38,30 +39,47 @@ class DemoArgs:
     num_layers: int = field(default=3, metadata={"help": "Layers of the tiny model."})
     block_size: int = field(default=8, metadata={"help": "Block size of the tiny model."})
     sft_examples: int = field(default=3000, metadata={"help": "Train-split problems with worked answers for SFT."})
-    sft_steps: int = field(default=600, metadata={"help": "SFT optimizer steps."})
+    sft_steps: int = field(default=1500, metadata={"help": "Most SFT optimizer steps."})
+    sft_target: float = field(
+        default=0.3, metadata={"help": "SFT stops once greedy accuracy on train-split validation prompts reaches this."}
+    )
+    sft_check_every: int = field(default=50, metadata={"help": "SFT steps between validation checks."})
     heldout: int = field(default=300, metadata={"help": "Held-out prompts evaluated before and after dTRPO."})
     pair_prompts: int = field(default=400, metadata={"help": "Train prompts sampled to build preference pairs."})
     samples: int = field(default=8, metadata={"help": "Samples per prompt for pairs."})
     dtrpo_steps: int = field(default=150, metadata={"help": "dTRPO optimizer steps."})
     beta: float = field(default=0.1, metadata={"help": "beta of the dTRPO loss."})
-    learning_rate: float = field(default=3e-4, metadata={"help": "dTRPO learning rate."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "dTRPO learning rate."})
 
     def __post_init__(self) -> None:
         if self.quick:
-            self.sft_examples, self.sft_steps, self.heldout = 2000, 300, 200
-            self.pair_prompts, self.dtrpo_steps = 200, 80
+            self.heldout, self.pair_prompts, self.dtrpo_steps = 200, 200, 80
 
 
-def _train_args(cls, out: Path, steps: int, lr: float, seed: int, batch: int, **extra):
+class StopAtAccuracy(TrainerCallback):
+    """Stops SFT once greedy accuracy on validation prompts reaches `target`: the demo wants a model
+    that is right sometimes, so that its own samples contain both right and wrong answers."""
+
+    def __init__(self, check, every: int, target: float):
+        self.check, self.every, self.target, self.curve = check, every, target, []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            accuracy = self.check(model)
+            model.train()
+            self.curve.append({"step": state.global_step, "validation_accuracy": accuracy})
+            control.should_training_stop = accuracy >= self.target
+
+
+def _train_args(cls, out: Path, steps: int, lr: float, seed: int, batch: int, schedule: str, **extra):
     return cls(
         output_dir=str(out),
         max_steps=steps,
         learning_rate=lr,
         per_device_train_batch_size=batch,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
-        save_steps=max(steps // 2, 1),
-        save_total_limit=1,
+        lr_scheduler_type=schedule,
+        warmup_steps=20,
+        save_strategy="no",  # the demo saves each stage's model itself
         seed=seed,
         data_seed=seed,
         use_cpu=not torch.cuda.is_available(),
@@ -92,18 +110,30 @@ def run_demo(a: DemoArgs, log=print) -> dict:
     sft_rows = task.prompts("train", a.sft_examples, seed=a.seed)
     write_jsonl([{"prompt": r["prompt"], "completion": r["answer"]} for r in sft_rows], run / "sft_data.jsonl")
     model, tok, adapter = load_model(run / "model")
-    log(f"[1/5] SFT on {len(sft_rows)} worked answers, {a.sft_steps} steps")
-    sft_args = _train_args(DiffusionSFTConfig, run / "sft", a.sft_steps, 2e-3, a.seed, 32)
+    answer_len = len(tok(sft_rows[0]["answer"], add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    gen_length = -(-answer_len // a.block_size) * a.block_size
+    greedy = SamplingArgs(gen_length=gen_length, batch_size=100, seed=a.seed)
+    validation = task.prompts("train", 100, seed=a.seed + 2)
+    stop = StopAtAccuracy(
+        lambda m: evaluate(m, tok, adapter, task, validation, greedy)["accuracy"], a.sft_check_every, a.sft_target
+    )
+    log(
+        f"[1/5] SFT on {len(sft_rows)} worked answers until validation accuracy >= {a.sft_target}"
+        f" (at most {a.sft_steps} steps)"
+    )
+    sft_args = _train_args(DiffusionSFTConfig, run / "sft", a.sft_steps, 2e-3, a.seed, 32, "constant_with_warmup")
     DiffusionSFTTrainer(
-        model=model, args=sft_args, adapter=adapter, processing_class=tok, train_dataset=str(run / "sft_data.jsonl")
+        model=model,
+        args=sft_args,
+        adapter=adapter,
+        processing_class=tok,
+        train_dataset=str(run / "sft_data.jsonl"),
+        callbacks=[stop],
     ).train()
     model.save_pretrained(run / "sft")
     tok.save_pretrained(run / "sft")
     lap("sft")
 
-    answer_len = len(tok(sft_rows[0]["answer"], add_special_tokens=False)["input_ids"]) + 1  # + EOS
-    gen_length = -(-answer_len // a.block_size) * a.block_size
-    greedy = SamplingArgs(gen_length=gen_length, batch_size=100, seed=a.seed)
     heldout = task.prompts("heldout", a.heldout, seed=a.seed)
     log(f"[2/5] evaluating the SFT model on {len(heldout)} held-out prompts")
     before = evaluate(model, tok, adapter, task, heldout, greedy, desc="eval sft")
@@ -127,6 +157,7 @@ def run_demo(a: DemoArgs, log=print) -> dict:
         a.learning_rate,
         a.seed,
         16,
+        "cosine",
         beta=a.beta,
         steps_per_block=a.block_size,
     )
@@ -149,6 +180,7 @@ def run_demo(a: DemoArgs, log=print) -> dict:
         "dtrpo": {k: after[k] for k in ("accuracy", "ci95", "n", "nfe_per_batch", "tokens_per_second")},
         "gain": after["accuracy"] - before["accuracy"],
         "pairs": pair_stats,
+        "sft_curve": stop.curve,
         "seconds": timings,
         "history": history,
     }
