@@ -44,16 +44,20 @@ class DemoArgs:
         default=0.3, metadata={"help": "SFT stops once greedy accuracy on train-split validation prompts reaches this."}
     )
     sft_check_every: int = field(default=50, metadata={"help": "SFT steps between validation checks."})
-    heldout: int = field(default=300, metadata={"help": "Held-out prompts evaluated before and after dTRPO."})
-    pair_prompts: int = field(default=400, metadata={"help": "Train prompts sampled to build preference pairs."})
+    heldout: int = field(default=500, metadata={"help": "Held-out prompts evaluated before and after dTRPO."})
+    pair_prompts: int = field(default=800, metadata={"help": "Train prompts sampled to build preference pairs."})
     samples: int = field(default=8, metadata={"help": "Samples per prompt for pairs."})
-    dtrpo_steps: int = field(default=150, metadata={"help": "dTRPO optimizer steps."})
+    dtrpo_steps: int = field(default=300, metadata={"help": "dTRPO optimizer steps."})
     beta: float = field(default=0.1, metadata={"help": "beta of the dTRPO loss."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "dTRPO learning rate."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "dTRPO learning rate."})
+    control: bool = field(
+        default=False,
+        metadata={"help": "Also continue SFT from the same checkpoint for as many steps as dTRPO (a baseline)."},
+    )
 
     def __post_init__(self) -> None:
         if self.quick:
-            self.heldout, self.pair_prompts, self.dtrpo_steps = 200, 200, 80
+            self.heldout, self.pair_prompts, self.dtrpo_steps = 200, 300, 120
 
 
 class StopAtAccuracy(TrainerCallback):
@@ -173,12 +177,28 @@ def run_demo(a: DemoArgs, log=print) -> dict:
     (run / "eval_dtrpo.json").write_text(json.dumps(after, indent=2))
     lap("eval_dtrpo")
 
+    control = None
+    if a.control:
+        log(f"[control] continuing SFT from the same checkpoint for {a.dtrpo_steps} steps")
+        model, tok, adapter = load_model(run / "sft")
+        args = _train_args(
+            DiffusionSFTConfig, run / "sft_control", a.dtrpo_steps, a.learning_rate, a.seed, 16, "cosine"
+        )
+        DiffusionSFTTrainer(
+            model=model, args=args, adapter=adapter, processing_class=tok, train_dataset=str(run / "sft_data.jsonl")
+        ).train()
+        model.save_pretrained(run / "sft_control")
+        control = evaluate(model, tok, adapter, task, heldout, greedy, desc="eval control")
+        (run / "eval_control.json").write_text(json.dumps(control, indent=2))
+        lap("control")
+
     history = [h for h in trainer.state.log_history if "loss" in h]
     report = {
         "settings": asdict(a),
         "sft": {k: before[k] for k in ("accuracy", "ci95", "n", "nfe_per_batch", "tokens_per_second")},
         "dtrpo": {k: after[k] for k in ("accuracy", "ci95", "n", "nfe_per_batch", "tokens_per_second")},
         "gain": after["accuracy"] - before["accuracy"],
+        "control": control and {k: control[k] for k in ("accuracy", "ci95", "n", "nfe_per_batch", "tokens_per_second")},
         "pairs": pair_stats,
         "sft_curve": stop.curve,
         "seconds": timings,
@@ -225,8 +245,10 @@ def plot(report: dict, path: Path) -> None:
 
 def format_table(report: dict) -> str:
     rows = [("stage", "accuracy", "95% interval", "NFE/batch", "tokens/s")]
-    for name, key in (("SFT", "sft"), ("SFT + dTRPO", "dtrpo")):
-        r = report[key]
+    for name, key in (("SFT", "sft"), ("SFT + dTRPO", "dtrpo"), ("SFT continued (control)", "control")):
+        r = report.get(key)
+        if r is None:
+            continue
         rows.append(
             (
                 name,
