@@ -359,10 +359,11 @@ def demo_main(argv: list[str]) -> None:
 
 @command("bench", "time a training step of each estimator side by side; writes JSON")
 def bench_main(argv: list[str]) -> None:
-    from dtrpo.bench import BenchArgs, estimator_costs
+    from dtrpo.bench import BenchArgs, estimator_costs, estimator_statistics
 
     (args,) = parse([BenchArgs], argv, "dtrpo bench", COMMANDS["bench"][1])
     report = estimator_costs(args)
+    report["statistics"] = estimator_statistics(args)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
     for name, row in report["estimators"].items():
@@ -370,6 +371,14 @@ def bench_main(argv: list[str]) -> None:
             f"{name:<11} {row['seconds_per_pair'] * 1e3:9.1f} ms/pair  {row['forward_passes_per_pair']:4d} passes/pair"
             f"  x{list(row.values())[2]:.2f}"
         )
+    for section, rows in report["statistics"].items():
+        print(
+            f"{section}: log-ratio over {args.draws} seeds (bias against the reference mean, with its standard error)"
+        )
+        for name, r in rows.items():
+            print(
+                f"  {name:<26} mean {r['mean']:9.4f}  std {r['std']:8.4f}  bias {r['bias']:+8.4f} +- {r['bias_se']:.4f}"
+            )
     print(f"wrote {args.output}")
 
 

@@ -90,7 +90,7 @@ def _train_args(cls, out: Path, steps: int, lr: float, seed: int, batch: int, sc
         max_prompt_length=64,
         max_response_length=64,
         disable_tqdm=False,
-        logging_steps=5,
+        logging_steps=10,
         **extra,
     )
 

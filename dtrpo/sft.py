@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 
 from dtrpo.estimators import Batch, position_logprobs
 from dtrpo.masking import example_seed
-from dtrpo.trainer import DiffusionArguments, DiffusionTrainer
+from dtrpo.trainer import DiffusionArguments, DiffusionTrainer, tokenized
 
 OBJECTIVES = ("masked", "block")
 MIN_LEVEL = 1e-3  # t is drawn in [MIN_LEVEL, 1] so that 1/t stays bounded
@@ -75,22 +75,14 @@ class DiffusionSFTTrainer(DiffusionTrainer):
         block_size = args.block_size or adapter.block_size
         self.objective = args.objective or ("block" if adapter.block_causal else "masked")
 
-        def prepare(ds):
-            if ds is None or "prompt_ids" in getattr(ds, "column_names", []):
-                return ds
-            ds, _ = build_sft_dataset(
-                ds, processing_class, block_size, args.max_prompt_length, args.max_response_length, args.truncation
-            )
-            return ds
-
         collator = kwargs.pop("data_collator", None) or SFTCollator(processing_class.pad_token_id, block_size)
         super().__init__(
             model,
             args,
             adapter,
             processing_class,
-            train_dataset=prepare(train_dataset),
-            eval_dataset=prepare(eval_dataset),
+            train_dataset=tokenized(build_sft_dataset, train_dataset, processing_class, args, block_size),
+            eval_dataset=tokenized(build_sft_dataset, eval_dataset, processing_class, args, block_size),
             data_collator=collator,
             **kwargs,
         )

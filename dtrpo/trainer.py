@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from dtrpo.losses import LOSSES, preference_loss
 from dtrpo.masking import REVEAL_ORDERS, TARGETS, example_seed
 from dtrpo.models import MODES, ModelAdapter
 
+logger = logging.getLogger(__name__)
 CONFIG_FILE = "dtrpo_config.json"
 
 
@@ -123,6 +125,18 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
         )
 
 
+def tokenized(builder, data, tokenizer, args: DiffusionArguments, block_size: int):
+    """`data` (a path, rows or a Dataset) tokenized by `builder` under the configured limits, with the
+    truncation and dropped-row counts logged; an already tokenized Dataset passes through."""
+    if data is None or "prompt_ids" in getattr(data, "column_names", []):
+        return data
+    ds, stats = builder(data, tokenizer, block_size, args.max_prompt_length, args.max_response_length, args.truncation)
+    logger.info("data %s: %s", data if isinstance(data, (str, Path)) else "<memory>", stats)
+    if any(v for k, v in stats.items() if k.endswith("truncated")):
+        logger.warning("data: truncated to the configured limits: %s", stats)
+    return ds
+
+
 def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -184,22 +198,14 @@ class DTRPOTrainer(DiffusionTrainer):
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
 
-        def prepare(ds):
-            if ds is None or "prompt_ids" in getattr(ds, "column_names", []):
-                return ds
-            ds, _ = build_preference_dataset(
-                ds, processing_class, block_size, args.max_prompt_length, args.max_response_length, args.truncation
-            )
-            return ds
-
         collator = kwargs.pop("data_collator", None) or PreferenceCollator(processing_class.pad_token_id, block_size)
         super().__init__(
             model,
             args,
             adapter,
             processing_class,
-            train_dataset=prepare(train_dataset),
-            eval_dataset=prepare(eval_dataset),
+            train_dataset=tokenized(build_preference_dataset, train_dataset, processing_class, args, block_size),
+            eval_dataset=tokenized(build_preference_dataset, eval_dataset, processing_class, args, block_size),
             data_collator=collator,
             **kwargs,
         )

@@ -3,6 +3,7 @@ and a resumed run continues exactly like the uninterrupted one."""
 
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -170,3 +171,60 @@ def test_cli_rejects_unknown_preset_key(tmp_path):
     out = run_cli("train", "--config", str(tmp_path / "preset.yaml"), cwd=tmp_path)
     assert out.returncode != 0
     assert "unknown config key 'betta'" in out.stderr and "did you mean 'beta'" in out.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_data_parallel_on_gloo(tmp_path):
+    """DDP through transformers/accelerate on CPU: two ranks split each global batch."""
+    init_tiny(tmp_path / "tiny", block_size=4)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "dtrpo.cli",
+        "train",
+        "--model",
+        str(tmp_path / "tiny"),
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "ddp"),
+        "--use_cpu",
+        "true",
+        "--ddp_backend",
+        "gloo",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_steps",
+        "2",
+        "--steps_per_block",
+        "2",
+        "--disable_tqdm",
+        "true",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = json.loads((tmp_path / "ddp" / "checkpoint-2" / "trainer_state.json").read_text())
+    # 8 pairs, 2 per rank and step, 2 ranks: 2 steps are one epoch (one rank alone would be half of one)
+    assert state["log_history"][-1]["epoch"] == 1.0
+    assert all("rewards/accuracies" in h for h in state["log_history"] if "loss" in h)
+    load_model(tmp_path / "ddp")
