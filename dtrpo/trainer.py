@@ -165,7 +165,10 @@ class DiffusionTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
+        if not self.args.should_save:  # only the main process writes files
+            return
         out = Path(output_dir or self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
         resolved = {"args": json.loads(self.args.to_json_string()), "adapter": vars(self.adapter)}
         (out / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
 
