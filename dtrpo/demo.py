@@ -60,6 +60,13 @@ class DemoArgs:
             self.heldout, self.pair_prompts, self.dtrpo_steps = 200, 300, 120
 
 
+STAGES = [
+    ("SFT", "sft", "#999999"),
+    ("SFT + dTRPO", "dtrpo", "#3b7dd8"),
+    ("SFT continued (control)", "control", "#d8a03b"),
+]
+
+
 class StopAtAccuracy(TrainerCallback):
     """Stops SFT once greedy accuracy on validation prompts reaches `target`: the demo wants a model
     that is right sometimes, so that its own samples contain both right and wrong answers."""
@@ -229,13 +236,11 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("step")
     ax = axes[3]
-    names = ["SFT", "SFT + dTRPO"]
-    accs = [report["sft"]["accuracy"], report["dtrpo"]["accuracy"]]
-    errs = [
-        [acc - r["ci95"][0] for acc, r in zip(accs, (report["sft"], report["dtrpo"]), strict=True)],
-        [r["ci95"][1] - acc for acc, r in zip(accs, (report["sft"], report["dtrpo"]), strict=True)],
-    ]
-    ax.bar(names, accs, yerr=errs, capsize=6, color=["#999999", "#3b7dd8"])
+    arms = [(n, report[k], c) for n, k, c in STAGES if report.get(k)]
+    accs = [r["accuracy"] for _, r, _ in arms]
+    errs = [[r["accuracy"] - r["ci95"][0] for _, r, _ in arms], [r["ci95"][1] - r["accuracy"] for _, r, _ in arms]]
+    ax.bar([n.replace(" (", "\n(") for n, _, _ in arms], accs, yerr=errs, capsize=6, color=[c for _, _, c in arms])
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_ylim(0, 1)
     ax.set_title(f"held-out accuracy (n={report['sft']['n']}, 95% CI)")
     fig.tight_layout()
@@ -245,7 +250,7 @@ def plot(report: dict, path: Path) -> None:
 
 def format_table(report: dict) -> str:
     rows = [("stage", "accuracy", "95% interval", "NFE/batch", "tokens/s")]
-    for name, key in (("SFT", "sft"), ("SFT + dTRPO", "dtrpo"), ("SFT continued (control)", "control")):
+    for name, key, _ in STAGES:
         r = report.get(key)
         if r is None:
             continue
