@@ -146,6 +146,14 @@ def resolve_resume(value: str | None, output_dir: str) -> str | bool | None:
     return last
 
 
+def run_training(trainer, config, save=None) -> None:
+    """Train (resuming when asked), save the final model into the output folder, print the metrics."""
+    result = trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir))
+    (save or (lambda t: t.save_model(config.output_dir)))(trainer)
+    print(json.dumps(result.metrics, indent=2))
+    print(f"saved model to {config.output_dir}")
+
+
 @command("train", "preference-train a diffusion LM with dTRPO (or a baseline estimator)")
 def train_main(argv: list[str]) -> None:
     from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
@@ -168,16 +176,15 @@ def train_main(argv: list[str]) -> None:
         train_dataset=script.data,
         eval_dataset=script.eval_data,
     )
-    result = trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir))
+    save = None
     if script.lora_r:  # the adapters stay in the checkpoints; the output folder gets the merged model
         from dtrpo.families import export_checkpoint
         from dtrpo.lora import merge_lora
 
-        export_checkpoint(merge_lora(trainer.model), tokenizer, adapter, config.output_dir, format="native")
-    else:
-        trainer.save_model(config.output_dir)
-    print(json.dumps(result.metrics, indent=2))
-    print(f"saved aligned model to {config.output_dir}")
+        def save(t):
+            export_checkpoint(merge_lora(t.model), tokenizer, adapter, config.output_dir, format="native")
+
+    run_training(trainer, config, save)
 
 
 @dataclass
@@ -202,10 +209,7 @@ def sft_main(argv: list[str]) -> None:
         train_dataset=script.data,
         eval_dataset=script.eval_data,
     )
-    result = trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir))
-    trainer.save_model(config.output_dir)
-    print(json.dumps(result.metrics, indent=2))
-    print(f"saved model to {config.output_dir}")
+    run_training(trainer, config)
 
 
 @dataclass

@@ -149,7 +149,8 @@ def _mode(cfg: EstimatorConfig, adapter: ModelAdapter) -> str:
     return cfg.mode or adapter.default_mode
 
 
-def _block_states(adapter, batch, seeds, cfg, confidence=None, t_fixed=None, scale=None):
+def _block_states(adapter, batch, seeds, cfg, confidence=None, t_fixed=None, targets=None, scale=None):
+    """`draw_block_states` with the configured options; `targets` and `scale` override them."""
     return draw_block_states(
         batch.response_ids,
         batch.response_valid,
@@ -158,7 +159,7 @@ def _block_states(adapter, batch, seeds, cfg, confidence=None, t_fixed=None, sca
         adapter.block_size,
         cfg.steps_per_block,
         cfg.reveal_order,
-        cfg.targets,
+        targets or cfg.targets,
         scale=scale if scale is not None else (cfg.steps_per_block if cfg.scale == "unbiased" else 1),
         confidence=confidence,
         t_fixed=t_fixed,
@@ -186,19 +187,7 @@ def draw_trajectory(adapter, batch, seeds, cfg, ref_model=None) -> list[State]:
     conf = reference_confidence(adapter, ref_model, batch) if cfg.reveal_order == "confidence" else None
     states = []
     for t in range(cfg.steps_per_block, 0, -1):
-        st = draw_block_states(
-            batch.response_ids,
-            batch.response_valid,
-            seeds,
-            adapter.mask_token_id,
-            adapter.block_size,
-            cfg.steps_per_block,
-            cfg.reveal_order,
-            "newly_unmasked",
-            scale=1,
-            confidence=conf,
-            t_fixed=t,
-        )
+        st = _block_states(adapter, batch, seeds, cfg, conf, t_fixed=t, targets="newly_unmasked", scale=1)
         states.append(State(st.noisy_ids, st.weights, cfg.trajectory_mode))
     return states
 
