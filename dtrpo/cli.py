@@ -217,6 +217,9 @@ class TaskArgs(ModelArgs):
     task: str = field(default="arithmetic", metadata={"help": "Built-in task (arithmetic:digits=3) or prompts file."})
     match: str | None = field(default=None, metadata={"help": "Prompts file answers: 'exact' or 'numeric' match."})
     reward: str | None = field(default=None, metadata={"help": "Reward function 'module:function' for a prompts file."})
+    prompt_field: str = field(
+        default="prompt", metadata={"help": "Field of a prompts file holding the prompt (GSM8K: question)."}
+    )
     split: str | None = field(
         default=None,
         metadata={
@@ -231,7 +234,7 @@ def _load_for_task(t: TaskArgs):
     from dtrpo.tasks import load_task
 
     require(t, "model")
-    task = load_task(t.task, match=t.match, reward=t.reward)
+    task = load_task(t.task, match=t.match, reward=t.reward, prompt_field=t.prompt_field)
     model, tokenizer, adapter = t.load()
     return task, model, tokenizer, adapter
 

@@ -259,11 +259,12 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
     return pairs
 
 
-def _check_row(where: str, row: object, index: int, match: str, has_reward: bool) -> dict:
+def _check_row(where: str, row: object, index: int, match: str, has_reward: bool, prompt_field: str) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if not isinstance(row.get("prompt"), str):
-        raise ValueError(f"{where}: missing 'prompt' (a string); the row has keys {sorted(row)}")
+    if not isinstance(row.get(prompt_field), str):
+        raise ValueError(f"{where}: missing {prompt_field!r} (a string); the row has keys {sorted(row)}")
+    row = {**row, "prompt": row[prompt_field]}
     if "answer" not in row and not has_reward:
         raise ValueError(f"{where}: missing 'answer' and no reward function given (reward='module:function')")
     if row.get("split", "train") not in SPLITS:
@@ -274,23 +275,31 @@ def _check_row(where: str, row: object, index: int, match: str, has_reward: bool
     return {**row, "id": str(row.get("id", index)), "answer": answer}
 
 
-def load_prompts_file(path: str | Path, match: str = "exact", reward: str | Reward | None = None) -> FileTask:
-    """A `FileTask` from a .jsonl / .json file of rows with `prompt` and `answer` (or a reward function)."""
+def load_prompts_file(
+    path: str | Path, match: str = "exact", reward: str | Reward | None = None, prompt_field: str = "prompt"
+) -> FileTask:
+    """A `FileTask` from a .jsonl / .json file of rows with `prompt` and `answer` (or a reward function).
+    `prompt_field` names another field to read prompts from (GSM8K's files call it `question`)."""
     if match not in MATCHES:
         raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
     path = Path(path)
     fn = import_reward(reward) if isinstance(reward, str) else reward
-    rows = [_check_row(where, row, i, match, fn is not None) for i, (where, row) in enumerate(_read_rows(path))]
+    rows = [
+        _check_row(where, row, i, match, fn is not None, prompt_field)
+        for i, (where, row) in enumerate(_read_rows(path))
+    ]
     return FileTask(path, rows, match, fn)
 
 
-def load_task(spec: str, match: str | None = None, reward: str | Reward | None = None) -> Task:
+def load_task(
+    spec: str, match: str | None = None, reward: str | Reward | None = None, prompt_field: str = "prompt"
+) -> Task:
     """A built-in task ("arithmetic", "arithmetic:digits=3,ops=+-") or a prompts file ("data.jsonl").
 
     `match` ("exact" by default, or "numeric") and `reward` ("module:function") apply to prompts files.
     """
     if spec.endswith((".jsonl", ".json")):
-        return load_prompts_file(spec, match or "exact", reward)
+        return load_prompts_file(spec, match or "exact", reward, prompt_field)
     name, _, options = spec.partition(":")
     if name not in TASKS:
         raise ValueError(f"unknown task {spec!r}: not a built-in ({', '.join(TASKS)}) nor a .jsonl/.json prompts file")

@@ -213,3 +213,20 @@ def test_reward_import_errors(tmp_path):
         load_task(str(path), reward="no_such_mod_xyz:f")
     with pytest.raises(ImportError, match="'json:nope': module 'json' has no attribute 'nope'"):
         load_task(str(path), reward="json:nope")
+
+
+def test_gsm8k_layout_with_prompt_field_and_numeric_match(tmp_path):
+    """GSM8K's files hold `question` and an `answer` ending in '#### N' (rows written here, not copied)."""
+    path = tmp_path / "gsm.jsonl"
+    rows = [
+        {"question": "Two plus three?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"},
+        {"question": "Ten times a hundred and eight?", "answer": "#### 1,080"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(str(path), match="numeric", prompt_field="question")
+    got = task.prompts("heldout")
+    assert [r["prompt"] for r in got] == ["Two plus three?", "Ten times a hundred and eight?"]
+    assert score_batch(task, got, ["so the answer is 5.", "It is 1080"]) == [1.0, 1.0]
+    assert score_batch(task, got, ["6", "108"]) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="missing 'prompt'"):
+        load_task(str(path), match="numeric")
