@@ -84,6 +84,13 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
         default="unbiased", metadata={"help": "Per-block scale c of the dTRPO estimate: 'unbiased' (T_B) or 'one'."}
     )
     vrpo_samples: int = field(default=8, metadata={"help": "Monte Carlo samples n of the vrpo estimator."})
+    precompute_ref: bool = field(
+        default=False,
+        metadata={
+            "help": "Score the reference once per pair before training, with masks fixed per pair (the same "
+            "draw every epoch); each step then runs the policy only (2 passes per pair, not 4)."
+        },
+    )
     trajectory_mode: str = field(
         default="exact", metadata={"help": "State evaluation mode of the trajectory estimator (ground truth)."}
     )
@@ -135,6 +142,19 @@ def tokenized(builder, data, tokenizer, args: DiffusionArguments, block_size: in
     if any(v for k, v in stats.items() if k.endswith("truncated")):
         logger.warning("data: truncated to the configured limits: %s", stats)
     return ds
+
+
+@dataclass
+class WithReference:
+    """A collator that also passes the precomputed reference scores through, as float tensors."""
+
+    collator: object
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        out = self.collator(features)
+        for key in ("ref_chosen", "ref_rejected"):
+            out[key] = torch.tensor([f[key] for f in features], dtype=torch.float64)
+        return out
 
 
 def _is_peft(model) -> bool:
@@ -215,6 +235,45 @@ class DTRPOTrainer(DiffusionTrainer):
         self.ref_model = None
         if ref_model is not None:
             self.ref_model = ref_model.to(self.accelerator.device)
+        if args.precompute_ref and self.train_dataset is not None:
+            self.train_dataset = self.precompute_reference(self.train_dataset)
+            self.data_collator = WithReference(self.data_collator)
+
+    def _batch(self, inputs) -> Batch:
+        """Chosen and rejected stacked into one batch of 2n sequences (the prompt repeated)."""
+        return Batch(
+            prompt_ids=inputs["prompt_ids"].repeat(2, 1),
+            prompt_valid=inputs["prompt_mask"].repeat(2, 1),
+            response_ids=torch.cat([inputs["chosen_ids"], inputs["rejected_ids"]]),
+            response_valid=torch.cat([inputs["chosen_mask"], inputs["rejected_mask"]]),
+        )
+
+    def _draw(self, model, inputs, batch: Batch):
+        """The re-masking draws of a batch, from per-example seeds (fixed across epochs when the
+        reference is precomputed, since its scores belong to one draw)."""
+        epoch = 0 if self.args.precompute_ref else int(self.state.epoch or 0)
+        index = inputs["index"].tolist()
+        seeds = [example_seed(self.args.seed, i, epoch, side) for side in ("chosen", "rejected") for i in index]
+        with self.reference(model) as ref:
+            return draw(self.adapter, batch, seeds, self.estimator_config, ref_model=ref)
+
+    @torch.no_grad()
+    def precompute_reference(self, dataset):
+        """`dataset` with `ref_chosen` / `ref_rejected`: the reference's score of each pair's fixed draw."""
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator
+        )
+        scores = {}
+        for inputs in loader:
+            inputs = self._prepare_inputs(inputs)
+            batch, n = self._batch(inputs), inputs["index"].shape[0]
+            states = self._draw(self.model, inputs, batch)
+            with self.reference(self.model) as ref:
+                values, _ = score(self.adapter, ref, batch, states)
+            for i, idx in enumerate(inputs["index"].tolist()):
+                scores[idx] = (values[i].item(), values[n + i].item())
+        chosen, rejected = zip(*(scores[i] for i in dataset["index"]), strict=True)
+        return dataset.add_column("ref_chosen", list(chosen)).add_column("ref_rejected", list(rejected))
 
     @contextlib.contextmanager
     def reference(self, model):
@@ -235,21 +294,14 @@ class DTRPOTrainer(DiffusionTrainer):
     def pair_losses(self, model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses and metrics for one collated batch."""
         n = inputs["prompt_ids"].shape[0]
-        batch = Batch(
-            prompt_ids=inputs["prompt_ids"].repeat(2, 1),
-            prompt_valid=inputs["prompt_mask"].repeat(2, 1),
-            response_ids=torch.cat([inputs["chosen_ids"], inputs["rejected_ids"]]),
-            response_valid=torch.cat([inputs["chosen_mask"], inputs["rejected_mask"]]),
-        )
-        epoch = int(self.state.epoch or 0)
-        index = inputs["index"].tolist()
-        seeds = [example_seed(self.args.seed, i, epoch, side) for side in ("chosen", "rejected") for i in index]
-        adapter, cfg = self.adapter, self.estimator_config
-        with self.reference(model) as ref:
-            states = draw(adapter, batch, seeds, cfg, ref_model=ref)
-        policy, passes = score(adapter, model, batch, states)
-        with torch.no_grad(), self.reference(model) as ref:
-            reference, _ = score(adapter, ref, batch, states)
+        batch = self._batch(inputs)
+        states = self._draw(model, inputs, batch)
+        policy, passes = score(self.adapter, model, batch, states)
+        if "ref_chosen" in inputs:  # precomputed with the same draw
+            reference = torch.cat([inputs["ref_chosen"], inputs["ref_rejected"]]).to(policy)
+        else:
+            with torch.no_grad(), self.reference(model) as ref:
+                reference, _ = score(self.adapter, ref, batch, states)
         logratios = policy - reference  # (2n,)
         losses, metrics = preference_loss(
             logratios[:n], logratios[n:], self.args.beta, self.args.loss_type, self.args.label_smoothing
@@ -260,7 +312,7 @@ class DTRPOTrainer(DiffusionTrainer):
                 "logps/chosen": policy[:n].detach(),
                 "logps/rejected": policy[n:].detach(),
                 "estimator/targets_per_seq": targets,
-                "estimator/forward_passes_per_pair": torch.tensor(4.0 * passes),
+                "estimator/forward_passes_per_pair": torch.tensor((2.0 if "ref_chosen" in inputs else 4.0) * passes),
             }
         )
         return losses, metrics

@@ -228,3 +228,17 @@ def test_two_processes_data_parallel_on_gloo(tmp_path):
     assert state["log_history"][-1]["epoch"] == 1.0
     assert all("rewards/accuracies" in h for h in state["log_history"] if "loss" in h)
     load_model(tmp_path / "ddp")
+
+
+def test_precomputed_reference_gives_the_same_first_epoch(tmp_path, tokenizer):
+    """Within the first epoch both runs use the epoch-0 draws, so precomputing the reference scores
+    changes the cost (2 passes per pair, not 4), not the losses."""
+    init = make_tiny_model(tokenizer, block_size=4)
+    live = train(copy.deepcopy(init), tokenizer, make_args(tmp_path / "a", max_steps=2))
+    pre = train(copy.deepcopy(init), tokenizer, make_args(tmp_path / "b", max_steps=2, precompute_ref=True))
+    a = [h for h in live.state.log_history if "loss" in h]
+    b = [h for h in pre.state.log_history if "loss" in h]
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["rewards/margins"] - y["rewards/margins"]) < 1e-5
+        assert x["estimator/forward_passes_per_pair"] == 4 and y["estimator/forward_passes_per_pair"] == 2
