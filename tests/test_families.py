@@ -64,15 +64,40 @@ def write_folder(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> 
 
 
 LLADA_CONFIG = {  # fact: LLaDA's config uses OLMo-style keys, model_type "llada", and carries mask_token_id
-    "model_type": "llada", "architectures": ["LLaDAModelLM"],
-    "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
-                 "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
-    "d_model": 32, "n_heads": 4, "n_kv_heads": 4, "n_layers": 2, "mlp_hidden_size": 64, "mlp_ratio": 2,
-    "embedding_size": VOCAB, "vocab_size": VOCAB, "max_sequence_length": 4096, "rope_theta": 500000.0,
-    "rms_norm_eps": 1e-5, "weight_tying": False, "mask_token_id": 2, "eos_token_id": 0, "pad_token_id": 0,
-    "block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "include_bias": False,
-    "include_qkv_bias": False, "attention_layer_norm": False, "alibi": False, "rope": True, "scale_logits": False,
-    "input_emb_norm": False, "layer_norm_with_affine": True, "use_cache": False,
+    "model_type": "llada",
+    "architectures": ["LLaDAModelLM"],
+    "auto_map": {
+        "AutoConfig": "configuration_llada.LLaDAConfig",
+        "AutoModel": "modeling_llada.LLaDAModelLM",
+        "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+    },
+    "d_model": 32,
+    "n_heads": 4,
+    "n_kv_heads": 4,
+    "n_layers": 2,
+    "mlp_hidden_size": 64,
+    "mlp_ratio": 2,
+    "embedding_size": VOCAB,
+    "vocab_size": VOCAB,
+    "max_sequence_length": 4096,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "weight_tying": False,
+    "mask_token_id": 2,
+    "eos_token_id": 0,
+    "pad_token_id": 0,
+    "block_type": "llama",
+    "activation_type": "silu",
+    "layer_norm_type": "rms",
+    "include_bias": False,
+    "include_qkv_bias": False,
+    "attention_layer_norm": False,
+    "alibi": False,
+    "rope": True,
+    "scale_logits": False,
+    "input_emb_norm": False,
+    "layer_norm_with_affine": True,
+    "use_cache": False,
 }
 
 
@@ -81,14 +106,24 @@ def write_llada(path: Path, **overrides) -> Path:
     up_proj, ff_out}, ln_f, top-level ff_out as the untied head) and its mask token <|mdm_mask|>."""
     cfg = {**LLADA_CONFIG, **overrides}
     d, f = cfg["d_model"], 64  # tensor shapes come from the base config; overrides may contradict them
-    t = {"model.transformer.wte.weight": rand(VOCAB, d), "model.transformer.ln_f.weight": rand(d, norm=True),
-         "model.transformer.ff_out.weight": rand(VOCAB, d)}
+    t = {
+        "model.transformer.wte.weight": rand(VOCAB, d),
+        "model.transformer.ln_f.weight": rand(d, norm=True),
+        "model.transformer.ff_out.weight": rand(VOCAB, d),
+    }
     for i in range(cfg["n_layers"]):
         b = f"model.transformer.blocks.{i}."
-        t |= {b + "attn_norm.weight": rand(d, norm=True), b + "ff_norm.weight": rand(d, norm=True),
-              b + "q_proj.weight": rand(d, d), b + "k_proj.weight": rand(d, d), b + "v_proj.weight": rand(d, d),
-              b + "attn_out.weight": rand(d, d), b + "ff_proj.weight": rand(f, d), b + "up_proj.weight": rand(f, d),
-              b + "ff_out.weight": rand(d, f)}
+        t |= {
+            b + "attn_norm.weight": rand(d, norm=True),
+            b + "ff_norm.weight": rand(d, norm=True),
+            b + "q_proj.weight": rand(d, d),
+            b + "k_proj.weight": rand(d, d),
+            b + "v_proj.weight": rand(d, d),
+            b + "attn_out.weight": rand(d, d),
+            b + "ff_proj.weight": rand(f, d),
+            b + "up_proj.weight": rand(f, d),
+            b + "ff_out.weight": rand(d, f),
+        }
     write_folder(path, cfg, t)
     write_tokenizer(path, ["<|endoftext|>", "<|eot_id|>", "<|mdm_mask|>"], "<|endoftext|>", "<|endoftext|>")
     return path
@@ -104,11 +139,17 @@ def qwen_tensors(cfg: dict, qkv_bias: bool, qk_norm: bool) -> dict[str, torch.Te
         t["lm_head.weight"] = rand(VOCAB, d)
     for i in range(cfg["num_hidden_layers"]):
         a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        t |= {f"model.layers.{i}.input_layernorm.weight": rand(d, norm=True),
-              f"model.layers.{i}.post_attention_layernorm.weight": rand(d, norm=True),
-              a + "q_proj.weight": rand(q, d), a + "k_proj.weight": rand(kv, d), a + "v_proj.weight": rand(kv, d),
-              a + "o_proj.weight": rand(d, q), m + "gate_proj.weight": rand(f, d), m + "up_proj.weight": rand(f, d),
-              m + "down_proj.weight": rand(d, f)}
+        t |= {
+            f"model.layers.{i}.input_layernorm.weight": rand(d, norm=True),
+            f"model.layers.{i}.post_attention_layernorm.weight": rand(d, norm=True),
+            a + "q_proj.weight": rand(q, d),
+            a + "k_proj.weight": rand(kv, d),
+            a + "v_proj.weight": rand(kv, d),
+            a + "o_proj.weight": rand(d, q),
+            m + "gate_proj.weight": rand(f, d),
+            m + "up_proj.weight": rand(f, d),
+            m + "down_proj.weight": rand(d, f),
+        }
         if qkv_bias:  # fact: Dream and Fast-dLLM v2 are Qwen2.5, with q/k/v biases
             t |= {a + "q_proj.bias": rand(q), a + "k_proj.bias": rand(kv), a + "v_proj.bias": rand(kv)}
         if qk_norm:  # fact: SDAR is Qwen3, with per-head q/k RMSNorm
@@ -117,11 +158,26 @@ def qwen_tensors(cfg: dict, qkv_bias: bool, qk_norm: bool) -> dict[str, torch.Te
 
 
 QWEN_BASE = {
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0, "hidden_act": "silu", "use_sliding_window": False, "sliding_window": None,
-    "max_window_layers": 2, "attention_dropout": 0.0, "rope_scaling": None, "torch_dtype": "float32",
-    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "use_cache": False,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "use_sliding_window": False,
+    "sliding_window": None,
+    "max_window_layers": 2,
+    "attention_dropout": 0.0,
+    "rope_scaling": None,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "use_cache": False,
 }
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -129,23 +185,44 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 def write_dream(path: Path) -> Path:
     # fact: Dream's config is Qwen2's with model_type "Dream", its own auto_map and mask_token_id;
     # its mask token is <|mask|>; its tokenizer_config names a remote DreamTokenizer class
-    cfg = {**QWEN_BASE, "model_type": "Dream", "architectures": ["DreamModel"], "tie_word_embeddings": False,
-           "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
-           "mask_token_id": 3}
+    cfg = {
+        **QWEN_BASE,
+        "model_type": "Dream",
+        "architectures": ["DreamModel"],
+        "tie_word_embeddings": False,
+        "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
+        "mask_token_id": 3,
+    }
     write_folder(path, cfg, qwen_tensors(cfg, qkv_bias=True, qk_norm=False))
-    write_tokenizer(path, [*QWEN_SPECIALS, "<|mask|>"], "<|im_end|>", "<|endoftext|>", mask="<|mask|>",
-                    tokenizer_class="DreamTokenizer",
-                    auto_map={"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]})
+    write_tokenizer(
+        path,
+        [*QWEN_SPECIALS, "<|mask|>"],
+        "<|im_end|>",
+        "<|endoftext|>",
+        mask="<|mask|>",
+        tokenizer_class="DreamTokenizer",
+        auto_map={"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
+    )
     return path
 
 
 def write_sdar(path: Path, mask_token: str = "<|MASK|>") -> Path:
     # fact: SDAR's config is Qwen3's plus block_size (model_type "sdar"); its mask token <|MASK|> is found
     # in the tokenizer, not in the config. Tied embeddings and a head_dim unlike hidden/heads exercise Qwen3.
-    cfg = {**QWEN_BASE, "model_type": "sdar", "architectures": ["SDARForCausalLM"], "tie_word_embeddings": True,
-           "auto_map": {"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
-                        "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
-           "head_dim": 16, "attention_bias": False, "block_size": 4}
+    cfg = {
+        **QWEN_BASE,
+        "model_type": "sdar",
+        "architectures": ["SDARForCausalLM"],
+        "tie_word_embeddings": True,
+        "auto_map": {
+            "AutoConfig": "configuration_sdar.SDARConfig",
+            "AutoModel": "modeling_sdar.SDARModel",
+            "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM",
+        },
+        "head_dim": 16,
+        "attention_bias": False,
+        "block_size": 4,
+    }
     write_folder(path, cfg, qwen_tensors(cfg, qkv_bias=False, qk_norm=True))
     write_tokenizer(path, [*QWEN_SPECIALS, mask_token], "<|im_end|>", "<|endoftext|>")
     return path
@@ -153,10 +230,17 @@ def write_sdar(path: Path, mask_token: str = "<|MASK|>") -> Path:
 
 def write_fast_dllm(path: Path) -> Path:
     # fact: Fast-dLLM v2's config is Qwen2's plus bd_size (model_type "Fast_dLLM_Qwen"); mask token |<MASK>|
-    cfg = {**QWEN_BASE, "model_type": "Fast_dLLM_Qwen", "architectures": ["Fast_dLLM_QwenForCausalLM"],
-           "auto_map": {"AutoConfig": "configuration.Fast_dLLM_QwenConfig",
-                        "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM"},
-           "tie_word_embeddings": False, "bd_size": 4}
+    cfg = {
+        **QWEN_BASE,
+        "model_type": "Fast_dLLM_Qwen",
+        "architectures": ["Fast_dLLM_QwenForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration.Fast_dLLM_QwenConfig",
+            "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM",
+        },
+        "tie_word_embeddings": False,
+        "bd_size": 4,
+    }
     write_folder(path, cfg, qwen_tensors(cfg, qkv_bias=True, qk_norm=False))
     write_tokenizer(path, [*QWEN_SPECIALS, "|<MASK>|"], "<|im_end|>", "<|endoftext|>")
     return path
@@ -212,7 +296,11 @@ def test_load_score_export_reload(family, checkpoints, tmp_path):
     mask_id, block_size, shifted, attention, prompt_attention, mode = EXPECTED[family]
     assert (adapter.family, adapter.mask_token_id, adapter.block_size) == (family, mask_id, block_size)
     assert (adapter.shifted, adapter.attention, adapter.prompt_attention, adapter.default_mode) == (
-        shifted, attention, prompt_attention, mode)
+        shifted,
+        attention,
+        prompt_attention,
+        mode,
+    )
     assert tokenizer.convert_ids_to_tokens(adapter.mask_token_id).lower().count("mask") == 1
 
     # a dTRPO estimate on the loaded model: finite, with a gradient
@@ -320,24 +408,37 @@ def test_shifted_families_read_each_target_at_the_right_column(family, checkpoin
         cols = [P + j - 1 if j % bs == 0 else P + R + j - 1 for j in range(R)]
     else:
         cols = [P + j - 1 for j in range(R)]
-    batch = Batch(torch.full((1, P), 20), torch.ones(1, P, dtype=torch.bool), torch.tensor([cols]),
-                  torch.ones(1, R, dtype=torch.bool))
+    batch = Batch(
+        torch.full((1, P), 20),
+        torch.ones(1, P, dtype=torch.bool),
+        torch.tensor([cols]),
+        torch.ones(1, R, dtype=torch.bool),
+    )
     noisy = torch.where(torch.rand(1, R) < 0.5, adapter.mask_token_id, batch.response_ids)
     logp, _ = position_logprobs(adapter, PositionRevealer(), batch, noisy, batch.response_valid, adapter.default_mode)
     assert (logp > -1e-6).all(), logp  # every target read exactly at its expected column
-    unshifted, _ = position_logprobs(replace(adapter, shifted=False), PositionRevealer(), batch, noisy,
-                                     batch.response_valid, adapter.default_mode)
+    unshifted, _ = position_logprobs(
+        replace(adapter, shifted=False), PositionRevealer(), batch, noisy, batch.response_valid, adapter.default_mode
+    )
     assert (unshifted < -30).all()  # and the unshifted reading would be wrong everywhere
 
 
 def test_documented_family_facts():
     # fact: documented mask tokens: LLaDA 126336, Dream/DiffuCoder 151666, SDAR/TraDo 151669, Fast-dLLM v2 151665
     ids = {name: (f.mask_token, f.mask_token_id) for name, f in FAMILIES.items()}
-    assert ids == {"llada": ("<|mdm_mask|>", 126336), "dream": ("<|mask|>", 151666),
-                   "sdar": ("<|MASK|>", 151669), "fast_dllm_v2": ("|<MASK>|", 151665)}
+    assert ids == {
+        "llada": ("<|mdm_mask|>", 126336),
+        "dream": ("<|mask|>", 151666),
+        "sdar": ("<|MASK|>", 151669),
+        "fast_dllm_v2": ("|<MASK>|", 151665),
+    }
     # fact: native classes: Llama for LLaDA, Qwen2 for Dream and Fast-dLLM v2, Qwen3 for SDAR/TraDo
-    assert {n: f.native for n, f in FAMILIES.items()} == {"llada": "llama", "dream": "qwen2", "sdar": "qwen3",
-                                                          "fast_dllm_v2": "qwen2"}
+    assert {n: f.native for n, f in FAMILIES.items()} == {
+        "llada": "llama",
+        "dream": "qwen2",
+        "sdar": "qwen3",
+        "fast_dllm_v2": "qwen2",
+    }
     # fact: model_type spellings; DiffuCoder ships Dream's format; hand-converted Fast-dLLM v2 keeps qwen2 + bd_size
     assert detect_family({"model_type": "llada"}) == "llada"
     assert detect_family({"model_type": "Dream"}) == "dream"
@@ -363,7 +464,11 @@ def test_lora_with_llada_names_reference_and_merge_export(checkpoints, tmp_path)
     # fact: PEFT target names differ for LLaDA (attn_out, ff_proj, ff_out); native names after loading
     model, tokenizer, adapter = load_model(checkpoints["llada"])
     assert lora_targets(model, adapter, ["attn_out", "ff_proj", "ff_out", "q_proj"]) == [
-        "down_proj", "gate_proj", "o_proj", "q_proj"]
+        "down_proj",
+        "gate_proj",
+        "o_proj",
+        "q_proj",
+    ]
     with pytest.raises(ValueError, match="'attn_norm' names no Linear"):
         lora_targets(model, adapter, ["attn_norm"])
     with pytest.raises(ValueError, match="'c_attn' names no Linear"):
@@ -463,16 +568,22 @@ def test_llada_option_without_llama_equivalent(tmp_path):
 def test_gpu_bf16_flex_attention_and_checkpointing(family, checkpoints):
     from torch.nn.attention.flex_attention import BlockMask
 
-    model, _, adapter = load_model(checkpoints[family], dtype=torch.bfloat16, attn_implementation="flex_attention",
-                                   gradient_checkpointing=True, device="cuda")
+    model, _, adapter = load_model(
+        checkpoints[family],
+        dtype=torch.bfloat16,
+        attn_implementation="flex_attention",
+        gradient_checkpointing=True,
+        device="cuda",
+    )
     assert model.dtype == torch.bfloat16 and model.is_activation_checkpointing
     model.train()
     adapter = adapter.with_block_size(8)
     batch = Batch(*(x.cuda() for x in vars(make_batch(8)).values()))
     from dtrpo.masking import packed_layout
 
-    layout = packed_layout(batch.prompt_ids, batch.prompt_valid, batch.response_ids, batch.response_valid,
-                           batch.response_ids, 8)
+    layout = packed_layout(
+        batch.prompt_ids, batch.prompt_valid, batch.response_ids, batch.response_valid, batch.response_ids, 8
+    )
     assert isinstance(adapter.attention_mask(model, layout), BlockMask)
     states = draw(adapter, batch, [1, 2], EstimatorConfig(steps_per_block=4))
     value, _ = score(adapter, model, batch, states)
@@ -490,9 +601,21 @@ PAIRS = [{"prompt": f"{i}+{i}=", "chosen": "a" * (3 + i % 4), "rejected": "zz" *
 def two_steps(model, tokenizer, adapter, tmp_path):
     from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
 
-    args = DTRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, learning_rate=1e-2,
-                       max_steps=2, use_cpu=True, bf16=False, seed=0, save_strategy="no", disable_tqdm=True,
-                       report_to=[], steps_per_block=2, block_size=4, max_response_length=8)
+    args = DTRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        max_steps=2,
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        report_to=[],
+        steps_per_block=2,
+        block_size=4,
+        max_response_length=8,
+    )
     trainer = DTRPOTrainer(model=model, args=args, adapter=adapter, processing_class=tokenizer, train_dataset=PAIRS)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -515,3 +638,25 @@ def test_two_lora_training_steps_leave_the_base_alone(checkpoints, tmp_path):
     two_steps(peft, tokenizer, adapter, tmp_path)
     changed = {k for k, v in peft.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all("lora_" in k for k in changed)
+
+
+@pytest.mark.parametrize("family", list(WRITERS))
+def test_generate_with_each_familys_own_attention(family, checkpoints):
+    """Block-causal families decode with the KV cache exactly as without it; full-attention families
+    decode over a fixed canvas. Every family fills its generation length with real tokens."""
+    from dtrpo.sampler import generate
+
+    model, tokenizer, adapter = load_model(checkpoints[family])
+    prompts = [
+        tokenizer("ab", add_special_tokens=False)["input_ids"],
+        tokenizer("abcde", add_special_tokens=False)["input_ids"],
+    ]
+    bs = adapter.block_size
+    out = generate(adapter, model, prompts, gen_length=2 * bs, steps_per_block=bs, use_cache=True)
+    assert out.blocks == 2 and all(adapter.mask_token_id not in seq for seq in out.sequences)
+    again = generate(adapter, model, prompts, gen_length=2 * bs, steps_per_block=bs, use_cache=False)
+    assert again.sequences == out.sequences
+    if adapter.block_causal:
+        assert out.nfe == 1 + 2 * bs + 1  # prefill, steps, one cache commit between the blocks
+    else:
+        assert out.nfe == 2 * bs  # one full-canvas pass per step, no cache
