@@ -140,3 +140,29 @@ def estimator_statistics(args: BenchArgs) -> dict:
     exact = ratios(full, mode="exact")
     modes = {m: summary(ratios(full, mode=m), exact) for m in ("exact", "packed", "remasked")}
     return {"block_causal": rows, "full_attention_modes": modes}
+
+
+@torch.no_grad()
+def sampler_throughput(args: BenchArgs) -> dict:
+    """Tokens per second and NFE of block sampling with and without the KV cache, side by side."""
+    from dtrpo.sampler import generate
+
+    tok = make_char_tokenizer()
+    model = make_tiny_model(tok, args.block_size, args.hidden_size, args.num_layers, seed=0)
+    adapter = adapter_from_config(model.config, tok)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(4, 99, (args.prompt_length,), generator=g).tolist() for _ in range(2 * args.pairs)]
+    rows = {}
+    for rep in range(args.repeats + 1):
+        for cache in (True, False):
+            out = generate(adapter, model, prompts, args.response_length, args.steps_per_block, use_cache=cache)
+            if rep:  # the first round warms up
+                rows.setdefault(cache, []).append((out.tokens_per_second, out.nfe))
+    return {
+        ("kv_cache" if cache else "recompute"): {
+            "tokens_per_second": statistics.median(t for t, _ in r),
+            "nfe": r[0][1],
+            "prompts": len(prompts),
+        }
+        for cache, r in rows.items()
+    }

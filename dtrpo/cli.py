@@ -366,11 +366,12 @@ def demo_main(argv: list[str]) -> None:
 
 @command("bench", "time a training step of each estimator side by side; writes JSON")
 def bench_main(argv: list[str]) -> None:
-    from dtrpo.bench import BenchArgs, estimator_costs, estimator_statistics
+    from dtrpo.bench import BenchArgs, estimator_costs, estimator_statistics, sampler_throughput
 
     (args,) = parse([BenchArgs], argv, "dtrpo bench", COMMANDS["bench"][1])
     report = estimator_costs(args)
     report["statistics"] = estimator_statistics(args)
+    report["sampler"] = sampler_throughput(args)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
     for name, row in report["estimators"].items():
@@ -386,6 +387,8 @@ def bench_main(argv: list[str]) -> None:
             print(
                 f"  {name:<26} mean {r['mean']:9.4f}  std {r['std']:8.4f}  bias {r['bias']:+8.4f} +- {r['bias_se']:.4f}"
             )
+    for name, r in report["sampler"].items():
+        print(f"sampler {name:<10} {r['tokens_per_second']:8.0f} tokens/s  NFE {r['nfe']}  ({r['prompts']} prompts)")
     print(f"wrote {args.output}")
 
 

@@ -133,9 +133,28 @@ def test_lora_train_then_export(sft_model, capsys):
     tmp = sft_model
     rows = [{"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a + 2)} for a in range(8)]
     (tmp / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cli("train", "--model", tmp / "sft", "--data", tmp / "p.jsonl", "--output", tmp / "lora", "--lora_r", 4,
-        "--max_steps", 2, "--per_device_train_batch_size", 4, "--use_cpu", "true", "--disable_tqdm", "true",
-        "--learning_rate", 1e-2, capsys=capsys)
+    cli(
+        "train",
+        "--model",
+        tmp / "sft",
+        "--data",
+        tmp / "p.jsonl",
+        "--output",
+        tmp / "lora",
+        "--lora_r",
+        4,
+        "--max_steps",
+        2,
+        "--per_device_train_batch_size",
+        4,
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+        "--learning_rate",
+        1e-2,
+        capsys=capsys,
+    )
     base, _, _ = load_model(tmp / "sft")
     merged, _, adapter = load_model(tmp / "lora")  # the merged model, loadable like any checkpoint
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, base.state_dict()[n])]

@@ -222,3 +222,18 @@ def test_every_estimator_shares_draws_and_counts_passes(tiny, tokenizer):
             value, n = score(adapter, policy, batch, a)
         assert n == passes, name
         assert torch.isfinite(value).all()
+
+
+def test_confidence_order_reveals_the_references_most_confident_token_first(tiny, tokenizer):
+    policy, ref, adapter = tiny
+    batch, prompts, responses = make_batch(tokenizer)
+    cfg = EstimatorConfig(steps_per_block=BS, reveal_order="confidence")
+    with torch.no_grad():
+        (state,) = draw_dtrpo(adapter, batch, [1, 2, 3], cfg, ref_model=ref, t_fixed=BS)  # the first step
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            for b in range(len(r) // BS):
+                masked_block = r[: b * BS] + [adapter.mask_token_id] * BS
+                logp = F.log_softmax(state_logits(ref, p, masked_block, BS), -1)
+                conf = [logp[len(p) + b * BS + k, r[b * BS + k]].item() for k in range(BS)]
+                newly = state.weights[i, b * BS : (b + 1) * BS].nonzero().flatten().tolist()
+                assert newly == [max(range(BS), key=lambda k: conf[k])]

@@ -242,3 +242,20 @@ def test_precomputed_reference_gives_the_same_first_epoch(tmp_path, tokenizer):
     for x, y in zip(a, b, strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["rewards/margins"] - y["rewards/margins"]) < 1e-5
         assert x["estimator/forward_passes_per_pair"] == 4 and y["estimator/forward_passes_per_pair"] == 2
+
+
+def test_evaluate_reports_eval_loss_and_rewards(tmp_path, tokenizer):
+    from dtrpo.models import adapter_from_config
+
+    model = make_tiny_model(tokenizer, block_size=4)
+    trainer = DTRPOTrainer(
+        model=model,
+        args=make_args(tmp_path, per_device_eval_batch_size=4),
+        adapter=adapter_from_config(model.config, tokenizer),
+        processing_class=tokenizer,
+        train_dataset=PAIRS,
+        eval_dataset=PAIRS[:4],
+    )
+    metrics = trainer.evaluate()
+    assert abs(metrics["eval_loss"] - 0.693147) < 1e-4  # policy == reference: every log-ratio is 0
+    assert metrics["eval_rewards/margins"] == 0 and "eval_estimator/targets_per_seq" in metrics
