@@ -9,7 +9,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     .venv/bin/pip install -q "torch>=2.5,<2.15"
   else
-    .venv/bin/pip install -q torch==2.13.0 || .venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    # 2.13.0 is the CPU build kept on this project's machines; elsewhere pip picks a build for the platform
+    .venv/bin/pip install -q torch==2.13.0 || .venv/bin/pip install -q "torch>=2.5,<2.15"
   fi
 fi
 .venv/bin/pip install -q -e ".[dev]"
