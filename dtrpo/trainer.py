@@ -105,10 +105,10 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
             raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.steps_per_block is not None and self.steps_per_block <= 0:
             raise ValueError(f"--steps_per_block must be positive, got {self.steps_per_block}")
-        try:
-            self.estimator_config(block_size=self.steps_per_block or 1)
-        except ValueError as err:
-            raise ValueError(f"invalid dTRPO option: {err}") from None
+        if self.block_size is not None:  # otherwise T_B is checked against the model's block size at trainer start
+            self.estimator_config(self.block_size)
+        else:  # the options that do not depend on the block size
+            self.estimator_config(self.steps_per_block or 1)
         super().__post_init__()
 
     def estimator_config(self, block_size: int) -> EstimatorConfig:
