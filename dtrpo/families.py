@@ -58,8 +58,11 @@ from transformers import (
 from dtrpo.models import ModelAdapter, adapter_from_config, load_tokenizer, read_config_json
 
 FULL_ATTENTION_BLOCK_SIZE = 32
-NATIVE_CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                  "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+NATIVE_CLASSES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
 META_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
 
 
@@ -104,49 +107,125 @@ LLADA_NAMES = (
 
 FAMILIES = {
     "llada": Family(
-        "llada", "llada", "llama", ("LLaDAModelLM",),
-        {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
-         "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
-        "<|mdm_mask|>", 126336, True, False, "full", "full", None, LLADA_NAMES,
+        "llada",
+        "llada",
+        "llama",
+        ("LLaDAModelLM",),
+        {
+            "AutoConfig": "configuration_llada.LLaDAConfig",
+            "AutoModel": "modeling_llada.LLaDAModelLM",
+            "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+        },
+        "<|mdm_mask|>",
+        126336,
+        True,
+        False,
+        "full",
+        "full",
+        None,
+        LLADA_NAMES,
     ),
     "dream": Family(
-        "dream", "Dream", "qwen2", ("DreamModel",),
+        "dream",
+        "Dream",
+        "qwen2",
+        ("DreamModel",),
         {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
-        "<|mask|>", 151666, True, True, "full", "full", None,
+        "<|mask|>",
+        151666,
+        True,
+        True,
+        "full",
+        "full",
+        None,
     ),
     "sdar": Family(
-        "sdar", "sdar", "qwen3", ("SDARForCausalLM",),
-        {"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
-         "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
-        "<|MASK|>", 151669, False, False, "block_causal", "causal", "block_size",
+        "sdar",
+        "sdar",
+        "qwen3",
+        ("SDARForCausalLM",),
+        {
+            "AutoConfig": "configuration_sdar.SDARConfig",
+            "AutoModel": "modeling_sdar.SDARModel",
+            "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM",
+        },
+        "<|MASK|>",
+        151669,
+        False,
+        False,
+        "block_causal",
+        "causal",
+        "block_size",
     ),
     "fast_dllm_v2": Family(
-        "fast_dllm_v2", "Fast_dLLM_Qwen", "qwen2", ("Fast_dLLM_QwenForCausalLM",),
-        {"AutoConfig": "configuration.Fast_dLLM_QwenConfig", "AutoModel": "modeling.Fast_dLLM_QwenModel",
-         "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM"},
-        "|<MASK>|", 151665, False, True, "block_causal", "causal", "bd_size",
+        "fast_dllm_v2",
+        "Fast_dLLM_Qwen",
+        "qwen2",
+        ("Fast_dLLM_QwenForCausalLM",),
+        {
+            "AutoConfig": "configuration.Fast_dLLM_QwenConfig",
+            "AutoModel": "modeling.Fast_dLLM_QwenModel",
+            "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM",
+        },
+        "|<MASK>|",
+        151665,
+        False,
+        True,
+        "block_causal",
+        "causal",
+        "bd_size",
     ),
 }
 
 # LLaDA's OLMo-style config keys and the Llama keys they become (one table, read both ways)
 LLADA_KEYS = {
-    "d_model": "hidden_size", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
-    "n_layers": "num_hidden_layers", "mlp_hidden_size": "intermediate_size", "embedding_size": "vocab_size",
-    "max_sequence_length": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps",
-    "weight_tying": "tie_word_embeddings", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
+    "d_model": "hidden_size",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "n_layers": "num_hidden_layers",
+    "mlp_hidden_size": "intermediate_size",
+    "embedding_size": "vocab_size",
+    "max_sequence_length": "max_position_embeddings",
+    "rms_norm_eps": "rms_norm_eps",
+    "weight_tying": "tie_word_embeddings",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
     "bos_token_id": "bos_token_id",
 }
 # options of LLaDA's code that a Llama does not have: (key, value the Llama equivalence needs)
 LLADA_REQUIRED = (
-    ("block_type", "llama"), ("activation_type", "silu"), ("layer_norm_type", "rms"), ("include_bias", False),
-    ("include_qkv_bias", False), ("attention_layer_norm", False), ("alibi", False), ("rope", True),
-    ("scale_logits", False), ("input_emb_norm", False), ("clip_qkv", None), ("layer_norm_with_affine", True),
+    ("block_type", "llama"),
+    ("activation_type", "silu"),
+    ("layer_norm_type", "rms"),
+    ("include_bias", False),
+    ("include_qkv_bias", False),
+    ("attention_layer_norm", False),
+    ("alibi", False),
+    ("rope", True),
+    ("scale_logits", False),
+    ("input_emb_norm", False),
+    ("clip_qkv", None),
+    ("layer_norm_with_affine", True),
     ("multi_query_attention", None),
 )
-QWEN_CORE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings")
-QWEN_OPTIONAL_KEYS = ("head_dim", "max_position_embeddings", "attention_bias", "bos_token_id", "eos_token_id",
-                      "pad_token_id")
+QWEN_CORE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+)
+QWEN_OPTIONAL_KEYS = (
+    "head_dim",
+    "max_position_embeddings",
+    "attention_bias",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 # ----------------------------------------------------------------------------- detection
@@ -212,8 +291,13 @@ def native_config(config: dict, family: Family, attn_implementation: str = "sdpa
     kw.setdefault("tie_word_embeddings", False)
     kw.setdefault("bos_token_id", None)
     return cls(
-        **kw, rope_theta=config.get("rope_theta", 10000.0), hidden_act="silu", attention_bias=False, mlp_bias=False,
-        head_dim=config["d_model"] // config["n_heads"], attn_implementation=attn_implementation,
+        **kw,
+        rope_theta=config.get("rope_theta", 10000.0),
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        head_dim=config["d_model"] // config["n_heads"],
+        attn_implementation=attn_implementation,
     )
 
 
@@ -221,13 +305,24 @@ def family_config(model_config, family: Family, adapter: ModelAdapter) -> dict:
     """config.json in the family's own format: the source config.json (kept on the model config at load
     time) with its structural keys updated from the native config."""
     source = getattr(model_config, "dtrpo_source_config", None)
-    out = dict(source or {"model_type": family.model_type, "architectures": list(family.architectures),
-                          "auto_map": dict(family.auto_map)})
+    out = dict(
+        source
+        or {
+            "model_type": family.model_type,
+            "architectures": list(family.architectures),
+            "auto_map": dict(family.auto_map),
+        }
+    )
     rope_theta = (getattr(model_config, "rope_parameters", None) or {}).get("rope_theta")
     if family.name == "llada":
         for key, native in LLADA_KEYS.items():
-            if key in out or native in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
-                                          "tie_word_embeddings"):
+            if key in out or native in (
+                "hidden_size",
+                "num_attention_heads",
+                "num_hidden_layers",
+                "vocab_size",
+                "tie_word_embeddings",
+            ):
                 out[key] = getattr(model_config, native)
         out["n_kv_heads"] = model_config.num_key_value_heads
         out["mlp_hidden_size"] = model_config.intermediate_size
