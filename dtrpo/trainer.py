@@ -169,6 +169,9 @@ class DiffusionTrainer(Trainer):
         self.adapter = adapter.with_block_size(args.block_size)
         self._stored = defaultdict(lambda: defaultdict(list))
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
+        # compute_loss returns a per-batch mean, not a sum over num_items_in_batch: let the Trainer divide
+        # it by the gradient-accumulation steps whatever the model's forward accepts
+        self.model_accepts_loss_kwargs = False
 
     def store_metrics(self, metrics: dict[str, torch.Tensor], split: str = "train") -> None:
         for key, value in metrics.items():

@@ -259,3 +259,20 @@ def test_evaluate_reports_eval_loss_and_rewards(tmp_path, tokenizer):
     metrics = trainer.evaluate()
     assert abs(metrics["eval_loss"] - 0.693147) < 1e-4  # policy == reference: every log-ratio is 0
     assert metrics["eval_rewards/margins"] == 0 and "eval_estimator/targets_per_seq" in metrics
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path, tokenizer):
+    """SGD without clipping (so that a loss-scale error would show): 2 x 2 accumulated == one batch of 4."""
+    init = make_tiny_model(tokenizer, block_size=4)
+    common = dict(max_steps=1, optim="sgd", max_grad_norm=0.0, learning_rate=0.5, warmup_steps=0)
+    big = train(copy.deepcopy(init), tokenizer, make_args(tmp_path / "a", per_device_train_batch_size=4, **common))
+    acc = train(
+        copy.deepcopy(init),
+        tokenizer,
+        make_args(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common),
+    )
+    moved = 0.0
+    for (name, p), q, p0 in zip(big.model.named_parameters(), acc.model.parameters(), init.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+        moved = max(moved, (p - p0).abs().max().item())
+    assert moved > 1e-3  # the step did something
