@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 
 from dtrpo.estimators import Batch, position_logprobs
 from dtrpo.masking import example_seed
-from dtrpo.trainer import DiffusionArguments, DiffusionTrainer, tokenized
+from dtrpo.trainer import DiffusionArguments, DiffusionTrainer, pad_id, tokenized
 
 OBJECTIVES = ("masked", "block")
 MIN_LEVEL = 1e-3  # t is drawn in [MIN_LEVEL, 1] so that 1/t stays bounded
@@ -75,7 +75,7 @@ class DiffusionSFTTrainer(DiffusionTrainer):
         block_size = args.block_size or adapter.block_size
         self.objective = args.objective or ("block" if adapter.block_causal else "masked")
 
-        collator = kwargs.pop("data_collator", None) or SFTCollator(processing_class.pad_token_id, block_size)
+        collator = kwargs.pop("data_collator", None) or SFTCollator(pad_id(processing_class), block_size)
         super().__init__(
             model,
             args,

@@ -157,6 +157,14 @@ class WithReference:
         return out
 
 
+def pad_id(tokenizer) -> int:
+    """The id that fills padding. It is never attended nor read, so EOS serves for tokenizers without a pad token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token")
+    return pad
+
+
 def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -224,7 +232,7 @@ class DTRPOTrainer(DiffusionTrainer):
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
 
-        collator = kwargs.pop("data_collator", None) or PreferenceCollator(processing_class.pad_token_id, block_size)
+        collator = kwargs.pop("data_collator", None) or PreferenceCollator(pad_id(processing_class), block_size)
         super().__init__(
             model,
             args,

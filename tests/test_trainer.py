@@ -276,3 +276,21 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path, tokenizer):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
         moved = max(moved, (p - p0).abs().max().item())
     assert moved > 1e-3  # the step did something
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, tokenizer):
+    from dtrpo.models import adapter_from_config
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = None
+    model = make_tiny_model(tokenizer, block_size=4)
+    trainer = DTRPOTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=1),
+        processing_class=tok,
+        adapter=adapter_from_config(model.config, tokenizer),
+        train_dataset=PAIRS,
+    )
+    assert trainer.data_collator.pad_token_id == tok.eos_token_id
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
