@@ -162,12 +162,18 @@ def train_main(argv: list[str]) -> None:
     require(script, "model", "data")
     require(config, "output_dir")
     model, tokenizer, adapter = script.load()
-    if script.lora_r:
-        from dtrpo.lora import apply_lora
+    save = None
+    if script.lora_r:  # the adapters stay in the checkpoints; the output folder gets the merged model
+        from dtrpo.families import export_checkpoint
+        from dtrpo.lora import apply_lora, merge_lora
 
         model = apply_lora(
             model, adapter, script.lora_r, script.lora_alpha, script.lora_target_modules, script.lora_dropout
         )
+
+        def save(t):
+            export_checkpoint(merge_lora(t.model), tokenizer, adapter, config.output_dir, format="native")
+
     trainer = DTRPOTrainer(
         model=model,
         args=config,
@@ -176,14 +182,6 @@ def train_main(argv: list[str]) -> None:
         train_dataset=script.data,
         eval_dataset=script.eval_data,
     )
-    save = None
-    if script.lora_r:  # the adapters stay in the checkpoints; the output folder gets the merged model
-        from dtrpo.families import export_checkpoint
-        from dtrpo.lora import merge_lora
-
-        def save(t):
-            export_checkpoint(merge_lora(t.model), tokenizer, adapter, config.output_dir, format="native")
-
     run_training(trainer, config, save)
 
 

@@ -266,11 +266,6 @@ def preference_texts(
     return None if texts[1] == texts[2] else texts
 
 
-def sft_texts(row: dict, tokenizer: PreTrainedTokenizerBase, source: str = MEMORY, index: int = 0) -> tuple[str, str]:
-    """(prompt, response) texts of an SFT row: prompt + completion (or response), or messages."""
-    return _sft_row(row, tokenizer, f"{source}: row {index}")[:2]
-
-
 def _sft_row(row: dict, tokenizer: PreTrainedTokenizerBase, where: str) -> tuple[str, str, str]:
     """(prompt, response, the field that held the response)."""
     messages = row.get("messages") if isinstance(row, dict) else None
@@ -371,23 +366,6 @@ def _fit_preference(p, c, r, eos: int, limits: _Limits, where: str) -> dict[str,
         "prompt_truncated": prompt_cut,
         "responses_truncated": int(chosen_cut) + int(rejected_cut),
     }
-
-
-def tokenize_sft(
-    prompt: str,
-    response: str,
-    tokenizer: PreTrainedTokenizerBase,
-    block_size: int,
-    max_prompt_length: int | None = None,
-    max_response_length: int | None = None,
-    truncation: str = "truncate",
-    source: str = MEMORY,
-    index: int = 0,
-) -> dict[str, Any]:
-    """Token ids of one SFT example: `prompt_ids`, `response_ids`, `prompt_truncated`, `response_truncated`."""
-    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation)
-    p, r = _encode(tokenizer, [prompt, response])
-    return _fit_sft(p, r, _eos(tokenizer), limits, f"{source}: row {index}", "response")
 
 
 def _fit_sft(p, r, eos: int, limits: _Limits, where: str, field: str) -> dict[str, Any]:

@@ -160,7 +160,6 @@ class BlockStates:
     noisy_ids: torch.Tensor  # (B, R) the response with [MASK] at newly-unmasked and still-masked positions
     weights: torch.Tensor  # (B, R) float: weight of each position's log-prob in the estimate (0 = not read)
     newly: torch.Tensor  # (B, R) bool: newly unmasked positions (I_t)
-    t: torch.Tensor  # (B, NB) sampled step per block, in 1..T_B (T_B = first step)
 
 
 def uniform_step_size(block_size: int, steps: int) -> int:
@@ -228,4 +227,4 @@ def draw_block_states(
     masked, newly, w = (x.reshape(B, R).to(dev) for x in (masked, newly, w))
     w = w * response_valid
     noisy = torch.where(masked, torch.full_like(response_ids, mask_token_id), response_ids)
-    return BlockStates(noisy_ids=noisy, weights=w, newly=newly & response_valid, t=t.to(dev))
+    return BlockStates(noisy_ids=noisy, weights=w, newly=newly & response_valid)
