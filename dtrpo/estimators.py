@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dtrpo.masking import draw_block_states, packed_layout, single_layout
+from dtrpo.masking import draw_block_states, packed_layout, response_blocks, single_layout
 from dtrpo.models import MODES, ModelAdapter
 
 
@@ -72,19 +72,13 @@ def position_logprobs(
     """log mu(y_j | state) at the `read` positions (zeros elsewhere), (B, R), and the forward passes used."""
     if mode == "exact":
         return _exact_logprobs(adapter, model, batch, noisy_ids, read)
+    grid = (adapter.block_size, adapter.absolute_grid)
     if mode == "packed":
         layout = packed_layout(
-            batch.prompt_ids,
-            batch.prompt_valid,
-            batch.response_ids,
-            batch.response_valid,
-            noisy_ids,
-            adapter.block_size,
+            batch.prompt_ids, batch.prompt_valid, batch.response_ids, batch.response_valid, noisy_ids, *grid
         )
     elif mode == "remasked":
-        layout = single_layout(
-            batch.prompt_ids, batch.prompt_valid, noisy_ids, batch.response_valid, adapter.block_size
-        )
+        layout = single_layout(batch.prompt_ids, batch.prompt_valid, noisy_ids, batch.response_valid, *grid)
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return _layout_logprobs(adapter, model, layout, batch.response_ids, read), 1
@@ -93,7 +87,7 @@ def position_logprobs(
 def _layout_logprobs(adapter, model, layout, targets, read) -> torch.Tensor:
     """Gather hidden states at the read columns only, then project and take log-softmax there."""
     B, S = layout.input_ids.shape
-    cols = layout.read_columns(adapter.shifted, adapter.block_size).expand(B, -1)  # (B, R)
+    cols = layout.read_columns(adapter.shifted)  # (B, R)
     keep = torch.zeros(B, S, dtype=torch.bool, device=read.device).scatter_(1, cols, read)
     token_at = torch.zeros(B, S, dtype=torch.long, device=read.device).scatter_(1, cols, targets)
     # each response position j owns one distinct column, so reading back by column is a bijection
@@ -110,23 +104,30 @@ def _layout_logprobs(adapter, model, layout, targets, read) -> torch.Tensor:
 
 def _exact_logprobs(adapter, model, batch, noisy_ids, read) -> tuple[torch.Tensor, int]:
     """One forward per block state with the model's inference attention: clean blocks before b, the
-    state of block b, and [MASK] after it (cut off for block-causal models, which never attend it)."""
+    state of block b, and [MASK] after it (cut off for block-causal models, which never attend it).
+    Blocks follow the adapter's grid, so on the absolute grid block 0 holds the prompt tail too."""
     bs = adapter.block_size
     B, R = batch.response_ids.shape
-    out = torch.zeros(B, R, device=batch.response_ids.device)
-    block = torch.arange(R, device=read.device) // bs
+    dev = batch.response_ids.device
+    out = torch.zeros(B, R, device=dev)
+    tail = adapter.tail(batch.prompt_valid)
+    block, _ = response_blocks(tail, R, bs)  # (B, R)
     passes = 0
-    for b in range(R // bs):
+    for b in range(int(block.max()) + 1 if R else 0):
         read_b = read & (block == b)
         if not read_b.any():
             continue
         state = torch.where(block < b, batch.response_ids, torch.where(block == b, noisy_ids, adapter.mask_token_id))
-        width = (b + 1) * bs if adapter.block_causal else R
-        sub = Batch(
-            batch.prompt_ids, batch.prompt_valid, batch.response_ids[:, :width], batch.response_valid[:, :width]
+        width = min(R, (b + 1) * bs - int(tail.min())) if adapter.block_causal else R
+        layout = single_layout(
+            batch.prompt_ids,
+            batch.prompt_valid,
+            state[:, :width],
+            batch.response_valid[:, :width],
+            bs,
+            adapter.absolute_grid,
         )
-        layout = single_layout(sub.prompt_ids, sub.prompt_valid, state[:, :width], sub.response_valid, bs)
-        logp = _layout_logprobs(adapter, model, layout, sub.response_ids, read_b[:, :width])
+        logp = _layout_logprobs(adapter, model, layout, batch.response_ids[:, :width], read_b[:, :width])
         out = out + torch.nn.functional.pad(logp, (0, R - width))
         passes += 1
     return out, passes
@@ -150,7 +151,8 @@ def _mode(cfg: EstimatorConfig, adapter: ModelAdapter) -> str:
 
 
 def _block_states(adapter, batch, seeds, cfg, confidence=None, t_fixed=None, targets=None, scale=None):
-    """`draw_block_states` with the configured options; `targets` and `scale` override them."""
+    """`draw_block_states` with the configured options on the adapter's grid; `targets` and `scale`
+    override them (scale None: unbiased, T_b per block)."""
     return draw_block_states(
         batch.response_ids,
         batch.response_valid,
@@ -160,9 +162,10 @@ def _block_states(adapter, batch, seeds, cfg, confidence=None, t_fixed=None, tar
         cfg.steps_per_block,
         cfg.reveal_order,
         targets or cfg.targets,
-        scale=scale if scale is not None else (cfg.steps_per_block if cfg.scale == "unbiased" else 1),
+        scale=scale if scale is not None else (None if cfg.scale == "unbiased" else 1),
         confidence=confidence,
         t_fixed=t_fixed,
+        tail=adapter.tail(batch.prompt_valid),
     )
 
 
@@ -197,11 +200,12 @@ def draw_vrpo(adapter, batch, seeds, cfg, ref_model=None) -> list[State]:
     masked log-probs weighted 1/t, averaged over the n copies."""
     n = cfg.vrpo_samples
     B, R = batch.response_ids.shape
-    levels, coins = torch.empty(B, n), torch.empty(B, n, R)
-    for i, seed in enumerate(seeds):
+    levels, coins = torch.empty(B, n), torch.ones(B, n, R)
+    lengths = batch.response_valid.sum(-1).tolist()
+    for i, seed in enumerate(seeds):  # coins for the example's own tokens only: independent of its batch mates
         g = torch.Generator().manual_seed(int(seed))
         levels[i] = (torch.arange(n) + torch.rand(n, generator=g)) / n
-        coins[i] = torch.rand(n, R, generator=g)
+        coins[i, :, : lengths[i]] = torch.rand(n, lengths[i], generator=g)
     levels = levels.clamp(min=1e-3)
     dev = batch.response_ids.device
     states = []

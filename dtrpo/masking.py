@@ -1,9 +1,18 @@
 """Re-masking (method.md section 3) and block attention layouts (section 4).
 
 Sequences are laid out with the prompt left-padded to a common width P and the response
-right-padded to a common width R (a multiple of the block size). Every position carries a
-descriptor: `kind` (prompt, clean or noisy), `block` (-1 in the prompt) and `valid`. The attention
-rule is one pure function of two descriptors, used for the dense SDPA mask and for flex attention.
+right-padded to a common width R. Every position carries a descriptor: `kind` (prompt, clean or
+noisy), `block` and `valid`. The attention rule is one pure function of two descriptors, used for
+the dense SDPA mask and for flex attention.
+
+Two block grids (where blocks start):
+- response grid (`absolute=False`; the tiny model, LLaDA, Dream): the response's blocks start at its
+  first token; the prompt is its own region (`kind` PROMPT, `block` -1) that attends only itself.
+- absolute grid (`absolute=True`; SDAR/TraDo, Fast-dLLM v2): blocks are counted from position 0 of
+  the whole sequence, prompt included. The prompt is made of clean blocks (`block = position // B`),
+  so it attends block-causally, and its last `P % B` tokens (the *tail*) share the first response
+  block: that block holds only `B - P % B` response tokens, and the tail attends the block's state
+  as the family's sampler does. The packed layout then carries a noisy copy of the tail too.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ def allowed(q_kind, q_block, q_idx, k_kind, k_block, k_idx, prompt_causal: bool,
       - prompt queries see the prompt (causally when `prompt_causal`), nothing of the response;
       - a clean block C_b sees the prompt and clean blocks b' <= b;
       - a noisy block N_b sees the prompt, clean blocks b' < b and itself (noisy b' = b).
+    On the absolute grid the prompt is clean blocks, so the second and third parts cover it.
     `full=True` is a full-attention model: every position sees every (valid) position.
     """
     if full:
@@ -37,6 +47,12 @@ def allowed(q_kind, q_block, q_idx, k_kind, k_block, k_idx, prompt_causal: bool,
     return key_prompt | key_clean | key_noisy
 
 
+def tail_lengths(prompt_valid: torch.Tensor, block_size: int, absolute: bool) -> torch.Tensor:
+    """(B,) prompt tokens that share the first response block: `P % B` on the absolute grid, else 0."""
+    n = prompt_valid.long().sum(-1)
+    return n % block_size if absolute else torch.zeros_like(n)
+
+
 @dataclass
 class Layout:
     """A batch of sequences ready for one forward pass, with their position descriptors."""
@@ -44,11 +60,13 @@ class Layout:
     input_ids: torch.Tensor  # (B, S)
     position_ids: torch.Tensor  # (B, S)
     kind: torch.Tensor  # (B, S) PROMPT / CLEAN / NOISY
-    block: torch.Tensor  # (B, S) block index, -1 in the prompt
+    block: torch.Tensor  # (B, S) block index, -1 in a response-grid prompt
     valid: torch.Tensor  # (B, S) bool
     clean_start: int  # column of response token 0 in the clean copy
     noisy_start: int  # column of response token 0 in the noisy copy (== clean_start for one copy)
     response_len: int  # R
+    block_size: int
+    tail: torch.Tensor  # (B,) prompt tokens in the first response block (tail_lengths)
 
     def dense_mask(self, prompt_causal: bool, full: bool) -> torch.Tensor:
         """(B, 1, S, S) bool mask for SDPA, True = may attend. Padded keys are never attended; a row
@@ -82,18 +100,21 @@ class Layout:
         B, S = self.input_ids.shape
         return create_block_mask(mask_mod, B, None, S, S, device=self.input_ids.device)
 
-    def read_columns(self, shifted: bool, block_size: int) -> torch.Tensor:
-        """(R,) column whose logits predict response token j.
+    def read_columns(self, shifted: bool) -> torch.Tensor:
+        """(B, R) column whose logits predict response token j.
 
         Unshifted: the noisy copy of j. Shifted (position i-1 predicts token i): the noisy copy of j-1,
         except the first token of a block, read at the last position of the previous *clean* block
-        (the last prompt position for j = 0). With one copy (clean_start == noisy_start) this is j-1.
+        (the last prompt position for j = 0 when the response starts a block). On the absolute grid a
+        response whose first block holds a prompt tail reads its token 0 at the noisy copy of the tail's
+        last token (the column just before the noisy response). With one copy this is j-1 throughout.
         """
-        j = torch.arange(self.response_len, device=self.input_ids.device)
+        j = torch.arange(self.response_len, device=self.input_ids.device)[None]  # (1, R)
+        noisy = (self.noisy_start + j).expand(self.tail.shape[0], -1)
         if not shifted:
-            return self.noisy_start + j
-        first = (j % block_size) == 0
-        return torch.where(first, self.clean_start + j - 1, self.noisy_start + j - 1)
+            return noisy
+        first = (self.tail[:, None] + j) % self.block_size == 0  # (B, R) block-first tokens
+        return torch.where(first, self.clean_start + j - 1, noisy - 1)
 
 
 def prompt_positions(prompt_valid: torch.Tensor) -> torch.Tensor:
@@ -101,49 +122,78 @@ def prompt_positions(prompt_valid: torch.Tensor) -> torch.Tensor:
     return (prompt_valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _response_descriptors(prompt_valid, response_valid, block_size, kind_value):
-    B, R = response_valid.shape
-    dev = response_valid.device
-    start = prompt_valid.long().sum(-1, keepdim=True)  # (B, 1)
-    pos = start + torch.arange(R, device=dev)[None]  # (B, R)
-    block = (torch.arange(R, device=dev) // block_size)[None].expand(B, R)
-    kind = torch.full((B, R), kind_value, dtype=torch.long, device=dev)
-    return pos, block, kind
+def _prompt_descriptors(prompt_valid, block_size, absolute):
+    """(position, kind, block) of the prompt columns."""
+    pos = prompt_positions(prompt_valid)
+    if absolute:
+        return pos, torch.full_like(pos, CLEAN), pos // block_size
+    return pos, torch.full_like(pos, PROMPT), torch.full_like(pos, -1)
 
 
-def packed_layout(prompt_ids, prompt_valid, response_ids, response_valid, noisy_ids, block_size) -> Layout:
-    """`[x | y_clean | y_noisy]`: every block's state evaluated in one pass. The noisy copy reuses the
-    position ids of the clean copy."""
+def _response_descriptors(prompt_valid, R, block_size, absolute):
+    """(position, block) of R response columns: positions continue the prompt's; blocks follow the grid."""
+    dev = prompt_valid.device
+    pos = prompt_valid.long().sum(-1, keepdim=True) + torch.arange(R, device=dev)[None]  # (B, R)
+    block = pos // block_size if absolute else (torch.arange(R, device=dev) // block_size)[None].expand_as(pos)
+    return pos, block
+
+
+def packed_layout(
+    prompt_ids, prompt_valid, response_ids, response_valid, noisy_ids, block_size, absolute: bool = False
+) -> Layout:
+    """`[x | y_clean | tail_noisy | y_noisy]`: every block's state evaluated in one pass. The noisy copy
+    reuses the position ids of the clean copy. `tail_noisy` (absolute grid only, as wide as the longest
+    tail in the batch, right-aligned, padding invalid) is the prompt tail as it sits in the first
+    response block's state: context, never a target, attending that state."""
     P = prompt_ids.shape[1]
     B, R = response_ids.shape
-    pos, block, _ = _response_descriptors(prompt_valid, response_valid, block_size, CLEAN)
-    p_kind = torch.full_like(prompt_ids, PROMPT)
+    p_pos, p_kind, p_block = _prompt_descriptors(prompt_valid, block_size, absolute)
+    pos, block = _response_descriptors(prompt_valid, R, block_size, absolute)
+    tail = tail_lengths(prompt_valid, block_size, absolute)
+    T = int(tail.max()) if B else 0
+    t_cols = slice(P - T, P)  # the tails are the last columns of the left-padded prompt
+    t_valid = torch.arange(T, device=tail.device)[None] >= (T - tail)[:, None]  # (B, T)
     return Layout(
-        input_ids=torch.cat([prompt_ids, response_ids, noisy_ids], 1),
-        position_ids=torch.cat([prompt_positions(prompt_valid), pos, pos], 1),
-        kind=torch.cat([p_kind, torch.full_like(response_ids, CLEAN), torch.full_like(response_ids, NOISY)], 1),
-        block=torch.cat([torch.full_like(prompt_ids, -1), block, block], 1),
-        valid=torch.cat([prompt_valid, response_valid, response_valid], 1),
+        input_ids=torch.cat([prompt_ids, response_ids, prompt_ids[:, t_cols], noisy_ids], 1),
+        position_ids=torch.cat([p_pos, pos, p_pos[:, t_cols], pos], 1),
+        kind=torch.cat(
+            [
+                p_kind,
+                torch.full_like(pos, CLEAN),
+                torch.full_like(p_pos[:, t_cols], NOISY),
+                torch.full_like(pos, NOISY),
+            ],
+            1,
+        ),
+        block=torch.cat([p_block, block, p_block[:, t_cols], block], 1),
+        valid=torch.cat([prompt_valid, response_valid, t_valid, response_valid], 1),
         clean_start=P,
-        noisy_start=P + R,
+        noisy_start=P + R + T,
         response_len=R,
+        block_size=block_size,
+        tail=tail,
     )
 
 
-def single_layout(prompt_ids, prompt_valid, response_ids, response_valid, block_size) -> Layout:
+def single_layout(prompt_ids, prompt_valid, response_ids, response_valid, block_size, absolute: bool = False) -> Layout:
     """`[x | y]` with the response as one copy, labelled clean so that the block-causal rule gives the
-    model's own inference attention (blocks b' <= b)."""
+    model's own inference attention (blocks b' <= b; on the absolute grid the prompt tail is in the first
+    response block and sees its state)."""
     P = prompt_ids.shape[1]
-    pos, block, kind = _response_descriptors(prompt_valid, response_valid, block_size, CLEAN)
+    R = response_ids.shape[1]
+    p_pos, p_kind, p_block = _prompt_descriptors(prompt_valid, block_size, absolute)
+    pos, block = _response_descriptors(prompt_valid, R, block_size, absolute)
     return Layout(
         input_ids=torch.cat([prompt_ids, response_ids], 1),
-        position_ids=torch.cat([prompt_positions(prompt_valid), pos], 1),
-        kind=torch.cat([torch.full_like(prompt_ids, PROMPT), kind], 1),
-        block=torch.cat([torch.full_like(prompt_ids, -1), block], 1),
+        position_ids=torch.cat([p_pos, pos], 1),
+        kind=torch.cat([p_kind, torch.full_like(pos, CLEAN)], 1),
+        block=torch.cat([p_block, block], 1),
         valid=torch.cat([prompt_valid, response_valid], 1),
         clean_start=P,
         noisy_start=P,
-        response_len=response_ids.shape[1],
+        response_len=R,
+        block_size=block_size,
+        tail=tail_lengths(prompt_valid, block_size, absolute),
     )
 
 
@@ -170,9 +220,21 @@ def uniform_step_size(block_size: int, steps: int) -> int:
     return block_size // steps
 
 
+def response_blocks(tail: torch.Tensor, R: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) block index (0 = the first response block) and slot inside the block of each response
+    column, for responses whose first block holds `tail` prompt tokens first."""
+    grid = tail[:, None] + torch.arange(R, device=tail.device)[None]  # (B, R) offset from the first block's start
+    return grid // block_size, grid % block_size
+
+
+def step_counts(n: torch.Tensor, k: int) -> torch.Tensor:
+    """Steps a block of n response tokens takes at k tokens per step: ceil(n / k) (the last reveals the rest)."""
+    return (n + k - 1) // k
+
+
 def draw_block_states(
     response_ids: torch.Tensor,  # (B, R)
-    response_valid: torch.Tensor,  # (B, R) bool; whole blocks are valid or not
+    response_valid: torch.Tensor,  # (B, R) bool; a prefix of each row
     seeds: list[int],
     mask_token_id: int,
     block_size: int,
@@ -182,14 +244,17 @@ def draw_block_states(
     scale: float | None = None,
     confidence: torch.Tensor | None = None,  # (B, R) reference probability of each token, for order="confidence"
     t_fixed: int | None = None,
+    tail: torch.Tensor | None = None,  # (B,) prompt tokens in the first response block (absolute grid)
 ) -> BlockStates:
     """Re-mask each block at one uniformly drawn step (method.md section 3).
 
-    Steps run from T_B (nothing revealed yet) down to 1; step t reveals k = block_size / T_B
-    positions, so `n_before = (T_B - t) * k` are clean in the state. Each example draws its reveal
-    keys and steps from its own generator, in a fixed order, so the same seed gives the same state
-    whatever the order option. `scale` defaults to T_B (unbiased). `t_fixed` forces every block's step
-    (for the exact unbiasedness test).
+    Every step reveals k = block_size / T_B positions. A block of n response tokens takes
+    T_b = ceil(n / k) steps (T_B for a full block; fewer for a first block shared with a prompt tail),
+    the last of them revealing what is left. Steps run from T_b (nothing revealed yet) down to 1, so
+    `n_before = (T_b - t) * k` are clean in the state. The scale defaults to T_b per block (unbiased);
+    a number fixes it. Each example draws its reveal keys and steps for its own valid blocks from its
+    own generator, in a fixed order, so its state depends on its seed and its own length only, never on
+    its batch mates. `t_fixed` forces every block's step (a block with fewer steps then reads nothing).
     """
     if order not in REVEAL_ORDERS:
         raise ValueError(f"reveal_order must be one of {REVEAL_ORDERS}, got {order!r}")
@@ -199,32 +264,45 @@ def draw_block_states(
         raise ValueError("reveal_order='confidence' needs the reference model's confidences")
     k = uniform_step_size(block_size, steps)
     B, R = response_ids.shape
-    if R % block_size:
-        raise ValueError(f"response width {R} is not a multiple of block_size={block_size}")
-    NB = R // block_size
-    keys, t = torch.empty(B, NB, block_size), torch.empty(B, NB, dtype=torch.long)
+    tail = torch.zeros(B, dtype=torch.long) if tail is None else tail.long().cpu()
+    blk, slot = response_blocks(tail, R, block_size)  # (B, R)
+    NB = int((tail.max() + R + block_size - 1) // block_size) if B else 0
+    present = torch.zeros(B, NB, block_size, dtype=torch.bool)
+    present[torch.arange(B)[:, None], blk, slot] = response_valid.cpu()
+    n = present.sum(-1)  # (B, NB) response tokens per block
+    T = step_counts(n, k)  # (B, NB) steps per block
+    keys, t = torch.full((B, NB, block_size), float("inf")), torch.ones(B, NB, dtype=torch.long)
     for i, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(int(seed))
-        keys[i] = torch.rand(NB, block_size, generator=g)
-        t[i] = torch.randint(1, steps + 1, (NB,), generator=g)
+        nb = int((n[i] > 0).sum())
+        keys[i, :nb] = torch.rand(nb, block_size, generator=g)
+        t[i, :nb] = torch.randint(1, steps + 1, (nb,), generator=g)
+        short = (T[i, :nb] < steps).nonzero()[:, 0]  # drawn after the rest: full blocks keep their stream
+        if len(short):
+            t[i, short] = (torch.rand(len(short), generator=g) * T[i, short]).long() + 1
     if t_fixed is not None:
         t.fill_(t_fixed)
     if order == "left_to_right":
-        keys = torch.arange(block_size, dtype=torch.float).expand(B, NB, block_size)
+        keys = torch.arange(block_size, dtype=torch.float).expand(B, NB, block_size).clone()
     elif order == "confidence":
-        keys = -confidence.detach().float().cpu().view(B, NB, block_size)  # most confident first
+        keys = torch.zeros(B, NB, block_size)
+        keys[torch.arange(B)[:, None], blk, slot] = -confidence.detach().float().cpu()  # most confident first
+    keys = keys.masked_fill(~present, float("inf"))  # prompt-tail and padding slots are never revealed
     sort = keys.argsort(dim=-1, stable=True)
     rank = torch.empty_like(sort).scatter_(-1, sort, torch.arange(block_size).expand_as(sort))  # (B, NB, bs)
-    n_before = ((steps - t) * k)[..., None]  # (B, NB, 1)
-    masked = rank >= n_before  # newly unmasked or still masked: [MASK] in the state
-    newly = masked & (rank < n_before + k)
-    c = float(steps if scale is None else scale)
+    n_before = (T - t) * k  # (B, NB)
+    masked = present & (rank >= n_before[..., None])  # newly unmasked or still masked: [MASK] in the state
+    newly = masked & (rank < (n_before + k)[..., None])
+    c = T.float() if scale is None else torch.full_like(T, scale, dtype=torch.float)  # (B, NB)
     if targets == "newly_unmasked":
-        w = newly.float() * c
+        w = newly.float() * c[..., None]
     else:  # every masked position, weighted k_t / |M_t|: same expectation, lower variance
-        w = masked.float() * (k / (block_size - n_before).float()) * c
+        left = (n - n_before).clamp(min=1)  # |M_t|
+        k_t = newly.sum(-1)  # positions revealed at step t (k, or the remainder at a block's last step)
+        w = masked.float() * (k_t / left * c)[..., None]
+    rows = torch.arange(B)[:, None]
     dev = response_ids.device
-    masked, newly, w = (x.reshape(B, R).to(dev) for x in (masked, newly, w))
+    masked, newly, w = (x[rows, blk, slot].to(dev) for x in (masked, newly, w))  # back to (B, R)
     w = w * response_valid
     noisy = torch.where(masked, torch.full_like(response_ids, mask_token_id), response_ids)
     return BlockStates(noisy_ids=noisy, weights=w, newly=newly & response_valid)

@@ -19,7 +19,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from dtrpo.masking import tail_lengths
+
 ATTENTIONS = ("block_causal", "full")
+PROMPT_ATTENTIONS = ("full", "causal", "block_causal")
 MODES = ("packed", "exact", "remasked")
 
 PAD, EOS, MASK, UNK = "<pad>", "<eos>", "<mask>", "<unk>"
@@ -37,7 +40,10 @@ class ModelAdapter:
 
     `attention` is the model's attention at inference: `block_causal` (SDAR, Fast-dLLM v2, tiny)
     or `full` (LLaDA, Dream). `prompt_attention` is `full` (bidirectional inside the prompt) or
-    `causal`. `shifted` means position i-1 predicts token i (Dream, Fast-dLLM v2).
+    `causal`, both with the response's blocks starting at the response; or `block_causal` (SDAR,
+    Fast-dLLM v2): blocks counted from absolute position 0, the prompt attending block-causally and its
+    last partial block shared with the first response tokens (`masking`, the absolute grid).
+    `shifted` means position i-1 predicts token i (Dream, Fast-dLLM v2).
     """
 
     family: str
@@ -53,14 +59,25 @@ class ModelAdapter:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.prompt_attention not in ("full", "causal"):
-            raise ValueError(f"prompt_attention must be 'full' or 'causal', got {self.prompt_attention!r}")
+        if self.prompt_attention not in PROMPT_ATTENTIONS:
+            raise ValueError(f"prompt_attention must be one of {PROMPT_ATTENTIONS}, got {self.prompt_attention!r}")
+        if self.absolute_grid and not self.block_causal:
+            raise ValueError("prompt_attention='block_causal' needs a block-causal model (attention='block_causal')")
         if self.default_mode not in MODES:
             raise ValueError(f"default_mode must be one of {MODES}, got {self.default_mode!r}")
 
     @property
     def block_causal(self) -> bool:
         return self.attention == "block_causal"
+
+    @property
+    def absolute_grid(self) -> bool:
+        """Blocks counted from position 0 of the whole sequence (the prompt's tail shares the first block)."""
+        return self.prompt_attention == "block_causal"
+
+    def tail(self, prompt_valid: torch.Tensor) -> torch.Tensor:
+        """(B,) prompt tokens that share the first response block (0 unless on the absolute grid)."""
+        return tail_lengths(prompt_valid, self.block_size, self.absolute_grid)
 
     def with_block_size(self, block_size: int | None) -> ModelAdapter:
         return self if block_size is None else replace(self, block_size=block_size)

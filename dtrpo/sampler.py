@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dtrpo.masking import Layout, single_layout
+from dtrpo.masking import Layout, single_layout, tail_lengths
 from dtrpo.models import ModelAdapter
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
@@ -63,6 +63,8 @@ def generate(
     use_cache: bool = True,
     block_size: int | None = None,
     output_logits: bool = False,
+    sub_block_size: int | None = None,
+    fix_first_token: bool = False,
 ) -> GenerationResult:
     """Generate `gen_length` tokens (at most) for each prompt, batched with left padding.
 
@@ -75,53 +77,81 @@ def generate(
     an EOS in a finished block, the remaining blocks are not generated. `use_cache` applies to
     block-causal models only (full-attention models always recompute the canvas). The model should be
     in eval mode. `output_logits` keeps the logits each step read (for tests and debugging).
+
+    On the absolute grid (`adapter.absolute_grid`) a prompt of P tokens ends inside block P // B: that
+    block is decoded first, its `B - P % B` response positions masked and the prompt tail attending
+    them; each example then generates up to the end of the block holding its `gen_length`-th token.
+    A first block shorter than B takes ceil(n / k) steps, the last revealing what is left.
+
+    Fast-dLLM v2's decoding rule: `sub_block_size` (8) decodes each block in sub-blocks left to right,
+    each step revealing the sub-block's positions above `threshold` plus its most confident one;
+    `fix_first_token` reveals a block's first token at the block's first step (for a shifted model it is
+    read at the previous block's last position, so it is already final then).
     """
     bs = _check(adapter, prompts, gen_length, steps_per_block, remasking, threshold, temperature, block_size)
+    if sub_block_size is not None and (threshold is None or sub_block_size <= 0 or bs % sub_block_size):
+        raise ValueError(
+            f"sub_block_size={sub_block_size} needs a threshold and must divide block_size={bs} (Fast-dLLM v2: 8)"
+        )
     k = bs // steps_per_block
     start = time.perf_counter()
     device = _device(model)
     prompt_ids, prompt_valid = _left_pad(prompts, adapter.mask_token_id, device)  # (B, P)
     B = len(prompts)
-    response = torch.full((B, gen_length), adapter.mask_token_id, dtype=torch.long, device=device)  # (B, R)
-    reveal_step = torch.full((B, gen_length), -1, dtype=torch.long, device=device)
+    tail = tail_lengths(prompt_valid, bs, adapter.absolute_grid)  # (B,) prompt tokens in the first block
+    quota = gen_length + (bs - tail) % bs  # (B,) response tokens: up to the end of a block
+    n_blocks = int(((tail + quota) // bs).max())
+    response = torch.full((B, int(quota.max())), adapter.mask_token_id, dtype=torch.long, device=device)  # (B, W)
+    reveal_step = torch.full_like(response, -1)
     generator = torch.Generator(device=device).manual_seed(seed)
     cached = use_cache and adapter.block_causal
     decoder = (_KVCacheDecoder if cached else _RecomputeDecoder)(adapter, model, prompt_ids, prompt_valid, bs)
     step_logits: list[torch.Tensor] | None = [] if output_logits else None
+    slots = torch.arange(bs, device=device)
+    sub = sub_block_size or bs
 
     with torch.no_grad():
         blocks = 0
-        for b in range(gen_length // bs):
-            cols = slice(b * bs, (b + 1) * bs)
-            masked = torch.ones(B, bs, dtype=torch.bool, device=device)
-            for step in range(steps_per_block if threshold is None else bs):  # threshold: >= 1 reveal per step
-                if not masked.any():
-                    break
-                logits = decoder.block_logits(response, b)  # (B, bs, V)
-                if step_logits is not None:
-                    step_logits.append(logits.clone())
-                reveal, x0 = denoise_step(
-                    logits, masked, k, remasking, threshold, temperature, adapter.mask_token_id, generator
-                )
-                response[:, cols] = torch.where(reveal, x0, response[:, cols])
-                reveal_step[:, cols] = torch.where(reveal, step, reveal_step[:, cols])
-                masked &= ~reveal
+        for b in range(n_blocks):
+            cols = b * bs + slots[None] - tail[:, None]  # (B, bs) response column of each slot; < 0: prompt tail
+            masked = (cols >= 0) & (cols < quota[:, None])
+            step = 0
+            for s in range(bs // sub):  # one sub-block unless sub_block_size is given
+                active = masked & (slots[None] // sub == s)
+                for _ in range(steps_per_block if threshold is None else bs):  # threshold: >= 1 reveal per step
+                    if not active.any():
+                        break
+                    logits = decoder.block_logits(response, cols)  # (B, bs, V)
+                    if step_logits is not None:
+                        step_logits.append(logits.clone())
+                    reveal, x0 = denoise_step(
+                        logits, active, k, remasking, threshold, temperature, adapter.mask_token_id, generator
+                    )
+                    if fix_first_token and step == 0:
+                        reveal[:, 0] |= masked[:, 0]
+                    rows, at = reveal.nonzero(as_tuple=True)
+                    response[rows, cols[rows, at]] = x0[rows, at]
+                    reveal_step[rows, cols[rows, at]] = step
+                    masked &= ~reveal
+                    active &= ~reveal
+                    step += 1
             blocks = b + 1
-            done = (response[:, : blocks * bs] == eos_token_id).any(-1) if eos_token_id is not None else None
-            if blocks == gen_length // bs or (done is not None and bool(done.all())):
+            done = (response == eos_token_id).any(-1) if eos_token_id is not None else None
+            if blocks == n_blocks or (done is not None and bool(done.all())):
                 break
-            decoder.commit(response, b)
+            decoder.commit(response, cols)
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    sequences, finished = _cut(response[:, : blocks * bs].tolist(), eos_token_id)
+    ends = (blocks * bs - tail).clamp(max=quota).tolist()  # decoded response columns per example
+    sequences, finished = _cut([row[:e] for row, e in zip(response.tolist(), ends, strict=True)], eos_token_id)
     lengths = [len(s) for s in sequences]
     return GenerationResult(
         sequences=sequences,
         lengths=lengths,
         finished=finished,
-        reveal_step=reveal_step[:, : blocks * bs].tolist(),
+        reveal_step=[row[:e] for row, e in zip(reveal_step.tolist(), ends, strict=True)],
         blocks=blocks,
         nfe=decoder.nfe,
         seconds=seconds,
@@ -181,102 +211,129 @@ def _score(remasking: str, probs: torch.Tensor, confidence: torch.Tensor, genera
 # ----------------------------------------------------------------------------- forwards
 
 
-class _RecomputeDecoder:
-    """No cache: every step runs the prompt, the finished blocks and the current block (block-causal
-    models; later blocks are never attended so they are left out) or the whole canvas (full attention)."""
+class _Decoder:
+    """The canvas `[prompt | response]` as one copy on the adapter's grid, and the window of columns a
+    block's step needs: from the first column any example reads for block b (its first slot, or the
+    column before it for a shifted model) to the last column of the block."""
 
     def __init__(self, adapter, model, prompt_ids, prompt_valid, block_size):
         self.adapter, self.model, self.bs = adapter, model, block_size
         self.prompt_ids, self.prompt_valid = prompt_ids, prompt_valid
         self.nfe = 0
 
-    def block_logits(self, response: torch.Tensor, b: int) -> torch.Tensor:
-        a, bs = self.adapter, self.bs
-        width = (b + 1) * bs if a.block_causal else response.shape[1]
-        layout = _layout(self.prompt_ids, self.prompt_valid, response[:, :width], bs)
-        B, S = layout.input_ids.shape
-        cols = layout.read_columns(a.shifted, bs)[b * bs : (b + 1) * bs]  # (bs,) ascending
-        keep = torch.zeros(B, S, dtype=torch.bool, device=response.device)
-        keep[:, cols] = True
-        mask = a.attention_mask(self.model, layout)
-        logits = a.logits(self.model, layout.input_ids, mask, layout.position_ids, keep)  # (B * bs, V)
-        self.nfe += 1
-        return logits.view(B, bs, -1)
+    def _layout(self, response: torch.Tensor) -> Layout:
+        valid = torch.ones_like(response, dtype=torch.bool)
+        return single_layout(self.prompt_ids, self.prompt_valid, response, valid, self.bs, self.adapter.absolute_grid)
 
-    def commit(self, response: torch.Tensor, b: int) -> None:
+    def _reads(self, cols: torch.Tensor) -> torch.Tensor:
+        """(B, bs) canvas column whose logits predict each slot (position i-1 for a shifted model)."""
+        return (self.prompt_ids.shape[1] + cols - int(self.adapter.shifted)).clamp(min=0)
+
+    def _window(self, cols: torch.Tensor, width: int) -> tuple[int, int]:
+        """[lo, hi): canvas columns read for this block, hi capped at the canvas width."""
+        reads = self._reads(cols)
+        return int(reads.min()), min(int(self.prompt_ids.shape[1] + cols.max()) + 1, width)
+
+    def _gather(self, logits: torch.Tensor, cols: torch.Tensor, lo: int) -> torch.Tensor:
+        """(B, bs, V) logits of the block's slots from the window's logits (B, hi - lo, V)."""
+        at = (self._reads(cols) - lo).clamp(max=logits.shape[1] - 1)  # slots past the canvas are never masked
+        return logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+class _RecomputeDecoder(_Decoder):
+    """No cache: every step runs the canvas up to the block's last column (block-causal models; later
+    blocks are never attended so they are left out) or the whole canvas (full attention)."""
+
+    def block_logits(self, response: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        a, P = self.adapter, self.prompt_ids.shape[1]
+        lo, hi = self._window(cols, P + response.shape[1])
+        width = hi if a.block_causal else P + response.shape[1]
+        layout = self._layout(response[:, : width - P])
+        B, S = layout.input_ids.shape
+        keep = torch.zeros(B, S, dtype=torch.bool, device=response.device)
+        keep[:, lo:hi] = True
+        mask = a.attention_mask(self.model, layout)
+        logits = a.logits(self.model, layout.input_ids, mask, layout.position_ids, keep)  # (B * (hi - lo), V)
+        self.nfe += 1
+        return self._gather(logits.view(B, hi - lo, -1), cols, lo)
+
+    def commit(self, response: torch.Tensor, cols: torch.Tensor) -> None:
         """Nothing to store: the next step recomputes the finished blocks."""
 
 
-class _KVCacheDecoder:
-    """Block-causal models: the prompt and each finished block live in a DynamicCache; a step runs the
-    current block alone against it and is cropped off again; a finished block is committed with one forward."""
+class _KVCacheDecoder(_Decoder):
+    """Block-causal models: the canvas columns that every example has finished live in a DynamicCache;
+    a step runs the block's window against it and is cropped off again. A finished block is committed
+    with one forward up to its last column, then the cache is cut back to the next block's window start:
+    a kept column then belongs to a finished block of every example, and was computed with all of its
+    own block present, which is what makes the cache exact under block-causal attention."""
 
     def __init__(self, adapter, model, prompt_ids, prompt_valid, block_size):
         from transformers import DynamicCache
 
-        self.adapter, self.model, self.bs = adapter, model, block_size
-        self.prompt_ids, self.prompt_valid = prompt_ids, prompt_valid
+        super().__init__(adapter, model, prompt_ids, prompt_valid, block_size)
         self.cache = DynamicCache()
-        self.nfe = 0
-        empty = prompt_ids[:, :0]
-        # shifted: the last prompt position predicts the response's first token
-        self.last = self._forward(empty, store=True)  # (B, V) or None
 
-    def block_logits(self, response: torch.Tensor, b: int) -> torch.Tensor:
-        logits = self._forward(response[:, : (b + 1) * self.bs], store=False)
-        if not self.adapter.shifted:
-            return logits
-        return torch.cat([self.last[:, None], logits], 1)  # (B, bs, V): token 0 read at the previous clean block
+    def block_logits(self, response: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        P = self.prompt_ids.shape[1]
+        lo, hi = self._window(cols, P + response.shape[1])
+        self._extend(response, lo)
+        logits = self._forward(response[:, : hi - P], lo, store=False)  # (B, hi - lo, V)
+        return self._gather(logits, cols, lo)
 
-    def commit(self, response: torch.Tensor, b: int) -> None:
-        self.last = self._forward(response[:, : (b + 1) * self.bs], store=True)
+    def commit(self, response: torch.Tensor, cols: torch.Tensor) -> None:
+        """Store the finished block: run up to its last column, keep what the next window does not rerun."""
+        P = self.prompt_ids.shape[1]
+        _, hi = self._window(cols, P + response.shape[1])
+        self._forward(response[:, : max(hi - P, 0)], None, store=True)
 
-    def _forward(self, response: torch.Tensor, store: bool) -> torch.Tensor | None:
-        """Run the last block of `response` (or the whole prompt when it is empty) against the cache.
-
-        Returns, when `store`, the last position's logits (B, V) for a shifted model (else None);
-        otherwise the block's logits, (B, bs, V) unshifted or (B, bs - 1, V) shifted.
-        """
-        a = self.adapter
-        layout = _layout(self.prompt_ids, self.prompt_valid, response, self.bs)
-        B, S = layout.input_ids.shape
+    def _extend(self, response: torch.Tensor, lo: int) -> None:
+        """Make the cache hold exactly columns [0, lo). The first time, the whole prompt is prefilled (a
+        prompt column may attend any later prompt column of its block, or of the whole prompt on the
+        response grid, so the prompt is run whole) and cut back to lo."""
+        if self.cache.get_seq_length() < lo:
+            self._forward(response[:, :0], None, store=True)
         past = self.cache.get_seq_length()
-        q = S - past
+        if past > lo:
+            self.cache.crop(lo - past)  # negative: tokens removed from the end
+
+    def _forward(self, response: torch.Tensor, lo: int | None, store: bool):
+        """Run canvas columns [past, end) against the cache, end = the prompt plus `response`. Returns the
+        logits of columns [lo, end) (B, end - lo, V) when `lo` is given, else None."""
+        a = self.adapter
+        layout = self._layout(response)
+        end = layout.input_ids.shape[1]
+        past = self.cache.get_seq_length()
+        q = end - past
+        if q <= 0:
+            return None
         full = a.attention_mask(self.model, layout)
         if not isinstance(full, torch.Tensor):
             raise ValueError("KV-cached sampling needs a dense mask (attn_implementation='sdpa'); pass use_cache=False")
+        B = layout.input_ids.shape[0]
         keep = torch.zeros(B, q, dtype=torch.bool, device=response.device)
-        if store:
-            keep[:, -1] = a.shifted
-        else:
-            keep[:, : q - 1 if a.shifted else q] = True
+        if lo is not None:
+            keep[:, lo - past :] = True
         out = self.model(
-            input_ids=layout.input_ids[:, past:],
-            attention_mask=full[:, :, past:, :],  # (B, 1, q, S): the query rows of the same block-causal mask
-            position_ids=layout.position_ids[:, past:],
+            input_ids=layout.input_ids[:, past:end],
+            attention_mask=full[:, :, past:end, :end],  # (B, 1, q, end): the query rows of the same mask
+            position_ids=layout.position_ids[:, past:end],
             cache=self.cache,
             use_cache=True,
-            logits_to_keep=keep,
+            logits_to_keep=keep if lo is not None else torch.zeros_like(keep),
         )
         self.nfe += 1
-        if self.cache.get_seq_length() != S:
+        if self.cache.get_seq_length() != end:
             raise RuntimeError(
-                f"the model did not extend the KV cache ({past} -> {self.cache.get_seq_length()}, expected {S}); "
+                f"the model did not extend the KV cache ({past} -> {self.cache.get_seq_length()}, expected {end}); "
                 "it may not take a `cache` argument: pass use_cache=False"
             )
         if not store:
-            self.cache.crop(-q)  # the in-progress block is never stored
+            self.cache.crop(past - end)  # the in-progress block is never stored
+        if lo is None:
+            return None
         logits = out.logits.float()
-        if store:
-            return logits if a.shifted else None  # (B, V)
-        return logits.view(B, -1, logits.shape[-1])
-
-
-def _layout(prompt_ids: torch.Tensor, prompt_valid: torch.Tensor, response: torch.Tensor, block_size: int) -> Layout:
-    """Prompt + response as one copy, labelled clean: the block-causal rule is then the model's own
-    inference attention (block b sees the prompt and blocks <= b)."""
-    valid = torch.ones_like(response, dtype=torch.bool)
-    return single_layout(prompt_ids, prompt_valid, response, valid, block_size)
+        return logits.view(B, end - lo, logits.shape[-1])
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -43,6 +43,8 @@ def test_padding_never_attended_and_no_empty_rows():
         clean_start=2,
         noisy_start=3,
         response_len=1,
+        block_size=1,
+        tail=torch.zeros(1, dtype=torch.long),
     )
     m = layout.dense_mask(prompt_causal=True, full=False)[0, 0]
     assert not m[1:, 0].any()  # the padded prompt column is never attended by a real row
