@@ -101,8 +101,9 @@ class ModelArgs:
         default="sdpa", metadata={"help": "Attention backend: sdpa, or flex_attention on a GPU."}
     )
 
-    def load(self):
-        """(model, tokenizer, adapter) of `--model`, on the GPU when there is one."""
+    def load(self, block_size: int | None = None):
+        """(model, tokenizer, adapter) of `--model`, on the GPU when there is one; `block_size` overrides
+        the checkpoint's (and is required where its config.json has none)."""
         import torch
 
         from dtrpo.families import load_model
@@ -110,7 +111,10 @@ class ModelArgs:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         device = "cuda" if torch.cuda.is_available() else None
-        return load_model(self.model, self.family, getattr(torch, self.dtype), self.attn_implementation, device=device)
+        dtype = getattr(torch, self.dtype)
+        return load_model(
+            self.model, self.family, dtype, self.attn_implementation, device=device, block_size=block_size
+        )
 
 
 @dataclass
@@ -161,7 +165,7 @@ def train_main(argv: list[str]) -> None:
     script, config = parse([TrainScript, DTRPOConfig], argv, "dtrpo train", COMMANDS["train"][1])
     require(script, "model", "data")
     require(config, "output_dir")
-    model, tokenizer, adapter = script.load()
+    model, tokenizer, adapter = script.load(config.block_size)
     save = None
     if script.lora_r:  # the adapters stay in the checkpoints; the output folder gets the merged model
         from dtrpo.families import export_checkpoint
@@ -198,7 +202,7 @@ def sft_main(argv: list[str]) -> None:
     script, config = parse([SFTScript, DiffusionSFTConfig], argv, "dtrpo sft", COMMANDS["sft"][1])
     require(script, "model", "data")
     require(config, "output_dir")
-    model, tokenizer, adapter = script.load()
+    model, tokenizer, adapter = script.load(config.block_size)
     trainer = DiffusionSFTTrainer(
         model=model,
         args=config,
@@ -228,12 +232,12 @@ class TaskArgs(ModelArgs):
     output: str = field(default=None, metadata={"help": "File to write (JSON report or JSONL)."})
 
 
-def _load_for_task(t: TaskArgs):
+def _load_for_task(t: TaskArgs, block_size: int | None):
     from dtrpo.tasks import load_task
 
     require(t, "model")
     task = load_task(t.task, match=t.match, reward=t.reward, prompt_field=t.prompt_field)
-    model, tokenizer, adapter = t.load()
+    model, tokenizer, adapter = t.load(block_size)
     return task, model, tokenizer, adapter
 
 
@@ -242,7 +246,7 @@ def eval_main(argv: list[str]) -> None:
     from dtrpo.evaluate import SamplingArgs, evaluate
 
     t, s = parse([TaskArgs, SamplingArgs], argv, "dtrpo eval", COMMANDS["eval"][1])
-    task, model, tokenizer, adapter = _load_for_task(t)
+    task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
     rows = task.prompts(t.split or "heldout", t.n, seed=s.seed)
     report = evaluate(model, tokenizer, adapter, task, rows, s, desc="eval")
     print(
@@ -269,7 +273,7 @@ def pairs_main(argv: list[str]) -> None:
 
     t, p, s = parse([TaskArgs, PairArgs, SamplingArgs], argv, "dtrpo pairs", COMMANDS["pairs"][1])
     require(t, "output")
-    task, model, tokenizer, adapter = _load_for_task(t)
+    task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
     rows = task.prompts(t.split or "train", t.n, seed=s.seed)
     pairs, stats = build_pairs(
         model,
@@ -302,7 +306,7 @@ def generate_main(argv: list[str]) -> None:
 
     g, s = parse([GenerateArgs, SamplingArgs], argv, "dtrpo generate", COMMANDS["generate"][1])
     require(g, "model", "prompt")
-    model, tokenizer, adapter = g.load()
+    model, tokenizer, adapter = g.load(s.block_size)
     model.eval()
     prompts = [encode_prompt(tokenizer, p, s.chat_template) for p in g.prompt]
     out = generate(
@@ -317,6 +321,8 @@ def generate_main(argv: list[str]) -> None:
         seed=s.seed,
         eos_token_id=tokenizer.eos_token_id,
         use_cache=g.use_cache,
+        sub_block_size=s.sub_block_size,
+        fix_first_token=s.fix_first_token,
     )
     for p, seq in zip(g.prompt, out.sequences, strict=True):
         print(json.dumps({"prompt": p, "response": tokenizer.decode(seq, skip_special_tokens=True)}))

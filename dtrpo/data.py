@@ -25,12 +25,19 @@ assistant response and whose earlier messages are the prompt.
 Tokenization and limits:
 - prompt: token ids without added special tokens. Longer than `max_prompt_length`: the LAST
   `max_prompt_length` tokens are kept (left truncation, counted in `prompts_truncated`).
-- response: token ids, then EOS, then more EOS up to a multiple of `block_size` (the padding the
+- response: token ids, then EOS, then more EOS up to the end of a block (the padding the
   block-diffusion models are trained with; these EOS are real tokens, predicted like any other).
 - `max_response_length` counts the response with its EOS and must be a positive multiple of
   `block_size`. A response whose ids plus one EOS exceed it is, under `truncation="truncate"`, cut
   to its first `max_response_length` ids with no EOS appended (counted in `responses_truncated`,
   once per chosen or rejected response), and under `truncation="error"` refused with the lengths.
+- absolute block grid (`absolute=True`, SDAR/TraDo and Fast-dLLM v2, see `masking`): blocks count
+  from the prompt's first token, so a response ends where `prompt + response` is a block multiple
+  (its first block is `B - P % B` tokens). An over-long prompt loses a multiple of `B` tokens from its
+  front (the fewest that fit `max_prompt_length`), so the kept tokens keep their place in their
+  blocks and the tail that shares the first response block is unchanged. The longest response is the
+  largest grid-aligned width within `max_response_length` (`max_response_length - P % B` when P % B
+  is not 0): a longer one is cut there (no EOS) or refused, never left off the grid.
 
 Collators pad prompts LEFT and responses RIGHT with the pad token; the masks are True on real
 tokens, EOS padding included.
@@ -291,6 +298,7 @@ class _Limits:
     max_prompt_length: int | None = None
     max_response_length: int | None = None
     truncation: str = "truncate"
+    absolute: bool = False  # blocks counted from the prompt's first token (see the module docstring)
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
@@ -316,20 +324,35 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[i
 
 
 def _fit_prompt(ids: list[int], limits: _Limits) -> tuple[list[int], bool]:
+    """The end of the prompt is what the response follows: keep the last tokens. On the absolute grid
+    drop a multiple of the block size, so every kept token stays in its block (fewer than the limit)."""
     m = limits.max_prompt_length
     if m is None or len(ids) <= m:
         return ids, False
-    return ids[-m:], True  # the end of the prompt is what the response follows
+    drop = len(ids) - m
+    if limits.absolute:
+        drop = -(-drop // limits.block_size) * limits.block_size
+    return ids[drop:], True
 
 
-def _fit_response(ids: list[int], eos: int, limits: _Limits, where: str, field: str) -> tuple[list[int], bool]:
-    """ids + EOS, EOS-padded to a block multiple; an over-long response is cut (no EOS) or refused."""
+def _fit_response(
+    ids: list[int], eos: int, limits: _Limits, where: str, field: str, prompt_len: int = 0
+) -> tuple[list[int], bool]:
+    """ids + EOS, EOS-padded to the end of a block; an over-long response is cut (no EOS) or refused.
+    On the absolute grid the block ends are counted from the prompt's first token."""
+    bs = limits.block_size
+    lead = prompt_len % bs if limits.absolute else 0  # prompt tokens in the first response block
     m, n = limits.max_response_length, len(ids) + 1
+    if m is not None:
+        m -= (lead + m) % bs  # the longest response that ends on the grid
     if m is not None and n > m:
         if limits.truncation == "error":
-            raise _error(where, field, f"is {n} tokens with its EOS, over max_response_length={m} (truncation='error')")
+            grid = f" (the block grid leaves {m} of max_response_length={limits.max_response_length})" if lead else ""
+            raise _error(
+                where, field, f"is {n} tokens with its EOS, over max_response_length={m}{grid} (truncation='error')"
+            )
         return ids[:m], True
-    width = -(-n // limits.block_size) * limits.block_size
+    width = -(-(lead + n) // bs) * bs - lead
     return ids + [eos] * (width - len(ids)), False
 
 
@@ -344,21 +367,22 @@ def tokenize_preference(
     truncation: str = "truncate",
     source: str = MEMORY,
     index: int = 0,
+    absolute: bool = False,
 ) -> dict[str, Any]:
     """Token ids of one preference example under the module's limits, with what was truncated.
 
     Returns `prompt_ids`, `chosen_ids`, `rejected_ids`, `prompt_truncated` (bool) and
     `responses_truncated` (0, 1 or 2).
     """
-    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation)
+    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
     p, c, r = _encode(tokenizer, [prompt, chosen, rejected])
     return _fit_preference(p, c, r, _eos(tokenizer), limits, f"{source}: row {index}")
 
 
 def _fit_preference(p, c, r, eos: int, limits: _Limits, where: str) -> dict[str, Any]:
     prompt_ids, prompt_cut = _fit_prompt(p, limits)
-    chosen_ids, chosen_cut = _fit_response(c, eos, limits, where, "chosen")
-    rejected_ids, rejected_cut = _fit_response(r, eos, limits, where, "rejected")
+    chosen_ids, chosen_cut = _fit_response(c, eos, limits, where, "chosen", len(prompt_ids))
+    rejected_ids, rejected_cut = _fit_response(r, eos, limits, where, "rejected", len(prompt_ids))
     return {
         "prompt_ids": prompt_ids,
         "chosen_ids": chosen_ids,
@@ -370,7 +394,7 @@ def _fit_preference(p, c, r, eos: int, limits: _Limits, where: str) -> dict[str,
 
 def _fit_sft(p, r, eos: int, limits: _Limits, where: str, field: str) -> dict[str, Any]:
     prompt_ids, prompt_cut = _fit_prompt(p, limits)
-    response_ids, response_cut = _fit_response(r, eos, limits, where, field)
+    response_ids, response_cut = _fit_response(r, eos, limits, where, field, len(prompt_ids))
     return {
         "prompt_ids": prompt_ids,
         "response_ids": response_ids,
@@ -389,13 +413,14 @@ def build_preference_dataset(
     max_prompt_length: int | None = None,
     max_response_length: int | None = None,
     truncation: str = "truncate",
+    absolute: bool = False,
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Tokenized preference pairs (`prompt_ids`, `chosen_ids`, `rejected_ids`, `index`) and counts.
 
     `data` is a path (see `load_rows`), a Dataset or a list of dicts. The stats are `rows`, `kept`,
     `identical_dropped`, `prompts_truncated` and `responses_truncated`.
     """
-    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation)
+    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
     eos = _eos(tokenizer)
     rows, source = _rows(data)
     texts, index, identical = [], [], []
@@ -437,10 +462,11 @@ def build_sft_dataset(
     max_prompt_length: int | None = None,
     max_response_length: int | None = None,
     truncation: str = "truncate",
+    absolute: bool = False,
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Tokenized SFT examples (`prompt_ids`, `response_ids`, `index`) and counts (`rows`, `kept`,
     `prompts_truncated`, `responses_truncated`)."""
-    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation)
+    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
     eos = _eos(tokenizer)
     rows, source = _rows(data)
     texts = [_sft_row(row, tokenizer, f"{source}: row {i}") for i, row in enumerate(rows)]
@@ -482,14 +508,20 @@ def _index(features: list[dict]) -> torch.Tensor:
     return torch.tensor([int(f["index"]) for f in features], dtype=torch.long)  # (B,)
 
 
-def _responses(features: list[dict], key: str, block_size: int) -> list:
+def _responses(features: list[dict], key: str, block_size: int, absolute: bool) -> list:
+    """The responses, each checked to end on the block grid."""
     seqs = [f[key] for f in features]
     for f, seq in zip(features, seqs, strict=True):
-        if len(seq) % block_size:
-            raise ValueError(
-                f"row {f.get('index')}: {key} has {len(seq)} tokens, not a multiple of block_size={block_size}; "
-                "make the data with build_preference_dataset or build_sft_dataset"
+        lead = len(f["prompt_ids"]) % block_size if absolute else 0
+        if (lead + len(seq)) % block_size:
+            where = f"row {f.get('index')}: {key} has {len(seq)} tokens"
+            problem = (
+                f"after a prompt of {len(f['prompt_ids'])} it does not end a block of block_size={block_size} "
+                "(absolute block grid)"
+                if absolute
+                else f"not a multiple of block_size={block_size}"
             )
+            raise ValueError(f"{where}, {problem}; make the data with build_preference_dataset or build_sft_dataset")
     return seqs
 
 
@@ -501,14 +533,15 @@ def _prompts(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]
 
 @dataclass
 class PreferenceCollator:
-    """Pads prompts left to the longest, and chosen and rejected right to one common block-multiple length R."""
+    """Pads prompts left to the longest, and chosen and rejected right to one common length R."""
 
     pad_token_id: int
     block_size: int
+    absolute: bool = False  # the absolute block grid: responses end where prompt + response is a block multiple
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        chosen = _responses(features, "chosen_ids", self.block_size)
-        rejected = _responses(features, "rejected_ids", self.block_size)
+        chosen = _responses(features, "chosen_ids", self.block_size, self.absolute)
+        rejected = _responses(features, "rejected_ids", self.block_size, self.absolute)
         width = max(map(len, chosen + rejected))  # R, shared so that chosen and rejected stack
         out = _prompts(features, self.pad_token_id)
         out["chosen_ids"], out["chosen_mask"] = _pad(chosen, self.pad_token_id, width, left=False)  # (B, R)
@@ -519,13 +552,14 @@ class PreferenceCollator:
 
 @dataclass
 class SFTCollator:
-    """Pads prompts left to the longest, and responses right to the longest (a block multiple)."""
+    """Pads prompts left to the longest, and responses right to the longest."""
 
     pad_token_id: int
     block_size: int
+    absolute: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        responses = _responses(features, "response_ids", self.block_size)
+        responses = _responses(features, "response_ids", self.block_size, self.absolute)
         out = _prompts(features, self.pad_token_id)
         out["response_ids"], out["response_mask"] = _pad(responses, self.pad_token_id, max(map(len, responses)), False)
         out["index"] = _index(features)

@@ -15,10 +15,30 @@ from dtrpo.tasks import score_batch
 class SamplingArgs:
     """Sampler settings shared by `generate`, `eval`, `pairs` and the demo (method.md section 8)."""
 
-    gen_length: int = field(default=32, metadata={"help": "Tokens to generate at most (a multiple of the block size)."})
+    gen_length: int = field(
+        default=32,
+        metadata={
+            "help": "Tokens to generate (a multiple of the block size); on an absolute block grid (SDAR, Fast-dLLM "
+            "v2) up to the end of the block holding the last of them."
+        },
+    )
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "Block size; default: the model's own (required where its config.json has none)."},
+    )
     steps_per_block: int | None = field(default=None, metadata={"help": "Denoising steps per block; default: B."})
     remasking: str = field(default="low_confidence", metadata={"help": f"Which positions a step reveals: {REMASKING}."})
     threshold: float | None = field(default=None, metadata={"help": "Reveal every position above this confidence."})
+    sub_block_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Decode each block in sub-blocks of this size left to right (needs --threshold; Fast-dLLM v2: 8)."
+        },
+    )
+    fix_first_token: bool = field(
+        default=False,
+        metadata={"help": "Reveal a block's first token at its first step (Fast-dLLM v2's rule for shifted models)."},
+    )
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (0 = greedy)."})
     batch_size: int = field(default=32, metadata={"help": "Prompts per sampler batch."})
     chat_template: bool = field(default=False, metadata={"help": "Wrap prompts in the tokenizer's chat template."})
@@ -52,6 +72,8 @@ def sample_texts(model, tokenizer, adapter, prompts: list[str], s: SamplingArgs,
             s.temperature,
             seed=seed + n,
             eos_token_id=tokenizer.eos_token_id,
+            sub_block_size=s.sub_block_size,
+            fix_first_token=s.fix_first_token,
         )
         texts += [tokenizer.decode(seq, skip_special_tokens=True) for seq in out.sequences]
         nfe, seconds, tokens = nfe + out.nfe, seconds + out.seconds, tokens + sum(out.lengths)

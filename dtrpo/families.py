@@ -24,16 +24,22 @@ Choices for the full-attention families (LLaDA, Dream), which have no block size
   `remasked` (one pass) is cheaper but biased for full-attention models by an amount that must be
   measured, never assumed, so it is an opt-in (`--mode remasked`), not the default.
 
-Prompt attention: LLaDA and Dream attend fully. SDAR and Fast-dLLM v2 decode block-causally over the
-prompt too, with blocks aligned to absolute position 0 (the last partial prompt block shares a block
-with the first response tokens); the adapter's prompt rules are `full` or `causal`, and `causal` is
-the closer one (identical for block size 1; the only difference is attention to later prompt tokens
-of the same block).
+Prompt attention and block grid: LLaDA and Dream attend fully, and their blocks (a decoding schedule
+only) start at the response. SDAR and Fast-dLLM v2 count blocks from absolute position 0 and attend
+block-causally over the prompt too, the prompt's last partial block shared with the first response
+tokens (`prompt_attention="block_causal"`, the absolute grid of `masking`): dtrpo scores and samples
+them on that grid, so every state it scores is one their own samplers produce.
+
+Block size: SDAR/TraDo read `block_size` from config.json and some published SDAR configs carry none;
+such a checkpoint is refused unless `block_size` is passed (it is never guessed). Fast-dLLM v2
+documents one block size (32, `bd_size`): a config without it loads with 32 and a warning. The value
+used is written into the adapter, the native config and `dtrpo_config.json`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from dataclasses import dataclass, field, replace
@@ -57,6 +63,7 @@ from transformers import (
 
 from dtrpo.models import ModelAdapter, adapter_from_config, load_tokenizer, read_config_json
 
+logger = logging.getLogger(__name__)
 FULL_ATTENTION_BLOCK_SIZE = 32
 NATIVE_CLASSES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -82,6 +89,7 @@ class Family:
     attention: str
     prompt_attention: str
     block_size_key: str | None  # config key of the block size; None: FULL_ATTENTION_BLOCK_SIZE
+    documented_block_size: int | None  # used (with a warning) when the config has no block size; None: refuse
     # (family name, native name) templates, `{i}` = layer index; empty: native names on disk
     names: tuple[tuple[str, str], ...] = ()
 
@@ -123,6 +131,7 @@ FAMILIES = {
         "full",
         "full",
         None,
+        None,
         LLADA_NAMES,
     ),
     "dream": Family(
@@ -137,6 +146,7 @@ FAMILIES = {
         True,
         "full",
         "full",
+        None,
         None,
     ),
     "sdar": Family(
@@ -154,8 +164,9 @@ FAMILIES = {
         False,
         False,
         "block_causal",
-        "causal",
+        "block_causal",
         "block_size",
+        None,  # SDAR/TraDo configs that carry it say 4, but SDAR-4B-Chat carries none: never guessed
     ),
     "fast_dllm_v2": Family(
         "fast_dllm_v2",
@@ -172,8 +183,9 @@ FAMILIES = {
         False,
         True,
         "block_causal",
-        "causal",
+        "block_causal",
         "bd_size",
+        32,  # Fast-dLLM v2's one documented block size
     ),
 }
 
@@ -454,8 +466,38 @@ def mark_diffusion(config, adapter: ModelAdapter) -> None:
         config.is_causal = False  # a plain model(ids) call is then bidirectional too, as the family decodes
 
 
+def family_block_size(config: dict, fam: Family, path: Path, block_size: int | None) -> int:
+    """The block size to use: the one asked for, else the config's, else the family's documented one
+    (with a warning), else an error naming `--block_size`. Full-attention families have none of their
+    own: FULL_ATTENTION_BLOCK_SIZE, a decoding schedule choice."""
+    if block_size is not None:
+        return int(block_size)
+    if fam.block_size_key is None:
+        return FULL_ATTENTION_BLOCK_SIZE
+    if config.get(fam.block_size_key) is not None:
+        return int(config[fam.block_size_key])
+    if fam.documented_block_size is None:
+        raise ValueError(
+            f"{path}/config.json has no {fam.block_size_key!r}: the {fam.name} block size is not guessed; "
+            f"pass --block_size (block_size= in Python) with the block size the checkpoint was trained with"
+        )
+    logger.warning(
+        "%s/config.json has no %r: using the %s documented block size %d; pass --block_size if it was trained "
+        "with another",
+        path,
+        fam.block_size_key,
+        fam.name,
+        fam.documented_block_size,
+    )
+    return fam.documented_block_size
+
+
 def load_family(
-    path: str | Path, family: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+    path: str | Path,
+    family: str,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    block_size: int | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelAdapter]:
     """A family folder loaded into its native class. Departures from the native class, handled here:
     LLaDA is a Llama under OLMo names and keys (embedding rows may exceed the tokenizer); Dream and
@@ -468,11 +510,10 @@ def load_family(
     tensors = read_weights(path)
     tensors = {new: tensors[old] for old, new in rename(list(tensors), fam, to_native=True).items()}
     model = build_native(native, tensors, dtype, path)
-    block_size = config.get(fam.block_size_key) if fam.block_size_key else None
     adapter = ModelAdapter(
         family=fam.name,
         mask_token_id=find_mask_token(config, tokenizer, fam, model.config.vocab_size),
-        block_size=int(block_size or FULL_ATTENTION_BLOCK_SIZE),
+        block_size=family_block_size(config, fam, path, block_size),
         shifted=fam.shifted,
         attention=fam.attention,
         prompt_attention=fam.prompt_attention,
@@ -484,7 +525,10 @@ def load_family(
 
 
 def load_native_folder(
-    path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    block_size: int | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelAdapter]:
     """A transformers-native folder (the tiny model, or a family exported with format='native')."""
     path = Path(path)
@@ -494,6 +538,8 @@ def load_native_folder(
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, trust_remote_code=False, attn_implementation=attn_implementation
     )
+    if block_size is not None:
+        model.config.block_size = block_size
     adapter = adapter_from_config(model.config, tokenizer)
     if fam is not None:  # a family exported natively keeps its name and its default mode
         adapter = replace(adapter, family=fam.name, default_mode=fam.default_mode)
@@ -513,8 +559,10 @@ def load_model(
     attn_implementation: str = "sdpa",
     gradient_checkpointing: bool = False,
     device: str | torch.device | None = None,
+    block_size: int | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelAdapter]:
     """Load a local checkpoint folder; returns (model, tokenizer, adapter). No remote code runs.
+    `block_size` overrides the checkpoint's (and is required where its config has none).
 
     On a GPU: `dtype=torch.bfloat16, attn_implementation="flex_attention", device="cuda"` (the adapter
     then builds flex BlockMasks), and `gradient_checkpointing=True` for long sequences.
@@ -525,7 +573,9 @@ def load_model(
     family = family or detect_family(read_config_json(path), path)
     if family not in LOADERS:
         raise ValueError(f"unknown model family {family!r}; known families: {sorted(LOADERS)}")
-    model, tokenizer, adapter = LOADERS[family](path, dtype=dtype, attn_implementation=attn_implementation)
+    model, tokenizer, adapter = LOADERS[family](
+        path, dtype=dtype, attn_implementation=attn_implementation, block_size=block_size
+    )
     assert isinstance(adapter, ModelAdapter)
     if device is not None:
         model = model.to(device)

@@ -136,7 +136,10 @@ def adapter_from_config(config, tokenizer: PreTrainedTokenizerBase | None = None
         )
     block_size = getattr(config, "block_size", None)
     if block_size is None:
-        raise ValueError("config.json has no 'block_size': say which block size the model was trained with")
+        raise ValueError(
+            "config.json has no 'block_size': pass --block_size (block_size= in Python) with the block size the "
+            "model was trained with"
+        )
     attention = getattr(config, "dtrpo_attention", "block_causal")
     return ModelAdapter(
         family="native",

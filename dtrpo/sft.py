@@ -17,7 +17,7 @@ import torch
 from transformers import TrainingArguments
 
 from dtrpo.estimators import Batch, position_logprobs
-from dtrpo.masking import example_seed
+from dtrpo.masking import example_seed, response_blocks
 from dtrpo.trainer import DiffusionArguments, DiffusionTrainer, pad_id, tokenized
 
 OBJECTIVES = ("masked", "block")
@@ -40,16 +40,22 @@ class DiffusionSFTConfig(DiffusionArguments, TrainingArguments):
         super().__post_init__()
 
 
-def draw_sft_noise(response_ids, response_valid, seeds, mask_token_id, block_size, per_block: bool):
-    """Masked response and 1/t weights: one level per sequence, or one per block. (B, R) each."""
+def draw_sft_noise(response_ids, response_valid, seeds, mask_token_id, block_size, per_block: bool, tail=None):
+    """Masked response and 1/t weights: one level per sequence, or one per block of the grid (whose first
+    block holds `tail` prompt tokens on the absolute grid). (B, R) each. An example's draw depends on its
+    seed and its own length only."""
     B, R = response_ids.shape
-    levels, coins = torch.empty(B, R), torch.empty(B, R)
+    tail = torch.zeros(B, dtype=torch.long) if tail is None else tail.long().cpu()
+    block, _ = response_blocks(tail, R, block_size)  # (B, R)
+    levels, coins = torch.ones(B, R), torch.ones(B, R)
+    lengths = response_valid.sum(-1).tolist()
     for i, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(int(seed))
-        n_levels = R // block_size if per_block else 1
+        n = lengths[i]
+        n_levels = int(block[i, n - 1]) + 1 if per_block and n else 1
         t = MIN_LEVEL + (1 - MIN_LEVEL) * torch.rand(n_levels, generator=g)
-        levels[i] = t.repeat_interleave(R // n_levels)
-        coins[i] = torch.rand(R, generator=g)
+        levels[i, :n] = t[block[i, :n]] if per_block else t
+        coins[i, :n] = torch.rand(n, generator=g)
     levels, coins = levels.to(response_ids.device), coins.to(response_ids.device)
     masked = (coins < levels) & response_valid
     noisy = torch.where(masked, mask_token_id, response_ids)
@@ -60,7 +66,13 @@ def sft_loss(adapter, model, batch: Batch, seeds: list[int], objective: str) -> 
     """Per-token diffusion cross-entropy of one batch (a scalar)."""
     per_block = objective == "block"
     noisy, weights = draw_sft_noise(
-        batch.response_ids, batch.response_valid, seeds, adapter.mask_token_id, adapter.block_size, per_block
+        batch.response_ids,
+        batch.response_valid,
+        seeds,
+        adapter.mask_token_id,
+        adapter.block_size,
+        per_block,
+        adapter.tail(batch.prompt_valid),
     )
     logp, _ = position_logprobs(adapter, model, batch, noisy, weights != 0, "packed" if per_block else "remasked")
     return -(logp * weights).sum() / batch.response_valid.sum().clamp(min=1)
@@ -72,17 +84,19 @@ class DiffusionSFTTrainer(DiffusionTrainer):
     def __init__(self, model, args, adapter, processing_class, train_dataset=None, eval_dataset=None, **kwargs):
         from dtrpo.data import SFTCollator, build_sft_dataset
 
-        block_size = args.block_size or adapter.block_size
+        adapter = adapter.with_block_size(args.block_size)
         self.objective = args.objective or ("block" if adapter.block_causal else "masked")
 
-        collator = kwargs.pop("data_collator", None) or SFTCollator(pad_id(processing_class), block_size)
+        collator = kwargs.pop("data_collator", None) or SFTCollator(
+            pad_id(processing_class), adapter.block_size, adapter.absolute_grid
+        )
         super().__init__(
             model,
             args,
             adapter,
             processing_class,
-            train_dataset=tokenized(build_sft_dataset, train_dataset, processing_class, args, block_size),
-            eval_dataset=tokenized(build_sft_dataset, eval_dataset, processing_class, args, block_size),
+            train_dataset=tokenized(build_sft_dataset, train_dataset, processing_class, args, adapter),
+            eval_dataset=tokenized(build_sft_dataset, eval_dataset, processing_class, args, adapter),
             data_collator=collator,
             **kwargs,
         )

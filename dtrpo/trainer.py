@@ -132,12 +132,21 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
         )
 
 
-def tokenized(builder, data, tokenizer, args: DiffusionArguments, block_size: int):
-    """`data` (a path, rows or a Dataset) tokenized by `builder` under the configured limits, with the
-    truncation and dropped-row counts logged; an already tokenized Dataset passes through."""
+def tokenized(builder, data, tokenizer, args: DiffusionArguments, adapter: ModelAdapter):
+    """`data` (a path, rows or a Dataset) tokenized by `builder` under the configured limits on the
+    adapter's block grid, with the truncation and dropped-row counts logged; an already tokenized
+    Dataset passes through."""
     if data is None or "prompt_ids" in getattr(data, "column_names", []):
         return data
-    ds, stats = builder(data, tokenizer, block_size, args.max_prompt_length, args.max_response_length, args.truncation)
+    ds, stats = builder(
+        data,
+        tokenizer,
+        adapter.block_size,
+        args.max_prompt_length,
+        args.max_response_length,
+        args.truncation,
+        adapter.absolute_grid,
+    )
     logger.info("data %s: %s", data if isinstance(data, (str, Path)) else "<memory>", stats)
     if any(v for k, v in stats.items() if k.endswith("truncated")):
         logger.warning("data: truncated to the configured limits: %s", stats)
@@ -225,21 +234,23 @@ class DTRPOTrainer(DiffusionTrainer):
     ):
         from dtrpo.data import PreferenceCollator, build_preference_dataset
 
-        block_size = args.block_size or adapter.block_size
-        self.estimator_config = args.estimator_config(block_size)
+        adapter = adapter.with_block_size(args.block_size)
+        self.estimator_config = args.estimator_config(adapter.block_size)
         if ref_model is None and not _is_peft(model):
             ref_model = copy.deepcopy(model)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
 
-        collator = kwargs.pop("data_collator", None) or PreferenceCollator(pad_id(processing_class), block_size)
+        collator = kwargs.pop("data_collator", None) or PreferenceCollator(
+            pad_id(processing_class), adapter.block_size, adapter.absolute_grid
+        )
         super().__init__(
             model,
             args,
             adapter,
             processing_class,
-            train_dataset=tokenized(build_preference_dataset, train_dataset, processing_class, args, block_size),
-            eval_dataset=tokenized(build_preference_dataset, eval_dataset, processing_class, args, block_size),
+            train_dataset=tokenized(build_preference_dataset, train_dataset, processing_class, args, adapter),
+            eval_dataset=tokenized(build_preference_dataset, eval_dataset, processing_class, args, adapter),
             data_collator=collator,
             **kwargs,
         )

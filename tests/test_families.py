@@ -182,7 +182,7 @@ QWEN_BASE = {
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def write_dream(path: Path) -> Path:
+def write_dream(path: Path, **overrides) -> Path:
     # fact: Dream's config is Qwen2's with model_type "Dream", its own auto_map and mask_token_id;
     # its mask token is <|mask|>; its tokenizer_config names a remote DreamTokenizer class
     cfg = {
@@ -192,6 +192,7 @@ def write_dream(path: Path) -> Path:
         "tie_word_embeddings": False,
         "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
         "mask_token_id": 3,
+        **overrides,
     }
     write_folder(path, cfg, qwen_tensors(cfg, qkv_bias=True, qk_norm=False))
     write_tokenizer(
@@ -206,7 +207,7 @@ def write_dream(path: Path) -> Path:
     return path
 
 
-def write_sdar(path: Path, mask_token: str = "<|MASK|>") -> Path:
+def write_sdar(path: Path, mask_token: str = "<|MASK|>", **overrides) -> Path:
     # fact: SDAR's config is Qwen3's plus block_size (model_type "sdar"); its mask token <|MASK|> is found
     # in the tokenizer, not in the config. Tied embeddings and a head_dim unlike hidden/heads exercise Qwen3.
     cfg = {
@@ -222,13 +223,14 @@ def write_sdar(path: Path, mask_token: str = "<|MASK|>") -> Path:
         "head_dim": 16,
         "attention_bias": False,
         "block_size": 4,
+        **overrides,
     }
     write_folder(path, cfg, qwen_tensors(cfg, qkv_bias=False, qk_norm=True))
     write_tokenizer(path, [*QWEN_SPECIALS, mask_token], "<|im_end|>", "<|endoftext|>")
     return path
 
 
-def write_fast_dllm(path: Path) -> Path:
+def write_fast_dllm(path: Path, **overrides) -> Path:
     # fact: Fast-dLLM v2's config is Qwen2's plus bd_size (model_type "Fast_dLLM_Qwen"); mask token |<MASK>|
     cfg = {
         **QWEN_BASE,
@@ -240,6 +242,7 @@ def write_fast_dllm(path: Path) -> Path:
         },
         "tie_word_embeddings": False,
         "bd_size": 4,
+        **overrides,
     }
     write_folder(path, cfg, qwen_tensors(cfg, qkv_bias=True, qk_norm=False))
     write_tokenizer(path, [*QWEN_SPECIALS, "|<MASK>|"], "<|im_end|>", "<|endoftext|>")
@@ -253,10 +256,10 @@ EXPECTED = {
     "llada": (2, FULL_ATTENTION_BLOCK_SIZE, False, "full", "full", "exact"),
     # fact: Dream is shifted (position i-1 predicts token i), full attention
     "dream": (3, FULL_ATTENTION_BLOCK_SIZE, True, "full", "full", "exact"),
-    # fact: SDAR is unshifted, block-causal with the config's block_size, packed
-    "sdar": (3, 4, False, "block_causal", "causal", "packed"),
-    # fact: Fast-dLLM v2 is shifted, block-causal with the config's bd_size, packed
-    "fast_dllm_v2": (3, 4, True, "block_causal", "causal", "packed"),
+    # fact: SDAR is unshifted, block-causal with the config's block_size on the absolute grid, packed
+    "sdar": (3, 4, False, "block_causal", "block_causal", "packed"),
+    # fact: Fast-dLLM v2 is shifted, block-causal with the config's bd_size on the absolute grid, packed
+    "fast_dllm_v2": (3, 4, True, "block_causal", "block_causal", "packed"),
 }
 
 
@@ -397,15 +400,18 @@ class PositionRevealer(torch.nn.Module):
 
 @pytest.mark.parametrize("family", ["fast_dllm_v2", "dream"])
 def test_shifted_families_read_each_target_at_the_right_column(family, checkpoints):
-    """fact: Fast-dLLM v2 and Dream predict token i at position i-1. Packed layout [x | clean | noisy]
-    (Fast-dLLM v2): token j is read at noisy column j-1, except the first token of a block, read at the
-    last column of the previous *clean* block (the last prompt column for j = 0). Exact mode (Dream):
-    one copy, token j read at column j-1."""
+    """fact: Fast-dLLM v2 and Dream predict token i at position i-1. Packed layout on Fast-dLLM v2's
+    absolute grid [x | clean | noisy tail | noisy], prompt of 3 in blocks of 4 (the tail is the 3 prompt
+    tokens, so response tokens 1, 5, 9 start blocks): token j is read at noisy column j-1 (for j = 0 the
+    noisy tail's last column), except the first token of a block, read at the last column of the previous
+    *clean* block. Exact mode (Dream): one copy, token j read at column j-1."""
     _, _, adapter = load_model(checkpoints[family])
     adapter = adapter.with_block_size(4)
     P, R, bs = 3, 12, 4
     if adapter.default_mode == "packed":
-        cols = [P + j - 1 if j % bs == 0 else P + R + j - 1 for j in range(R)]
+        assert adapter.absolute_grid
+        noisy_start = P + R + P % bs
+        cols = [P + j - 1 if (P + j) % bs == 0 else noisy_start + j - 1 for j in range(R)]
     else:
         cols = [P + j - 1 for j in range(R)]
     batch = Batch(
@@ -562,14 +568,36 @@ def test_llada_option_without_llama_equivalent(tmp_path):
 # ----------------------------------------------------------------------------- GPU
 
 
+# flex attention refuses head dimensions below 16: the GPU checkpoints use two heads of 16
+FLEX_SHAPES = {
+    "llada": {"n_heads": 2, "n_kv_heads": 2},
+    "dream": {"num_attention_heads": 2, "num_key_value_heads": 1},
+    "sdar": {"num_attention_heads": 2, "num_key_value_heads": 1},
+    "fast_dllm_v2": {"num_attention_heads": 2, "num_key_value_heads": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def flex_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("flex")
+    torch.manual_seed(0)
+    return {name: write(root / name, **FLEX_SHAPES[name]) for name, write in WRITERS.items()}
+
+
+def test_flex_checkpoints_have_head_dimension_16(flex_checkpoints):
+    for family, path in flex_checkpoints.items():
+        model, _, _ = load_model(path)
+        assert model.model.layers[0].self_attn.head_dim >= 16, family
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("family", list(WRITERS))
-def test_gpu_bf16_flex_attention_and_checkpointing(family, checkpoints):
+def test_gpu_bf16_flex_attention_and_checkpointing(family, flex_checkpoints):
     from torch.nn.attention.flex_attention import BlockMask
 
     model, _, adapter = load_model(
-        checkpoints[family],
+        flex_checkpoints[family],
         dtype=torch.bfloat16,
         attn_implementation="flex_attention",
         gradient_checkpointing=True,
@@ -642,8 +670,9 @@ def test_two_lora_training_steps_leave_the_base_alone(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("family", list(WRITERS))
 def test_generate_with_each_familys_own_attention(family, checkpoints):
-    """Block-causal families decode with the KV cache exactly as without it; full-attention families
-    decode over a fixed canvas. Every family fills its generation length with real tokens."""
+    """Block-causal families decode with the KV cache exactly as without it, on their absolute grid;
+    full-attention families decode over a fixed canvas. Every family fills its generation length with
+    real tokens."""
     from dtrpo.sampler import generate
 
     model, tokenizer, adapter = load_model(checkpoints[family])
@@ -653,10 +682,12 @@ def test_generate_with_each_familys_own_attention(family, checkpoints):
     ]
     bs = adapter.block_size
     out = generate(adapter, model, prompts, gen_length=2 * bs, steps_per_block=bs, use_cache=True)
-    assert out.blocks == 2 and all(adapter.mask_token_id not in seq for seq in out.sequences)
+    assert all(adapter.mask_token_id not in seq for seq in out.sequences)
     again = generate(adapter, model, prompts, gen_length=2 * bs, steps_per_block=bs, use_cache=False)
     assert again.sequences == out.sequences
-    if adapter.block_causal:
-        assert out.nfe == 1 + 2 * bs + 1  # prefill, steps, one cache commit between the blocks
+    if adapter.block_causal:  # bs = 4: prompts of 2 and 5 leave 2 and 3 response slots in the shared first block
+        assert out.blocks == 3 and out.lengths == [2 + 2 * bs, 3 + 2 * bs]
+        assert out.nfe == 1 + (3 + bs + bs) + 2  # prefill, steps (one token each), two cache commits
     else:
+        assert out.blocks == 2 and out.lengths == [2 * bs, 2 * bs]
         assert out.nfe == 2 * bs  # one full-canvas pass per step, no cache
