@@ -347,10 +347,13 @@ def _fit_response(
         m -= (lead + m) % bs  # the longest response that ends on the grid
     if m is not None and n > m:
         if limits.truncation == "error":
-            grid = f" (the block grid leaves {m} of max_response_length={limits.max_response_length})" if lead else ""
-            raise _error(
-                where, field, f"is {n} tokens with its EOS, over max_response_length={m}{grid} (truncation='error')"
-            )
+            limit = f"max_response_length={m}"
+            if lead:
+                limit = (
+                    f"the {m} that max_response_length={limits.max_response_length} leaves on the block grid "
+                    f"after a prompt of {prompt_len}"
+                )
+            raise _error(where, field, f"is {n} tokens with its EOS, over {limit} (truncation='error')")
         return ids[:m], True
     width = -(-(lead + n) // bs) * bs - lead
     return ids + [eos] * (width - len(ids)), False
