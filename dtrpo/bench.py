@@ -166,3 +166,47 @@ def sampler_throughput(args: BenchArgs) -> dict:
         }
         for cache, r in rows.items()
     }
+
+
+def grid_costs(args: BenchArgs) -> dict:
+    """Per-pair step time of packed dTRPO on the absolute block grid (SDAR/Fast-dLLM v2: block-causal
+    prompt, the prompt tail copied into the noisy half) against the response grid (blocks starting at
+    the response), side by side on the same tiny model and batch. Prompt lengths mix every remainder
+    P % B, so the tail copy is as wide as it gets (B - 1 columns)."""
+    tok = make_char_tokenizer()
+    policy = make_tiny_model(tok, args.block_size, args.hidden_size, args.num_layers, seed=0).train()
+    ref = make_tiny_model(tok, args.block_size, args.hidden_size, args.num_layers, seed=1)
+    response_grid = adapter_from_config(policy.config, tok)
+    adapters = {
+        "response_grid": response_grid,
+        "absolute_grid": replace(response_grid, prompt_attention="block_causal"),
+    }
+    g = torch.Generator().manual_seed(3)
+    n, P, R, bs = args.pairs, args.prompt_length, args.response_length, args.block_size
+    lengths = [P - i % bs for i in range(n)] * 2  # chosen and rejected share their prompt
+    prompt_valid = torch.tensor([[False] * (P - m) + [True] * m for m in lengths])
+    batch = Batch(
+        torch.randint(4, 99, (2 * n, P), generator=g),
+        prompt_valid,
+        torch.randint(4, 99, (2 * n, R), generator=g),
+        torch.ones(2 * n, R, dtype=torch.bool),
+    )
+    cfg = EstimatorConfig(steps_per_block=args.steps_per_block)
+    times = {name: [] for name in adapters}
+    for rep in range(args.repeats + 1):
+        for name, adapter in adapters.items():
+            policy.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            _step(adapter, policy, ref, batch, cfg, list(range(2 * n)), n)
+            if rep:  # the first round warms up
+                times[name].append((time.perf_counter() - start) / n)
+    tail = int(adapters["absolute_grid"].tail(prompt_valid).max())
+    base = statistics.median(times["response_grid"])
+    return {
+        name: {
+            "seconds_per_pair": statistics.median(t),
+            "packed_columns": P + 2 * R + (tail if name == "absolute_grid" else 0),
+            "ratio_to_response_grid": statistics.median(t) / base,
+        }
+        for name, t in times.items()
+    }

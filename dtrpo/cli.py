@@ -370,12 +370,13 @@ def demo_main(argv: list[str]) -> None:
 
 @command("bench", "time a training step of each estimator side by side; writes JSON")
 def bench_main(argv: list[str]) -> None:
-    from dtrpo.bench import BenchArgs, estimator_costs, estimator_statistics, sampler_throughput
+    from dtrpo.bench import BenchArgs, estimator_costs, estimator_statistics, grid_costs, sampler_throughput
 
     (args,) = parse([BenchArgs], argv, "dtrpo bench", COMMANDS["bench"][1])
     report = estimator_costs(args)
     report["statistics"] = estimator_statistics(args)
     report["sampler"] = sampler_throughput(args)
+    report["block_grid"] = grid_costs(args)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
     for name, row in report["estimators"].items():
@@ -393,6 +394,11 @@ def bench_main(argv: list[str]) -> None:
             )
     for name, r in report["sampler"].items():
         print(f"sampler {name:<10} {r['tokens_per_second']:8.0f} tokens/s  NFE {r['nfe']}  ({r['prompts']} prompts)")
+    for name, r in report["block_grid"].items():
+        print(
+            f"packed dtrpo, {name:<13} {r['seconds_per_pair'] * 1e3:7.1f} ms/pair  {r['packed_columns']} columns"
+            f"  x{r['ratio_to_response_grid']:.2f}"
+        )
     print(f"wrote {args.output}")
 
 
