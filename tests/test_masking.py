@@ -104,3 +104,15 @@ def test_bad_options():
         draw_block_states(ids, valid, [0], MASK, 8, 4, targets="everything")
     with pytest.raises(ValueError, match="steps_per_block must be positive"):
         draw_block_states(ids, valid, [0], MASK, 8, 0)
+
+
+def test_an_examples_draw_does_not_depend_on_its_batch_width():
+    """The reference precomputed in one batch and the policy scored in another must see the same state:
+    an example's draw depends on its seed and its own length, not on the batch's padded width R."""
+    ids = torch.arange(8).view(1, 8) + 10
+    alone = draw_block_states(ids, torch.ones(1, 8, dtype=torch.bool), [5], MASK, 4, 2)
+    wide = torch.cat([ids, torch.zeros(1, 8, dtype=torch.long)], 1)
+    valid = torch.tensor([[True] * 8 + [False] * 8])
+    padded = draw_block_states(wide, valid, [5], MASK, 4, 2)
+    assert torch.equal(padded.noisy_ids[:, :8], alone.noisy_ids)
+    assert torch.equal(padded.weights[:, :8], alone.weights) and (padded.weights[:, 8:] == 0).all()
