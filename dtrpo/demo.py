@@ -95,7 +95,7 @@ def _train_args(cls, out: Path, steps: int, lr: float, seed: int, batch: int, sc
         data_seed=seed,
         use_cpu=not torch.cuda.is_available(),
         max_prompt_length=64,
-        max_response_length=64,
+        max_completion_length=64,
         disable_tqdm=False,
         logging_steps=10,
         **extra,

@@ -142,7 +142,7 @@ def adapter_from_config(config, tokenizer: PreTrainedTokenizerBase | None = None
         )
     attention = getattr(config, "dtrpo_attention", "block_causal")
     return ModelAdapter(
-        family="native",
+        family=getattr(config, "dtrpo_family", "native"),
         mask_token_id=int(mask_id),
         block_size=int(block_size),
         shifted=bool(getattr(config, "dtrpo_shifted", False)),

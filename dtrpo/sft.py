@@ -12,13 +12,14 @@ Both are normalised by the number of response tokens, so the loss is a per-token
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
 
 from dtrpo.estimators import Batch, position_logprobs
 from dtrpo.masking import example_seed, response_blocks
-from dtrpo.trainer import DiffusionArguments, DiffusionTrainer, pad_id, tokenized
+from dtrpo.trainer import DiffusionArguments, DiffusionTrainer, pad_id, resolve_model, tokenized
 
 OBJECTIVES = ("masked", "block")
 MIN_LEVEL = 1e-3  # t is drawn in [MIN_LEVEL, 1] so that 1/t stays bounded
@@ -81,15 +82,28 @@ def sft_loss(adapter, model, batch: Batch, seeds: list[int], objective: str) -> 
 class DiffusionSFTTrainer(DiffusionTrainer):
     """Masked- or block-diffusion SFT on prompt/completion data."""
 
-    def __init__(self, model, args, adapter, processing_class, train_dataset=None, eval_dataset=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: DiffusionSFTConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        callbacks=None,
+        adapter=None,
+        **kwargs,
+    ):
         from dtrpo.data import SFTCollator, build_sft_dataset
 
-        adapter = adapter.with_block_size(args.block_size)
+        if args is None:
+            name = Path(model).name if isinstance(model, (str, Path)) else "model"
+            args = DiffusionSFTConfig(output_dir=f"{name}-SFT")
+        model, processing_class, adapter = resolve_model(model, processing_class, adapter, args, peft_config)
         self.objective = args.objective or ("block" if adapter.block_causal else "masked")
 
-        collator = kwargs.pop("data_collator", None) or SFTCollator(
-            pad_id(processing_class), adapter.block_size, adapter.absolute_grid
-        )
+        collator = data_collator or SFTCollator(pad_id(processing_class), adapter.block_size, adapter.absolute_grid)
         super().__init__(
             model,
             args,
@@ -98,11 +112,14 @@ class DiffusionSFTTrainer(DiffusionTrainer):
             train_dataset=tokenized(build_sft_dataset, train_dataset, processing_class, args, adapter),
             eval_dataset=tokenized(build_sft_dataset, eval_dataset, processing_class, args, adapter),
             data_collator=collator,
+            callbacks=callbacks,
             **kwargs,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = Batch(inputs["prompt_ids"], inputs["prompt_mask"], inputs["response_ids"], inputs["response_mask"])
+        if model.training:
+            self.count_tokens(inputs["prompt_mask"], inputs["response_mask"])
         epoch = int(self.state.epoch or 0)
         seeds = [example_seed(self.args.seed, i, epoch, "sft") for i in inputs["index"].tolist()]
         loss = sft_loss(self.adapter, model, batch, seeds, self.objective)

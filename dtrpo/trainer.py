@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import logging
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +39,24 @@ class DiffusionArguments:
     max_prompt_length: int | None = field(
         default=512, metadata={"help": "Prompts longer than this keep their last tokens (left truncation)."}
     )
-    max_response_length: int | None = field(
-        default=256, metadata={"help": "Longest response in tokens, EOS included; a multiple of the block size."}
+    max_completion_length: int | None = field(
+        default=256, metadata={"help": "Longest completion in tokens, EOS included; a multiple of the block size."}
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cap on prompt + completion: completions keep max_completion_length, prompts get what is left."
+        },
     )
     truncation: str = field(
         default="truncate",
-        metadata={"help": "Over-long responses: 'truncate' (keep the first tokens, counted) or 'error' (refuse)."},
+        metadata={"help": "Over-long completions: 'truncate' (keep the first tokens, counted) or 'error' (refuse)."},
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Set every dropout probability of the model (and reference) to 0, as TRL."}
+    )
+    max_response_length: int | None = field(
+        default=None, metadata={"help": "Deprecated: use --max_completion_length (removed in the next release)."}
     )
 
     # defaults that differ from TrainingArguments
@@ -52,14 +65,39 @@ class DiffusionArguments:
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU; 140x slower on these CPUs)."})
 
     def _validate_diffusion(self) -> None:
+        _deprecated(self, "max_response_length", "max_completion_length")
         if self.block_size is not None and self.block_size <= 0:
             raise ValueError(f"--block_size must be positive, got {self.block_size}")
-        for name in ("max_prompt_length", "max_response_length"):
+        for name in ("max_prompt_length", "max_completion_length", "max_length"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}")
+        if self.max_length is not None and self.max_length <= (self.max_completion_length or 0):
+            raise ValueError(
+                f"--max_length={self.max_length} leaves no room for a prompt after "
+                f"--max_completion_length={self.max_completion_length}"
+            )
         if self.truncation not in ("truncate", "error"):
             raise ValueError(f"--truncation must be 'truncate' or 'error', got {self.truncation!r}")
+
+
+def _deprecated(config, old: str, new: str) -> None:
+    """An old field name still works for one release: its value moves to the new field, with a warning."""
+    value = getattr(config, old)
+    if value is None or value is False:
+        return
+    warnings.warn(f"--{old} is deprecated; use --{new} (it will be removed in the next release)", FutureWarning, 2)
+    setattr(config, new, value)
+    setattr(config, old, None)
+
+
+def prompt_limit(args: DiffusionArguments) -> int | None:
+    """The prompt budget: max_prompt_length, lowered so that prompt + completion fits max_length."""
+    limits = [args.max_prompt_length]
+    if args.max_length is not None:
+        limits.append(args.max_length - (args.max_completion_length or 0))
+    limits = [m for m in limits if m is not None]
+    return min(limits) if limits else None
 
 
 @dataclass
@@ -67,7 +105,12 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
     """Training arguments of `transformers.TrainingArguments` plus the dTRPO fields (method.md)."""
 
     beta: float = field(default=0.1, metadata={"help": "KL strength beta of the preference loss."})
-    loss_type: str = field(default="sigmoid", metadata={"help": f"Preference loss: one of {sorted(LOSSES)}."})
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={
+            "help": f"Preference loss, or several summed with --loss_weights (TRL's list form): {sorted(LOSSES)}."
+        },
+    )
     label_smoothing: float = field(
         default=0.0, metadata={"help": "Label noise rate for 'sigmoid' (conservative DPO) and 'robust' losses."}
     )
@@ -84,12 +127,22 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
         default="unbiased", metadata={"help": "Per-block scale c of the dTRPO estimate: 'unbiased' (T_B) or 'one'."}
     )
     vrpo_samples: int = field(default=8, metadata={"help": "Monte Carlo samples n of the vrpo estimator."})
-    precompute_ref: bool = field(
+    loss_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Weights of the losses when --loss_type lists several (TRL's form); default: all 1."},
+    )
+    precompute_ref_log_probs: bool = field(
         default=False,
         metadata={
             "help": "Score the reference once per pair before training, with masks fixed per pair (the same "
             "draw every epoch); each step then runs the policy only (2 passes per pair, not 4)."
         },
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None, metadata={"help": "Batch size of the reference precompute; default: per_device_eval_batch_size."}
+    )
+    precompute_ref: bool | None = field(
+        default=None, metadata={"help": "Deprecated: use --precompute_ref_log_probs (removed in the next release)."}
     )
     trajectory_mode: str = field(
         default="exact", metadata={"help": "State evaluation mode of the trajectory estimator (ground truth)."}
@@ -97,10 +150,18 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
 
     def __post_init__(self) -> None:
         self._validate_diffusion()
+        _deprecated(self, "precompute_ref", "precompute_ref_log_probs")
         if self.beta <= 0:
             raise ValueError(f"--beta must be positive, got {self.beta}")
-        if self.loss_type not in LOSSES:
-            raise ValueError(f"--loss_type must be one of {sorted(LOSSES)}, got {self.loss_type!r}")
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        for name in self.loss_type:
+            if name not in LOSSES:
+                raise ValueError(f"--loss_type must be among {sorted(LOSSES)}, got {name!r}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"--loss_weights has {len(self.loss_weights)} weights for {len(self.loss_type)} losses {self.loss_type}"
+            )
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.steps_per_block is not None and self.steps_per_block <= 0:
@@ -142,8 +203,8 @@ def tokenized(builder, data, tokenizer, args: DiffusionArguments, adapter: Model
         data,
         tokenizer,
         adapter.block_size,
-        args.max_prompt_length,
-        args.max_response_length,
+        prompt_limit(args),
+        args.max_completion_length,
         args.truncation,
         adapter.absolute_grid,
     )
@@ -178,6 +239,40 @@ def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def resolve_model(model, processing_class, adapter: ModelAdapter | None, args: DiffusionArguments, peft_config=None):
+    """(model, tokenizer, adapter) from what a trainer was given: a model folder is loaded with the family
+    loaders (its tokenizer serves unless one is given); an adapter not given is read from the model's
+    config (every model `load_model` returns carries it); `peft_config` wraps the model with PEFT (LoRA
+    targets written with a family's own names are translated); dropout is switched off when asked."""
+    from dtrpo.models import adapter_from_config
+
+    if isinstance(model, (str, Path)):
+        from dtrpo.families import load_model
+
+        model, tokenizer, loaded = load_model(model, block_size=args.block_size)
+        processing_class, adapter = processing_class or tokenizer, adapter or loaded
+    if processing_class is None:
+        raise ValueError("processing_class (the tokenizer) is needed when the model is not given as a folder path")
+    if adapter is None:
+        config = getattr(getattr(model, "base_model", model), "config", None) or model.config
+        adapter = adapter_from_config(config, processing_class)
+    adapter = adapter.with_block_size(args.block_size)
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        from dtrpo.lora import lora_targets
+
+        targets = peft_config.target_modules
+        if targets is not None and not isinstance(targets, str):
+            peft_config.target_modules = lora_targets(model, adapter, list(targets))
+        model = get_peft_model(model, peft_config)
+    if args.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    return model, processing_class, adapter
+
+
 class DiffusionTrainer(Trainer):
     """Shared base: the adapter, a collator that pads prompts left and responses right, metric storage
     averaged over each logging window, and the resolved config written beside every checkpoint."""
@@ -185,6 +280,7 @@ class DiffusionTrainer(Trainer):
     def __init__(self, model, args, adapter: ModelAdapter, processing_class, **kwargs):
         self.adapter = adapter.with_block_size(args.block_size)
         self._stored = defaultdict(lambda: defaultdict(list))
+        self._num_tokens = 0  # prompt and completion tokens trained on so far, all processes (TRL's num_tokens)
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
         # compute_loss returns a per-batch mean, not a sum over num_items_in_batch: let the Trainer divide
         # it by the gradient-accumulation steps whatever the model's forward accepts
@@ -195,12 +291,19 @@ class DiffusionTrainer(Trainer):
             value = self.accelerator.gather_for_metrics(value.detach().float().reshape(-1))
             self._stored[split][key].append(value.mean().item())
 
+    def count_tokens(self, *valid: torch.Tensor) -> None:
+        """Add a training batch's real tokens (summed over processes) to `num_tokens`."""
+        n = sum(v.sum() for v in valid).reshape(1).float()
+        self._num_tokens += int(self.accelerator.gather_for_metrics(n).sum().item())
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if split == "eval" else ""
         for key, values in self._stored[split].items():
             logs[prefix + key] = sum(values) / len(values)
         self._stored[split].clear()
+        if split == "train" and "loss" in logs:
+            logs["num_tokens"] = self._num_tokens
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -214,34 +317,44 @@ class DiffusionTrainer(Trainer):
 
 
 class DTRPOTrainer(DiffusionTrainer):
-    """Offline preference optimization of a diffusion LM (dTRPO and the baseline estimators).
+    """Offline preference optimization of a diffusion LM (dTRPO and the baseline estimators), built as
+    TRL's `DPOTrainer` is: `DTRPOTrainer(model, ref_model=None, args=None, data_collator=None,
+    train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None, callbacks=None)`.
 
-    The reference is a frozen copy of the starting model in eval mode, or, for a PEFT model without
-    `ref_model`, the same model with its adapters disabled. Chosen and rejected go through the policy
-    in one batch, and through the reference in one batch, with the same re-masking draws.
+    `model` is a model or a checkpoint folder (any family `load_model` reads); the adapter (mask token,
+    block grid, shift) is read from the model unless given. The reference is `ref_model`, else a frozen
+    copy of the starting model in eval mode, or, for a PEFT model (or `peft_config`), the same model with
+    its adapters disabled. Chosen and rejected go through the policy in one batch, and through the
+    reference in one batch, with the same re-masking draws.
     """
 
     def __init__(
         self,
         model,
-        args: DTRPOConfig,
-        adapter: ModelAdapter,
-        processing_class,
+        ref_model=None,
+        args: DTRPOConfig | None = None,
+        data_collator=None,
         train_dataset=None,
         eval_dataset=None,
-        ref_model=None,
+        processing_class=None,
+        peft_config=None,
+        callbacks=None,
+        adapter: ModelAdapter | None = None,
         **kwargs,
     ):
         from dtrpo.data import PreferenceCollator, build_preference_dataset
 
-        adapter = adapter.with_block_size(args.block_size)
+        if args is None:
+            name = Path(model).name if isinstance(model, (str, Path)) else "model"
+            args = DTRPOConfig(output_dir=f"{name}-dTRPO")
+        model, processing_class, adapter = resolve_model(model, processing_class, adapter, args, peft_config)
         self.estimator_config = args.estimator_config(adapter.block_size)
         if ref_model is None and not _is_peft(model):
             ref_model = copy.deepcopy(model)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
 
-        collator = kwargs.pop("data_collator", None) or PreferenceCollator(
+        collator = data_collator or PreferenceCollator(
             pad_id(processing_class), adapter.block_size, adapter.absolute_grid
         )
         super().__init__(
@@ -252,12 +365,13 @@ class DTRPOTrainer(DiffusionTrainer):
             train_dataset=tokenized(build_preference_dataset, train_dataset, processing_class, args, adapter),
             eval_dataset=tokenized(build_preference_dataset, eval_dataset, processing_class, args, adapter),
             data_collator=collator,
+            callbacks=callbacks,
             **kwargs,
         )
         self.ref_model = None
         if ref_model is not None:
             self.ref_model = ref_model.to(self.accelerator.device)
-        if args.precompute_ref and self.train_dataset is not None:
+        if args.precompute_ref_log_probs and self.train_dataset is not None:
             self.train_dataset = self.precompute_reference(self.train_dataset)
             self.data_collator = WithReference(self.data_collator)
 
@@ -273,7 +387,7 @@ class DTRPOTrainer(DiffusionTrainer):
     def _draw(self, model, inputs, batch: Batch):
         """The re-masking draws of a batch, from per-example seeds (fixed across epochs when the
         reference is precomputed, since its scores belong to one draw)."""
-        epoch = 0 if self.args.precompute_ref else int(self.state.epoch or 0)
+        epoch = 0 if self.args.precompute_ref_log_probs else int(self.state.epoch or 0)
         index = inputs["index"].tolist()
         seeds = [example_seed(self.args.seed, i, epoch, side) for side in ("chosen", "rejected") for i in index]
         with self.reference(model) as ref:
@@ -282,9 +396,8 @@ class DTRPOTrainer(DiffusionTrainer):
     @torch.no_grad()
     def precompute_reference(self, dataset):
         """`dataset` with `ref_chosen` / `ref_rejected`: the reference's score of each pair's fixed draw."""
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator
-        )
+        size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        loader = torch.utils.data.DataLoader(dataset, batch_size=size, collate_fn=self.data_collator)
         scores = {}
         for inputs in loader:
             inputs = self._prepare_inputs(inputs)
@@ -309,9 +422,21 @@ class DTRPOTrainer(DiffusionTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         losses, metrics = self.pair_losses(model, inputs)
         split = "train" if model.training else "eval"
+        if model.training:
+            self.count_tokens(inputs["prompt_mask"], inputs["chosen_mask"], inputs["rejected_mask"])
         self.store_metrics(metrics, split)
         loss = losses.mean()
         return (loss, {"losses": losses}) if return_outputs else loss
+
+    def preference_losses(self, chosen: torch.Tensor, rejected: torch.Tensor):
+        """The configured loss (or the weighted sum of several, TRL's `loss_type` list) and its metrics."""
+        a = self.args
+        weights = a.loss_weights or [1.0] * len(a.loss_type)
+        total, metrics = 0.0, {}
+        for name, weight in zip(a.loss_type, weights, strict=True):
+            losses, metrics = preference_loss(chosen, rejected, a.beta, name, a.label_smoothing)
+            total = total + weight * losses
+        return total, metrics
 
     def pair_losses(self, model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses and metrics for one collated batch."""
@@ -325,9 +450,7 @@ class DTRPOTrainer(DiffusionTrainer):
             with torch.no_grad(), self.reference(model) as ref:
                 reference, _ = score(self.adapter, ref, batch, states)
         logratios = policy - reference  # (2n,)
-        losses, metrics = preference_loss(
-            logratios[:n], logratios[n:], self.args.beta, self.args.loss_type, self.args.label_smoothing
-        )
+        losses, metrics = self.preference_losses(logratios[:n], logratios[n:])
         targets = sum((s.weights != 0).sum(-1).float() for s in states)
         metrics.update(
             {

@@ -642,7 +642,7 @@ def two_steps(model, tokenizer, adapter, tmp_path):
         report_to=[],
         steps_per_block=2,
         block_size=4,
-        max_response_length=8,
+        max_completion_length=8,
     )
     trainer = DTRPOTrainer(model=model, args=args, adapter=adapter, processing_class=tokenizer, train_dataset=PAIRS)
     trainer.train()

@@ -235,7 +235,7 @@ def test_precomputed_reference_gives_the_same_first_epoch(tmp_path, tokenizer):
     changes the cost (2 passes per pair, not 4), not the losses."""
     init = make_tiny_model(tokenizer, block_size=4)
     live = train(copy.deepcopy(init), tokenizer, make_args(tmp_path / "a", max_steps=2))
-    pre = train(copy.deepcopy(init), tokenizer, make_args(tmp_path / "b", max_steps=2, precompute_ref=True))
+    pre = train(copy.deepcopy(init), tokenizer, make_args(tmp_path / "b", max_steps=2, precompute_ref_log_probs=True))
     a = [h for h in live.state.log_history if "loss" in h]
     b = [h for h in pre.state.log_history if "loss" in h]
     assert len(a) == len(b) == 2

@@ -1,0 +1,120 @@
+"""The public API as a TRL user meets it: `from dtrpo import DTRPOConfig, DTRPOTrainer, load_model`,
+the trainer built as TRL's README builds `DPOTrainer`, TRL's config names (old names deprecated),
+`peft_config` inside the trainer, TRL's list form of `loss_type`, and `num_tokens`."""
+
+import datasets
+import pytest
+import torch
+from peft import LoraConfig
+
+import dtrpo
+from dtrpo import DTRPOConfig, DTRPOTrainer, load_model
+from dtrpo.losses import preference_loss
+from dtrpo.models import init_tiny
+
+PAIRS = [{"prompt": f"{i}+{i}=", "chosen": "a" * (3 + i % 4), "rejected": "zz" * (1 + i % 3)} for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return init_tiny(tmp_path_factory.mktemp("api") / "tiny", block_size=4, hidden_size=32)
+
+
+def args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=2,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        report_to=[],
+    )
+    return DTRPOConfig(**{**base, **kw})
+
+
+def test_built_as_trl_builds_dpo_trainer(tiny_folder, tmp_path):
+    # TRL's README: model, tokenizer = from_pretrained(...); train_dataset = load_dataset(...);
+    # DPOTrainer(model=model, args=training_args, processing_class=tokenizer, train_dataset=train_dataset)
+    model, tokenizer, _ = load_model(tiny_folder)
+    train_dataset = datasets.Dataset.from_list(PAIRS)
+    training_args = args(tmp_path)
+    trainer = DTRPOTrainer(model=model, args=training_args, processing_class=tokenizer, train_dataset=train_dataset)
+    assert trainer.adapter.block_size == 4 and trainer.adapter.mask_token_id == tokenizer.mask_token_id
+    before = model.model.norm.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(model.model.norm.weight, before)
+    assert dtrpo.__all__ and dtrpo.DTRPOTrainer is DTRPOTrainer
+
+
+def test_model_as_a_folder_path_and_tokens_counted(tiny_folder, tmp_path):
+    trainer = DTRPOTrainer(str(tiny_folder), args=args(tmp_path, logging_steps=1), train_dataset=PAIRS)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    # 2 steps x 4 pairs: every prompt, chosen and rejected token (EOS padding to the block grid included)
+    ds = trainer.train_dataset
+    per_pair = [len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+    assert logged[-1]["num_tokens"] == sum(per_pair)  # 8 pairs seen once in 2 steps of 4
+    assert logged[0]["num_tokens"] < logged[-1]["num_tokens"]
+
+
+def test_peft_config_inside_the_trainer(tiny_folder, tmp_path):
+    model, tokenizer, _ = load_model(tiny_folder)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    peft_config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = DTRPOTrainer(
+        model, args=args(tmp_path), processing_class=tokenizer, train_dataset=PAIRS, peft_config=peft_config
+    )
+    assert trainer.ref_model is None  # the reference is the same model with its adapters disabled
+    lora = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_B" in k}
+    trainer.train()
+    assert lora and all(not torch.equal(trainer.model.state_dict()[k], v) for k, v in lora.items())
+    with trainer.model.disable_adapter():
+        for k, v in trainer.model.base_model.model.state_dict().items():
+            if "lora_" not in k and k.replace(".base_layer", "") in base:
+                assert torch.equal(v, base[k.replace(".base_layer", "")]), k
+
+
+def test_loss_type_list_is_the_weighted_sum(tiny_folder, tmp_path):
+    trainer = DTRPOTrainer(
+        str(tiny_folder),
+        args=args(tmp_path, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5]),
+        train_dataset=PAIRS,
+    )
+    chosen, rejected = torch.tensor([0.3, -1.0]), torch.tensor([0.1, 2.0])
+    got, _ = trainer.preference_losses(chosen, rejected)
+    sig, _ = preference_loss(chosen, rejected, 0.1, "sigmoid")
+    ipo, _ = preference_loss(chosen, rejected, 0.1, "ipo")
+    torch.testing.assert_close(got, sig + 0.5 * ipo)
+    assert DTRPOConfig(output_dir=str(tmp_path), loss_type="hinge").loss_type == ["hinge"]  # a string is a list of one
+    with pytest.raises(ValueError, match="--loss_weights has 1 weights for 2 losses"):
+        args(tmp_path, loss_type=["sigmoid", "ipo"], loss_weights=[1.0])
+
+
+def test_old_names_still_work_with_a_warning_naming_the_new_one(tmp_path):
+    with pytest.warns(FutureWarning, match="--precompute_ref is deprecated; use --precompute_ref_log_probs"):
+        a = args(tmp_path, precompute_ref=True)
+    assert a.precompute_ref_log_probs is True and a.precompute_ref is None
+    with pytest.warns(FutureWarning, match="--max_response_length is deprecated; use --max_completion_length"):
+        a = args(tmp_path, max_response_length=16)
+    assert a.max_completion_length == 16
+
+
+def test_max_length_leaves_the_prompt_what_the_completion_does_not_use(tiny_folder, tmp_path):
+    long = [{"prompt": "p" * 40, "chosen": "ab", "rejected": "c"}]
+    trainer = DTRPOTrainer(
+        str(tiny_folder), args=args(tmp_path, max_length=24, max_completion_length=8), train_dataset=long
+    )
+    assert len(trainer.train_dataset[0]["prompt_ids"]) == 16
+    with pytest.raises(ValueError, match="--max_length=8 leaves no room for a prompt"):
+        args(tmp_path, max_length=8, max_completion_length=8)
+
+
+def test_dropout_disabled_as_trl_does(tmp_path, tokenizer):
+    from dtrpo.models import make_tiny_model
+
+    model = make_tiny_model(tokenizer, block_size=4)
+    model.model.layers[0].mlp.dropout = torch.nn.Dropout(0.3)  # a model that has dropout
+    DTRPOTrainer(model, args=args(tmp_path), processing_class=tokenizer, train_dataset=PAIRS)
+    assert model.model.layers[0].mlp.dropout.p == 0.0
