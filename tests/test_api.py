@@ -54,7 +54,8 @@ def test_model_as_a_folder_path_and_tokens_counted(tiny_folder, tmp_path):
     logged = [h for h in trainer.state.log_history if "loss" in h]
     # 2 steps x 4 pairs: every prompt, chosen and rejected token (EOS padding to the block grid included)
     ds = trainer.train_dataset
-    per_pair = [len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+    columns = zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)
+    per_pair = [len(p) + len(c) + len(r) for p, c, r in columns]
     assert logged[-1]["num_tokens"] == sum(per_pair)  # 8 pairs seen once in 2 steps of 4
     assert logged[0]["num_tokens"] < logged[-1]["num_tokens"]
 
