@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 
 from dtrpo.estimators import Batch, position_logprobs
 from dtrpo.masking import example_seed, response_blocks
-from dtrpo.trainer import DiffusionArguments, DiffusionTrainer, pad_id, resolve_model, tokenized
+from dtrpo.trainer import DiffusionArguments, DiffusionTrainer, pad_id, resolve_model, source_names, tokenized
 
 OBJECTIVES = ("masked", "block")
 MIN_LEVEL = 1e-3  # t is drawn in [MIN_LEVEL, 1] so that 1/t stays bounded
@@ -82,6 +82,8 @@ def sft_loss(adapter, model, batch: Batch, seeds: list[int], objective: str) -> 
 class DiffusionSFTTrainer(DiffusionTrainer):
     """Masked- or block-diffusion SFT on prompt/completion data."""
 
+    method = "sft"
+
     def __init__(
         self,
         model,
@@ -100,6 +102,7 @@ class DiffusionSFTTrainer(DiffusionTrainer):
         if args is None:
             name = Path(model).name if isinstance(model, (str, Path)) else "model"
             args = DiffusionSFTConfig(output_dir=f"{name}-SFT")
+        self.base_model_name, self.dataset_name = source_names(model, train_dataset)
         model, processing_class, adapter = resolve_model(model, processing_class, adapter, args, peft_config)
         self.objective = args.objective or ("block" if adapter.block_causal else "masked")
 

@@ -239,6 +239,16 @@ def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def source_names(model, train_dataset) -> tuple[str | None, str | None]:
+    """(base model, dataset) as the model card names them: the paths given, else the model's own record."""
+    if isinstance(model, (str, Path)):
+        base = str(model)
+    else:
+        config = getattr(getattr(model, "base_model", model), "config", None)
+        base = getattr(config, "_name_or_path", None) or None
+    return base, str(train_dataset) if isinstance(train_dataset, (str, Path)) else None
+
+
 def resolve_model(model, processing_class, adapter: ModelAdapter | None, args: DiffusionArguments, peft_config=None):
     """(model, tokenizer, adapter) from what a trainer was given: a model folder is loaded with the family
     loaders (its tokenizer serves unless one is given); an adapter not given is read from the model's
@@ -277,6 +287,10 @@ class DiffusionTrainer(Trainer):
     """Shared base: the adapter, a collator that pads prompts left and responses right, metric storage
     averaged over each logging window, and the resolved config written beside every checkpoint."""
 
+    method = "dtrpo"  # the model card's method
+    base_model_name: str | None = None  # set by the trainers: the model folder or the config's _name_or_path
+    dataset_name: str | None = None  # set by the trainers: the training data path, when it is one
+
     def __init__(self, model, args, adapter: ModelAdapter, processing_class, **kwargs):
         self.adapter = adapter.with_block_size(args.block_size)
         self._stored = defaultdict(lambda: defaultdict(list))
@@ -314,6 +328,33 @@ class DiffusionTrainer(Trainer):
         out.mkdir(parents=True, exist_ok=True)
         resolved = {"args": json.loads(self.args.to_json_string()), "adapter": vars(self.adapter)}
         (out / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
+        self.write_model_card(out)
+
+    def write_model_card(self, folder: Path, model_name: str | None = None, tags=None) -> None:
+        """README.md in `folder`: base model, data, method, resolved config, the last logged metrics."""
+        from dtrpo.modelcard import model_card
+
+        steps = [h for h in self.state.log_history if "loss" in h]  # the last logged step's metrics ...
+        summary = [h for h in self.state.log_history if "train_loss" in h]  # ... and the run's summary
+        metrics = {**(steps[-1] if steps else {}), **(summary[-1] if summary else {})}
+        metrics = {k: v for k, v in metrics.items() if k not in ("epoch", "step")}
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        text = model_card(
+            self.method,
+            model_name or Path(self.args.hub_model_id or folder).name,
+            self.base_model_name,
+            self.dataset_name,
+            json.loads(self.args.to_json_string()),
+            vars(self.adapter),
+            metrics,
+            tags,
+        )
+        (Path(folder) / "README.md").write_text(text)
+
+    def create_model_card(self, model_name: str | None = None, tags=None, **kwargs) -> None:
+        """The dtrpo model card in the output folder (what `push_to_hub` uploads), from the main process."""
+        if self.is_world_process_zero():
+            self.write_model_card(Path(self.args.output_dir), model_name, tags)
 
 
 class DTRPOTrainer(DiffusionTrainer):
@@ -347,6 +388,7 @@ class DTRPOTrainer(DiffusionTrainer):
         if args is None:
             name = Path(model).name if isinstance(model, (str, Path)) else "model"
             args = DTRPOConfig(output_dir=f"{name}-dTRPO")
+        self.base_model_name, self.dataset_name = source_names(model, train_dataset)
         model, processing_class, adapter = resolve_model(model, processing_class, adapter, args, peft_config)
         self.estimator_config = args.estimator_config(adapter.block_size)
         if ref_model is None and not _is_peft(model):

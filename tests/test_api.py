@@ -119,3 +119,51 @@ def test_dropout_disabled_as_trl_does(tmp_path, tokenizer):
     model.model.layers[0].mlp.dropout = torch.nn.Dropout(0.3)  # a model that has dropout
     DTRPOTrainer(model, args=args(tmp_path), processing_class=tokenizer, train_dataset=PAIRS)
     assert model.model.layers[0].mlp.dropout.p == 0.0
+
+
+# ----------------------------------------------------------------------------- model card and the Hub
+
+
+def test_model_card_with_every_saved_model(tiny_folder, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(__import__("json").dumps(p) for p in PAIRS))
+    trainer = DTRPOTrainer(str(tiny_folder), args=args(tmp_path, beta=0.25), train_dataset=str(data))
+    trainer.train()
+    trainer.save_model()
+    card = (tmp_path / "out" / "README.md").read_text()
+    meta = __import__("yaml").safe_load(card.split("---")[1])
+    assert meta["base_model"] == str(tiny_folder) and meta["datasets"] == [str(data)]
+    assert {"dtrpo", "dpo", "generated_from_trainer"} <= set(meta["tags"])
+    assert "arXiv:2603.18806" in card and '"beta": 0.25' in card  # citation and the resolved config
+    final = [h for h in trainer.state.log_history if "loss" in h][-1]
+    assert f"| rewards/margins | {final['rewards/margins']:.4g} |" in card  # the final metrics
+
+
+def test_push_to_hub_up_to_the_hub_boundary(tiny_folder, tmp_path, monkeypatch):
+    """push_to_hub goes through the Trainer's own path: the repo is created, the model card written and
+    the output folder uploaded. The Hub client is replaced at the boundary (no network here)."""
+    from types import SimpleNamespace
+
+    import transformers.trainer
+
+    calls = {}
+
+    class FakeHub:
+        def create_repo(self, repo_id, **kw):
+            calls["repo"] = repo_id
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, repo_id, folder_path, **kw):
+            calls["upload"] = (repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir()))
+            calls["card"] = (__import__("pathlib").Path(folder_path) / "README.md").read_text()
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: FakeHub())
+    trainer = DTRPOTrainer(
+        str(tiny_folder), args=args(tmp_path, push_to_hub=True, hub_model_id="me/tiny-dtrpo"), train_dataset=PAIRS
+    )
+    trainer.train()
+    trainer.push_to_hub()
+    repo, files = calls["upload"]
+    assert calls["repo"] == repo == "me/tiny-dtrpo"
+    assert {"README.md", "config.json", "model.safetensors", "dtrpo_config.json", "tokenizer.json"} <= set(files)
+    assert "# tiny-dtrpo" in calls["card"]
