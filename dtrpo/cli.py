@@ -402,6 +402,15 @@ def bench_main(argv: list[str]) -> None:
     print(f"wrote {args.output}")
 
 
+@command("lm-eval", "lm-evaluation-harness with the `dtrpo` model registered: dtrpo lm-eval --model dtrpo ...")
+def lm_eval_main(argv: list[str]) -> None:
+    try:
+        from dtrpo.harness import main
+    except ImportError as e:
+        raise SystemExit(f"error: dtrpo lm-eval needs lm-evaluation-harness: pip install lm-eval ({e})") from e
+    main(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):

@@ -18,7 +18,8 @@ def readme_commands() -> list[list[str]]:
     for line in lines:
         words = shlex.split(line.split("#")[0])
         for i, w in enumerate(words):
-            if w.endswith("dtrpo") and i + 1 < len(words):
+            command = i == 0 or words[i - 1] in ("&&", ";", "|") or "/" in w  # not `--model dtrpo`
+            if w.endswith("dtrpo") and command and i + 1 < len(words):
                 out.append(words[i + 1 :])
     return out
 
