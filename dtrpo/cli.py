@@ -149,22 +149,33 @@ class TrainScript(ModelArgs):
     )
 
 
-def resolve_resume(value: str | None, output_dir: str) -> str | bool | None:
-    """`--resume_from_checkpoint last` (or true) resumes from the newest checkpoint in the output folder."""
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint last` (or true): the newest complete checkpoint in the output folder,
+    naming each newer incomplete one it skips. A path is checked by the trainer."""
     if value is None or value.lower() not in ("last", "true"):
         return value
-    from transformers.trainer_utils import get_last_checkpoint
+    from dtrpo.trainer import last_checkpoint
 
-    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    last, skipped = last_checkpoint(output_dir)
+    for path, problem in skipped:
+        print(f"skipping incomplete checkpoint {path} ({problem})", file=sys.stderr)
     if last is None:
-        raise SystemExit(f"error: --resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}")
+        raise SystemExit(f"error: --resume_from_checkpoint {value}: no complete checkpoint-* folder in {output_dir}")
+    print(f"resuming from {last}", file=sys.stderr)
     return last
 
 
 def run_training(trainer, config, save=None) -> None:
-    """Train (resuming when asked), save the final model into the output folder, print the metrics."""
+    """Train (resuming when asked), save the final model into the output folder, print the metrics. The
+    model is reported as saved only once every file is written."""
     result = trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir))
-    (save or (lambda t: t.save_model(config.output_dir)))(trainer)
+    try:
+        (save or (lambda t: t.save_model(config.output_dir)))(trainer)
+    except OSError as e:
+        raise OSError(
+            f"saving the final model to {config.output_dir} failed ({e}); it is not saved. Its checkpoints, if any, "
+            "are complete: resume with --resume_from_checkpoint last"
+        ) from None
     print(json.dumps(result.metrics, indent=2))
     print(f"saved model to {config.output_dir}")
 

@@ -12,14 +12,19 @@ import contextlib
 import copy
 import json
 import logging
+import os
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from dtrpo.estimators import ESTIMATORS, Batch, EstimatorConfig, draw, score
+from dtrpo.families import safetensors_problem
 from dtrpo.losses import LOSSES, preference_loss
 from dtrpo.masking import REVEAL_ORDERS, TARGETS, example_seed
 from dtrpo.models import MODES, ModelAdapter
@@ -45,6 +50,13 @@ class DiffusionArguments:
         default="truncate",
         metadata={"help": "Over-long responses: 'truncate' (keep the first tokens, counted) or 'error' (refuse)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete the earlier run in output_dir (its checkpoints and files) before training; without "
+            "it, an output_dir holding an earlier run is refused unless the run resumes from a checkpoint."
+        },
+    )
 
     # defaults that differ from TrainingArguments
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads token ids."})
@@ -60,6 +72,13 @@ class DiffusionArguments:
                 raise ValueError(f"--{name} must be positive, got {value}")
         if self.truncation not in ("truncate", "error"):
             raise ValueError(f"--truncation must be 'truncate' or 'error', got {self.truncation!r}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}: the run would train nothing")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            raise ValueError(
+                f"--max_steps={self.max_steps} with --num_train_epochs={self.num_train_epochs}: "
+                "the run would train nothing"
+            )
 
 
 @dataclass
@@ -144,6 +163,91 @@ def tokenized(builder, data, tokenizer, args: DiffusionArguments, block_size: in
     return ds
 
 
+STAGING = ".partial-"  # prefix of a checkpoint folder being written
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint, or None: it needs a readable trainer_state.json, model
+    weights whose every file is whole (safetensors sizes checked against their headers), and the
+    optimizer state."""
+    if not path.is_dir():
+        return "no such folder"
+    try:
+        json.loads((path / TRAINER_STATE_NAME).read_text())
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE_NAME}"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{TRAINER_STATE_NAME} is not valid JSON"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not any(path.glob("*.bin")):
+        return "no model weights"
+    for file in weights:
+        problem = safetensors_problem(file)
+        if problem:
+            return problem
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        missing = sorted({f for f in json.loads(index.read_text())["weight_map"].values() if not (path / f).is_file()})
+        if missing:
+            return f"weight shards missing: {missing[:3]}"
+    if not any(path.glob("optimizer*")) and not any(path.glob("global_step*")):
+        return "no optimizer state"
+    return None
+
+
+def last_checkpoint(output_dir: str | Path) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest complete `checkpoint-N` of a folder (None if there is none), and the (path, problem)
+    of each newer one that was skipped because it is incomplete."""
+    folder, skipped = Path(output_dir), []
+    steps = sorted(
+        (int(p.name.rpartition("-")[2]), p)
+        for p in (folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else [])
+        if p.is_dir() and p.name.rpartition("-")[2].isdigit()
+    )
+    for _, path in reversed(steps):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path), skipped
+        skipped.append((str(path), problem))
+    return None, skipped
+
+
+RUN_FILES = ("config.json", CONFIG_FILE, TRAINER_STATE_NAME, "training_args.bin", "adapter_config.json")
+
+
+def earlier_run(output_dir: str | Path) -> list[Path]:
+    """What an earlier run left in `output_dir`: checkpoint and staging folders, and, when the folder holds
+    a saved model or run file, every top-level file. Empty when there is no earlier run."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    entries = sorted(folder.iterdir())
+    folders = [p for p in entries if p.is_dir() and p.name.startswith((f"{PREFIX_CHECKPOINT_DIR}-", STAGING))]
+    files = [p for p in entries if p.is_file()]
+    saved = any(p.name in RUN_FILES or p.suffix in (".safetensors", ".bin") for p in files)
+    return folders + files if folders or saved else []
+
+
+def claim_output_dir(args: TrainingArguments) -> None:
+    """Refuse an output folder holding an earlier run, or with `overwrite_output_dir` delete that run."""
+    found = earlier_run(args.output_dir)
+    if not found:
+        return
+    if not getattr(args, "overwrite_output_dir", False):
+        names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+        raise ValueError(
+            f"--output_dir {args.output_dir} holds an earlier run ({names}); pass --overwrite_output_dir true to "
+            "delete it and start afresh, or --resume_from_checkpoint last to continue it"
+        )
+    if args.should_save:
+        logger.warning("overwrite_output_dir: deleting the earlier run in %s (%d entries)", args.output_dir, len(found))
+        for path in found:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
 @dataclass
 class WithReference:
     """A collator that also passes the precomputed reference scores through, as float tensors."""
@@ -193,6 +297,61 @@ class DiffusionTrainer(Trainer):
             logs[prefix + key] = sum(values) / len(values)
         self._stored[split].clear()
         super().log(logs, *args, **kwargs)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, after checking what the run reads and writes: a checkpoint to resume from must
+        be complete (`True` picks the newest complete one in the output folder, logging those skipped),
+        and a fresh run refuses an output folder that holds an earlier run unless `overwrite_output_dir`
+        (which deletes that run first), so that nothing stale is mixed in or resumed from later."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint, skipped = last_checkpoint(self.args.output_dir)
+            for path, problem in skipped:
+                logger.warning("skipping incomplete checkpoint %s (%s)", path, problem)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"{self.args.output_dir}: no complete checkpoint to resume from")
+        elif resume_from_checkpoint:
+            problem = checkpoint_problem(Path(resume_from_checkpoint))
+            if problem:
+                raise ValueError(f"{resume_from_checkpoint}: not a complete checkpoint ({problem})")
+        else:
+            claim_output_dir(self.args)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """`checkpoint-N` written whole or not at all: the Trainer writes it inside a staging folder
+        (`.partial-checkpoint-N`), which is renamed into place once every file is there. A run killed
+        mid-save leaves only the staging folder, which no resume reads."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f"{STAGING}{name}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
+            return
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent == staging:  # the Trainer recorded the staging path: point at the final one
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+            self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
+        final = run_dir / name
+        if final.exists():  # an incomplete leftover of that step: replaced
+            shutil.rmtree(final)
+        os.replace(staging / name, final)
+        staging.rmdir()
+        rotate_checkpoints(
+            output_dir=str(run_dir),
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+        )
+
+    def _get_output_dir(self, trial) -> str:
+        return str(getattr(self, "_staging", None) or super()._get_output_dir(trial))
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
