@@ -299,7 +299,8 @@ def eval_main(argv: list[str]) -> None:
         f" n={report['n']}), {report['nfe_per_batch']:.0f} NFE/batch, {report['tokens_per_second']:.0f} tokens/s"
     )
     if report["prompts_truncated"]:
-        print(f"{report['prompts_truncated']} prompts kept their last {s.max_prompt_length} tokens")
+        cut = report["prompts_truncated"]
+        print(f"{cut} prompts kept their last {s.max_prompt_length} tokens (--max_prompt_length)")
     if t.output:
         write_atomic(t.output, json.dumps(report, indent=2))
         print(f"wrote {t.output}")
@@ -362,10 +363,15 @@ def pairs_main(argv: list[str]) -> None:
         p.max_pairs_per_prompt,
         model_name=t.model,
         desc="pairs",
+        keep_items=True,
     )
+    items = Path(t.output).with_suffix(".samples.jsonl")
+    write_jsonl(stats.pop("items"), items)
     write_jsonl(pairs, t.output)
     print(json.dumps(stats, indent=2))
-    print(f"wrote {len(pairs)} pairs to {t.output}")
+    print(f"wrote {len(pairs)} pairs to {t.output}, and every prompt's samples and scores to {items}")
+    if not pairs:
+        print("warning: no prompt had responses of different scores, so there is nothing to train on", file=sys.stderr)
 
 
 @dataclass
@@ -383,7 +389,9 @@ def generate_main(argv: list[str]) -> None:
     require(g, "model", "prompt")
     model, tokenizer, adapter = g.load()
     model.eval()
-    prompts, _ = encode_prompts(tokenizer, g.prompt, s)
+    prompts, cut = encode_prompts(tokenizer, g.prompt, s)
+    if cut:
+        print(f"{cut} prompts kept their last {s.max_prompt_length} tokens (--max_prompt_length)", file=sys.stderr)
     out = generate(
         adapter,
         model,
