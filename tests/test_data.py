@@ -192,7 +192,9 @@ def test_identical_pairs_are_dropped_with_one_warning_and_counted(tokenizer, tmp
         {"prompt": "q", "chosen": "z", "rejected": "w"},
     ]
     path = write_jsonl(tmp_path / "dup.jsonl", rows)
-    with pytest.warns(UserWarning, match=r"dup\.jsonl: dropped 2 of 4 rows whose chosen equals rejected \(lines 2, 3\)"):
+    with pytest.warns(
+        UserWarning, match=r"dup\.jsonl: dropped 2 of 4 rows whose chosen equals rejected \(lines 2, 3\)"
+    ):
         ds, stats = build_preference_dataset(path, tokenizer, block_size=2)
     assert ds["index"] == [0, 3]  # original row numbers survive the drop
     assert (stats["rows"], stats["kept"], stats["identical_dropped"]) == (4, 2, 2)
