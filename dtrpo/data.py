@@ -531,7 +531,7 @@ def _responses(features: list[dict], key: str, block_size: int) -> list:
     for f, seq in zip(features, seqs, strict=True):
         if len(seq) % block_size:
             raise ValueError(
-                f"row {f.get('index')}: {key} has {len(seq)} tokens, not a multiple of block_size={block_size}; "
+                f"index {f.get('index')}: {key} has {len(seq)} tokens, not a multiple of block_size={block_size}; "
                 "make the data with build_preference_dataset or build_sft_dataset"
             )
     return seqs

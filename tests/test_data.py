@@ -73,7 +73,7 @@ def test_sft_collator_pads_exactly():
 
 def test_collator_refuses_responses_off_the_block_grid():
     features = [{"prompt_ids": [5], "chosen_ids": [10, 1, 1], "rejected_ids": [11, 1, 1, 1], "index": 7}]
-    with pytest.raises(ValueError, match="row 7: chosen_ids has 3 tokens, not a multiple of block_size=4"):
+    with pytest.raises(ValueError, match="index 7: chosen_ids has 3 tokens, not a multiple of block_size=4"):
         PreferenceCollator(PAD, 4)(features)
 
 
