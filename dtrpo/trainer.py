@@ -212,20 +212,24 @@ def last_checkpoint(output_dir: str | Path) -> tuple[str | None, list[tuple[str,
     return None, skipped
 
 
-RUN_FILES = ("config.json", CONFIG_FILE, TRAINER_STATE_NAME, "training_args.bin", "adapter_config.json")
+# the files a run saves beside its checkpoints (model, tokenizer, config, state); weights are *.safetensors / *.bin
+RUN_FILES = (
+    *("config.json", "generation_config.json", CONFIG_FILE, TRAINER_STATE_NAME, "model.safetensors.index.json"),
+    *("adapter_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
+    *("added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt"),
+)
 
 
 def earlier_run(output_dir: str | Path) -> list[Path]:
-    """What an earlier run left in `output_dir`: checkpoint and staging folders, and, when the folder holds
-    a saved model or run file, every top-level file. Empty when there is no earlier run."""
+    """What an earlier run left in `output_dir`: its checkpoint and staging folders and the files a run
+    saves (other files, such as data the user keeps there, are not part of it). Empty when none."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
     entries = sorted(folder.iterdir())
     folders = [p for p in entries if p.is_dir() and p.name.startswith((f"{PREFIX_CHECKPOINT_DIR}-", STAGING))]
-    files = [p for p in entries if p.is_file()]
-    saved = any(p.name in RUN_FILES or p.suffix in (".safetensors", ".bin") for p in files)
-    return folders + files if folders or saved else []
+    files = [p for p in entries if p.is_file() and (p.name in RUN_FILES or p.suffix in (".safetensors", ".bin"))]
+    return folders + files
 
 
 def claim_output_dir(args: TrainingArguments) -> None:
@@ -333,17 +337,19 @@ class DiffusionTrainer(Trainer):
         finally:
             self._staging = None
         self.accelerator.wait_for_everyone()
+        final = run_dir / name
+        if self.state.best_global_step:  # the Trainer looked for the best checkpoint in the staging folder
+            best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+            if best == final or best.exists():
+                self.state.best_model_checkpoint = str(best)
+                if self.args.should_save:
+                    self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
         if not self.args.should_save:
             return
-        best = self.state.best_model_checkpoint
-        if best and Path(best).parent == staging:  # the Trainer recorded the staging path: point at the final one
-            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
-            self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
-        final = run_dir / name
         if final.exists():  # an incomplete leftover of that step: replaced
             shutil.rmtree(final)
         os.replace(staging / name, final)
-        staging.rmdir()
+        shutil.rmtree(staging)
         rotate_checkpoints(
             output_dir=str(run_dir),
             save_total_limit=self.args.save_total_limit,

@@ -168,12 +168,37 @@ def test_reused_output_folder_is_refused_or_replaced_whole(setup, capsys):
     assert "--overwrite_output_dir true" in res.stderr and "--resume_from_checkpoint last" in res.stderr
     assert {p.name: (p / "model.safetensors").read_bytes() for p in out.glob("checkpoint-*")} == before
 
+    (out / "notes.txt").write_text("mine")  # not a file a run writes: kept
     train(setup, out, "--learning_rate", 1e-3, "--max_steps", 2, "--save_steps", 1, "--overwrite_output_dir", "true")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]  # 3 and 4 are gone
+    assert (out / "notes.txt").read_text() == "mine"
     for folder in (out, out / "checkpoint-2"):
         assert json.loads((folder / "dtrpo_config.json").read_text())["args"]["learning_rate"] == 1e-3
     res = train(setup, out, "--learning_rate", 1e-3, "--resume_from_checkpoint", "last", capsys=capsys)
     assert f"resuming from {out / 'checkpoint-2'}" in res.stderr and "skipping" not in res.stderr
+
+
+def test_best_checkpoint_is_the_renamed_one(tmp_path, tokenizer):
+    """load_best_model_at_end still finds the best checkpoint although each is written in a staging folder."""
+    from dtrpo.models import make_tiny_model
+    from tests.test_trainer import make_args, train
+
+    args = make_args(
+        tmp_path,
+        max_steps=3,
+        save_strategy="steps",
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        per_device_eval_batch_size=4,
+    )
+    trainer = train(make_tiny_model(tokenizer, block_size=4), tokenizer, args, eval_data=PAIRS[:4])
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.parent == tmp_path / "out" and best.is_dir()
+    assert json.loads((best / "trainer_state.json").read_text())["best_model_checkpoint"] in (str(best), None)
+    assert not list((tmp_path / "out").glob(".partial-*"))
 
 
 @pytest.mark.parametrize(
