@@ -59,10 +59,25 @@ def parse(dataclass_types, argv: list[str], prog: str, description: str):
     if known.config:
         parser.set_defaults(**load_preset(known.config, dataclass_types))
     try:
-        *parsed, _ = parser.parse_args_into_dataclasses(rest + (["--config", known.config] if known.config else []))
+        *parsed, _, unknown = parser.parse_args_into_dataclasses(
+            rest + (["--config", known.config] if known.config else []), return_remaining_strings=True
+        )
     except ValueError as err:  # a config __post_init__ names the flag
         raise SystemExit(f"error: {err}") from None
+    if unknown:
+        refuse_unknown(unknown, names, prog)
     return parsed
+
+
+def refuse_unknown(unknown: list[str], names: set[str], prog: str) -> None:
+    """An error for the first argument no dataclass takes, with the closest flag when one is close."""
+    flags = sorted({f"--{n}" for n in names} | {"--config"} | ({"--output"} if "output_dir" in names else set()))
+    word = unknown[0].split("=")[0]
+    if not word.startswith("-"):
+        raise SystemExit(f"error: {prog}: unexpected argument {word!r} (flags take the form --name value)")
+    close = difflib.get_close_matches(word, flags, n=1, cutoff=0.7)
+    hint = f"; did you mean {close[0]}?" if close else f"; see {prog} --help"
+    raise SystemExit(f"error: {prog}: unknown flag {word}{hint}")
 
 
 def require(args, *names: str) -> None:
@@ -138,22 +153,33 @@ class TrainScript(ModelArgs):
     )
 
 
-def resolve_resume(value: str | None, output_dir: str) -> str | bool | None:
-    """`--resume_from_checkpoint last` (or true) resumes from the newest checkpoint in the output folder."""
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint last` (or true): the newest complete checkpoint in the output folder,
+    naming each newer incomplete one it skips. A path is checked by the trainer."""
     if value is None or value.lower() not in ("last", "true"):
         return value
-    from transformers.trainer_utils import get_last_checkpoint
+    from dtrpo.trainer import last_checkpoint
 
-    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    last, skipped = last_checkpoint(output_dir)
+    for path, problem in skipped:
+        print(f"skipping incomplete checkpoint {path} ({problem})", file=sys.stderr)
     if last is None:
-        raise SystemExit(f"error: --resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}")
+        raise SystemExit(f"error: --resume_from_checkpoint {value}: no complete checkpoint-* folder in {output_dir}")
+    print(f"resuming from {last}", file=sys.stderr)
     return last
 
 
 def run_training(trainer, config, save=None) -> None:
-    """Train (resuming when asked), save the final model into the output folder, print the metrics."""
+    """Train (resuming when asked), save the final model into the output folder, print the metrics. The
+    model is reported as saved only once every file is written."""
     result = trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir))
-    (save or (lambda t: t.save_model(config.output_dir)))(trainer)
+    try:
+        (save or (lambda t: t.save_model(config.output_dir)))(trainer)
+    except OSError as e:
+        raise OSError(
+            f"saving the final model to {config.output_dir} failed ({e}); it is not saved. Its checkpoints, if any, "
+            "are complete: resume with --resume_from_checkpoint last"
+        ) from None
     print(json.dumps(result.metrics, indent=2))
     print(f"saved model to {config.output_dir}")
 
@@ -218,7 +244,13 @@ def sft_main(argv: list[str]) -> None:
 class TaskArgs(ModelArgs):
     task: str = field(default="arithmetic", metadata={"help": "Built-in task (arithmetic:digits=3) or prompts file."})
     match: str | None = field(default=None, metadata={"help": "Prompts file answers: 'exact' or 'numeric' match."})
-    reward: str | None = field(default=None, metadata={"help": "Reward function 'module:function' for a prompts file."})
+    reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward function 'module:function' for a prompts file, called as reward(prompt, response) or "
+            "reward(prompt, response, row) (row: the file's row as a dict) and returning a float."
+        },
+    )
     prompt_field: str = field(
         default="prompt", metadata={"help": "Field of a prompts file holding the prompt (GSM8K: question)."}
     )
@@ -231,6 +263,10 @@ class TaskArgs(ModelArgs):
     n: int | None = field(default=None, metadata={"help": "Number of prompts (default: the task's default / all)."})
     output: str = field(default=None, metadata={"help": "File to write (JSON report or JSONL)."})
 
+    def __post_init__(self) -> None:
+        if self.n is not None and self.n <= 0:
+            raise ValueError(f"--n must be positive, got {self.n}: no prompts, nothing to measure")
+
 
 def _load_for_task(t: TaskArgs, block_size: int | None):
     from dtrpo.tasks import load_task
@@ -241,11 +277,24 @@ def _load_for_task(t: TaskArgs, block_size: int | None):
     return task, model, tokenizer, adapter
 
 
+@dataclass
+class CompareArgs:
+    compare: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Two eval reports A.json B.json of the same prompts: print the paired difference B - A of their "
+            "scores, item by item, with its 95%% interval (no model is loaded)."
+        },
+    )
+
+
 @command("eval", "accuracy on held-out prompts with a 95% interval, NFE and tokens/s; writes JSON")
 def eval_main(argv: list[str]) -> None:
     from dtrpo.evaluate import SamplingArgs, evaluate
 
-    t, s = parse([TaskArgs, SamplingArgs], argv, "dtrpo eval", COMMANDS["eval"][1])
+    t, s, c = parse([TaskArgs, SamplingArgs, CompareArgs], argv, "dtrpo eval", COMMANDS["eval"][1])
+    if c.compare is not None:
+        return compare_main(c.compare)
     task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
     rows = task.prompts(t.split or "heldout", t.n, seed=s.seed)
     report = evaluate(model, tokenizer, adapter, task, rows, s, desc="eval")
@@ -253,10 +302,41 @@ def eval_main(argv: list[str]) -> None:
         f"{task.name}: accuracy {report['accuracy']:.3f} (95% CI {report['ci95'][0]:.3f}-{report['ci95'][1]:.3f},"
         f" n={report['n']}), {report['nfe_per_batch']:.0f} NFE/batch, {report['tokens_per_second']:.0f} tokens/s"
     )
+    if report["prompts_truncated"]:
+        cut = report["prompts_truncated"]
+        print(f"{cut} prompts kept their last {s.max_prompt_length} tokens (--max_prompt_length)")
     if t.output:
-        Path(t.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(t.output).write_text(json.dumps(report, indent=2))
+        write_atomic(t.output, json.dumps(report, indent=2))
         print(f"wrote {t.output}")
+
+
+def compare_main(paths: list[str]) -> None:
+    from dtrpo.evaluate import compare
+
+    if len(paths) != 2:
+        raise SystemExit(f"error: --compare takes two eval reports, A.json B.json; got {len(paths)}")
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(Path(path).read_text(encoding="utf-8")))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a JSON eval report ({e})") from None
+    r = compare(*reports, names=tuple(paths))
+    a, b = paths
+    print(
+        f"{b} - {a}: {r['difference']:+.3f} (95% CI {r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f},"
+        f" n={r['n']} paired items; {r['a']:.3f} -> {r['b']:.3f}; better in B: {r['b_better']},"
+        f" better in A: {r['a_better']})"
+    )
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to a sibling temporary file, then rename it over `path`: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -287,10 +367,15 @@ def pairs_main(argv: list[str]) -> None:
         p.max_pairs_per_prompt,
         model_name=t.model,
         desc="pairs",
+        keep_items=True,
     )
+    items = Path(t.output).with_suffix(".samples.jsonl")
+    write_jsonl(stats.pop("items"), items)
     write_jsonl(pairs, t.output)
     print(json.dumps(stats, indent=2))
-    print(f"wrote {len(pairs)} pairs to {t.output}")
+    print(f"wrote {len(pairs)} pairs to {t.output}, and every prompt's samples and scores to {items}")
+    if not pairs:
+        print("warning: no prompt had responses of different scores, so there is nothing to train on", file=sys.stderr)
 
 
 @dataclass
@@ -301,14 +386,16 @@ class GenerateArgs(ModelArgs):
 
 @command("generate", "block-wise diffusion sampling from prompts; prints responses, NFE and tokens/s")
 def generate_main(argv: list[str]) -> None:
-    from dtrpo.evaluate import SamplingArgs, encode_prompt
+    from dtrpo.evaluate import SamplingArgs, encode_prompts
     from dtrpo.sampler import generate
 
     g, s = parse([GenerateArgs, SamplingArgs], argv, "dtrpo generate", COMMANDS["generate"][1])
     require(g, "model", "prompt")
     model, tokenizer, adapter = g.load(s.block_size)
     model.eval()
-    prompts = [encode_prompt(tokenizer, p, s.chat_template) for p in g.prompt]
+    prompts, cut = encode_prompts(tokenizer, g.prompt, s)
+    if cut:
+        print(f"{cut} prompts kept their last {s.max_prompt_length} tokens (--max_prompt_length)", file=sys.stderr)
     out = generate(
         adapter,
         model,
@@ -424,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: unknown command {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     try:
         COMMANDS[name][0](rest)
-    except (ValueError, FileNotFoundError, ImportError) as err:  # bad input: a message, not a traceback
+    except (ValueError, OSError, ImportError) as err:  # bad input, a file error: a message, not a traceback
         if os.environ.get("DTRPO_DEBUG"):
             raise
         raise SystemExit(f"error: {err}") from None

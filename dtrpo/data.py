@@ -2,8 +2,11 @@
 
 Files: `.jsonl`, `.json` (a list of objects, or one object per line), `.parquet`, or a folder written
 by `datasets.Dataset.save_to_disk`. The builders also take an in-memory `datasets.Dataset` or a list
-of dicts, named "<memory>" in errors. Rows are counted from 0 in file order (blank JSONL lines are
-skipped); that number is the `index` column, kept when rows are dropped, and is what errors name.
+of dicts, named "<memory>" in errors. Errors name the source, the row and the field as the data
+wrote it; a row of a JSON file is named by the line it starts on ("line 6", counted from 1, as
+editors count), any other row by its position counted from 1 ("row 3"). The `index` column counts
+rows from 0 in file order (blank JSONL lines are skipped) and is kept when rows are dropped: it
+seeds each example's draws.
 
 Preference rows (TRL's formats):
 - standard: `prompt`, `chosen`, `rejected` strings;
@@ -48,7 +51,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,24 +75,29 @@ Rows = str | os.PathLike | datasets.Dataset | list[dict]
 
 def load_rows(path: str | os.PathLike) -> datasets.Dataset:
     """The rows of a .jsonl, .json or .parquet file, or of a `save_to_disk` folder, as a Dataset."""
-    rows = _read(Path(path))
+    rows, _ = _read(Path(path))
     return rows if isinstance(rows, datasets.Dataset) else _to_dataset(rows, str(path))
 
 
-def _read(path: Path) -> list[dict] | datasets.Dataset:
-    """Rows as Python dicts for JSON (so that validation sees them before Arrow unifies types)."""
+def _read(path: Path) -> tuple[list[dict] | datasets.Dataset, list[int] | None]:
+    """Rows, and the line of a JSON file each starts on (None for parquet and folders). JSON rows stay
+    Python dicts so that validation sees them before Arrow unifies types."""
     if path.is_dir():
-        return _load_from_disk(path)
+        return _load_from_disk(path), None
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _json_lines(path, _read_text(path))
-    if suffix == ".json":
-        return _json(path, _read_text(path))
+    if suffix in (".jsonl", ".json"):
+        lines, rows = [], []
+        for line, row in json_rows(path):
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {line}: expected a JSON object, got {type(row).__name__}")
+            lines.append(line)
+            rows.append(row)
+        return rows, lines
     if suffix == ".parquet":
         try:
-            return datasets.Dataset(pq.read_table(path))
+            return datasets.Dataset(pq.read_table(path)), None
         except (pa.ArrowException, OSError) as e:
             raise ValueError(f"{path}: not a readable parquet file ({e})") from None
     raise ValueError(
@@ -96,40 +106,52 @@ def _read(path: Path) -> list[dict] | datasets.Dataset:
     )
 
 
-def _read_text(path: Path) -> str:
+def json_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line, value) of each row of a JSON file, lines counted from 1: a .jsonl file (or a .json file
+    not starting with '[') is read one line at a time, so any file size keeps memory bounded; a .json
+    list is read whole and each item is numbered by the line it starts on. Blank lines are skipped;
+    an error names the file and the line."""
+    path = Path(path)
+    with path.open("rb") as f:
+        first = f.read(4096).decode("utf-8", errors="replace").lstrip()
+    if path.suffix.lower() == ".json" and first.startswith("["):
+        yield from _json_list(path)
+        return
+    hint = "; a .json file holds a list of objects or one object per line" if path.suffix.lower() == ".json" else ""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = _utf8(raw, path, number)
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
+
+
+def _utf8(raw: bytes, path: Path, line: int) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+        raise ValueError(
+            f"{path}: line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+        ) from None
 
 
-def _json_lines(path: Path, text: str, hint: str = "") -> list[dict]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
-
-
-def _json(path: Path, text: str) -> list[dict]:
-    """A JSON list of objects when the file starts with '[', else JSON lines."""
-    if not text.lstrip().startswith("["):
-        return _json_lines(path, text, hint="; a .json file holds a list of objects or one object per line")
+def _json_list(path: Path) -> Iterator[tuple[int, Any]]:
+    raw = path.read_bytes()
+    text = "\n".join(_utf8(line, path, i) for i, line in enumerate(raw.split(b"\n"), 1))
     try:
-        rows = json.loads(text)
+        items = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: item {i}: expected a JSON object, got {type(row).__name__}")
-    return rows
+    decoder, space = json.JSONDecoder(), re.compile(r"[\s,]*")
+    pos, line, counted = space.match(text, text.index("[") + 1).end(), 1, 0
+    for item in items:  # a second pass over valid JSON, for the line each item starts on
+        line, counted = line + text.count("\n", counted, pos), pos
+        _, end = decoder.raw_decode(text, pos)
+        yield line, item
+        pos = space.match(text, end).end()
 
 
 def _load_from_disk(path: Path) -> datasets.Dataset:
@@ -151,13 +173,19 @@ def _to_dataset(rows: list[dict], source: str) -> datasets.Dataset:
         raise ValueError(f"{source}: rows do not fit one table (a field of several types?): {e}") from None
 
 
-def _rows(data: Rows) -> tuple[Any, str]:
-    """Iterable rows and their source name."""
+def _rows(data: Rows) -> tuple[Any, str, list[int] | None]:
+    """Iterable rows, their source name, and the file line of each row (None: not a JSON file)."""
     if isinstance(data, (str, os.PathLike)):
-        return _read(Path(data)), str(data)
+        rows, lines = _read(Path(data))
+        return rows, str(data), lines
     if isinstance(data, (datasets.Dataset, list)):
-        return data, MEMORY
+        return data, MEMORY, None
     raise TypeError(f"data must be a path, a datasets.Dataset or a list of dicts, got {type(data).__name__}")
+
+
+def _place(source: str, lines: list[int] | None, i: int) -> str:
+    """Where row i is, as errors name it: the file line of a JSON file, else the row counted from 1."""
+    return f"{source}: line {lines[i]}" if lines else f"{source}: row {i + 1}"
 
 
 # ----------------------------------------------------------------------------- row validation
@@ -256,10 +284,10 @@ def _implicit(chosen: Any, rejected: Any, tokenizer: PreTrainedTokenizerBase, wh
 
 
 def preference_texts(
-    row: dict, tokenizer: PreTrainedTokenizerBase, source: str = MEMORY, index: int = 0
+    row: dict, tokenizer: PreTrainedTokenizerBase, where: str = f"{MEMORY}: row 1"
 ) -> tuple[str, str, str] | None:
-    """(prompt, chosen, rejected) texts of a preference row in any TRL format; None if chosen equals rejected."""
-    where = f"{source}: row {index}"
+    """(prompt, chosen, rejected) texts of a preference row in any TRL format; None if chosen equals rejected.
+    `where` names the row in errors."""
     chosen, rejected = _field(row, "chosen", where), _field(row, "rejected", where)
     prompt = row.get("prompt")
     if prompt is None:
@@ -273,8 +301,11 @@ def preference_texts(
     return None if texts[1] == texts[2] else texts
 
 
-def _sft_row(row: dict, tokenizer: PreTrainedTokenizerBase, where: str) -> tuple[str, str, str]:
-    """(prompt, response, the field that held the response)."""
+def _sft_row(
+    row: dict, tokenizer: PreTrainedTokenizerBase, where: str, key: str = "completion"
+) -> tuple[str, str, str]:
+    """(prompt, response, the field that held the response); `key` is the response field the data uses,
+    named when a row has neither `completion` nor `response`."""
     messages = row.get("messages") if isinstance(row, dict) else None
     if messages is not None:
         messages = _messages(messages, where, "messages")
@@ -283,10 +314,20 @@ def _sft_row(row: dict, tokenizer: PreTrainedTokenizerBase, where: str) -> tuple
         prompt = _render(tokenizer, messages[:-1], where, "messages")
         return prompt, _assistant(messages[-1], where, "messages"), "messages"
     prompt = _field(row, "prompt", where)
-    key = "completion" if row.get("completion") is not None or row.get("response") is None else "response"
+    if row.get("completion") is not None or row.get("response") is not None:
+        key = "completion" if row.get("completion") is not None else "response"
     completion = _field(row, key, where)
     response = _response_text(completion, isinstance(prompt, list), where, key)
     return _prompt_text(prompt, tokenizer, where), response, key
+
+
+def _response_field(rows) -> str:
+    """The SFT response field the data uses: `response` when no row has `completion`."""
+    if isinstance(rows, datasets.Dataset):
+        names = set(rows.column_names)
+    else:
+        names = {k for row in rows if isinstance(row, dict) for k in row if row[k] is not None}
+    return "response" if "response" in names and "completion" not in names else "completion"
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -379,7 +420,7 @@ def tokenize_preference(
     """
     limits = _Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
     p, c, r = _encode(tokenizer, [prompt, chosen, rejected])
-    return _fit_preference(p, c, r, _eos(tokenizer), limits, f"{source}: row {index}")
+    return _fit_preference(p, c, r, _eos(tokenizer), limits, _place(source, None, index))
 
 
 def _fit_preference(p, c, r, eos: int, limits: _Limits, where: str) -> dict[str, Any]:
@@ -425,10 +466,10 @@ def build_preference_dataset(
     """
     limits = _Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
     eos = _eos(tokenizer)
-    rows, source = _rows(data)
+    rows, source, lines = _rows(data)
     texts, index, identical = [], [], []
     for i, row in enumerate(rows):
-        t = preference_texts(row, tokenizer, source, i)
+        t = preference_texts(row, tokenizer, _place(source, lines, i))
         if t is None:
             identical.append(i)
         else:
@@ -436,15 +477,17 @@ def build_preference_dataset(
             index.append(i)
     n = len(index) + len(identical)
     if identical:
-        shown = ", ".join(map(str, identical[:10])) + (", ..." if len(identical) > 10 else "")
+        unit = "lines" if lines else "rows"
+        shown = unit + " " + ", ".join(_place(source, lines, i).rpartition(" ")[2] for i in identical[:10])
+        shown += ", ..." if len(identical) > 10 else ""
         warnings.warn(
-            f"{source}: dropped {len(identical)} of {n} rows whose chosen equals rejected (rows {shown})", stacklevel=2
+            f"{source}: dropped {len(identical)} of {n} rows whose chosen equals rejected ({shown})", stacklevel=2
         )
     if not index:
         raise ValueError(f"{source}: no usable rows ({n} rows, {len(identical)} with chosen equal to rejected)")
     p, c, r = (_encode(tokenizer, [t[k] for t in texts]) for k in range(3))
     examples = [
-        _fit_preference(*ids, eos, limits, f"{source}: row {i}") for *ids, i in zip(p, c, r, index, strict=True)
+        _fit_preference(*ids, eos, limits, _place(source, lines, i)) for *ids, i in zip(p, c, r, index, strict=True)
     ]
     stats = {
         "rows": n,
@@ -471,13 +514,14 @@ def build_sft_dataset(
     `prompts_truncated`, `responses_truncated`)."""
     limits = _Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
     eos = _eos(tokenizer)
-    rows, source = _rows(data)
-    texts = [_sft_row(row, tokenizer, f"{source}: row {i}") for i, row in enumerate(rows)]
+    rows, source, lines = _rows(data)
+    key = _response_field(rows)
+    texts = [_sft_row(row, tokenizer, _place(source, lines, i), key) for i, row in enumerate(rows)]
     if not texts:
         raise ValueError(f"{source}: no rows")
     p, r = (_encode(tokenizer, [t[k] for t in texts]) for k in range(2))
     examples = [
-        _fit_sft(pi, ri, eos, limits, f"{source}: row {i}", t[2])
+        _fit_sft(pi, ri, eos, limits, _place(source, lines, i), t[2])
         for i, (pi, ri, t) in enumerate(zip(p, r, texts, strict=True))
     ]
     stats = {
@@ -517,7 +561,7 @@ def _responses(features: list[dict], key: str, block_size: int, absolute: bool) 
     for f, seq in zip(features, seqs, strict=True):
         lead = len(f["prompt_ids"]) % block_size if absolute else 0
         if (lead + len(seq)) % block_size:
-            where = f"row {f.get('index')}: {key} has {len(seq)} tokens"
+            where = f"index {f.get('index')}: {key} has {len(seq)} tokens"
             problem = (
                 f"after a prompt of {len(f['prompt_ids'])} it does not end a block of block_size={block_size} "
                 "(absolute block grid)"

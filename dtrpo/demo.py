@@ -91,6 +91,7 @@ def _train_args(cls, out: Path, steps: int, lr: float, seed: int, batch: int, sc
         lr_scheduler_type=schedule,
         warmup_steps=20,
         save_strategy="no",  # the demo saves each stage's model itself
+        overwrite_output_dir=True,  # a rerun replaces the earlier run of each stage
         seed=seed,
         data_seed=seed,
         use_cpu=not torch.cuda.is_available(),

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import shutil
 from dataclasses import dataclass, field, replace
@@ -358,6 +359,25 @@ def family_config(model_config, family: Family, adapter: ModelAdapter) -> dict:
 # ----------------------------------------------------------------------------- weights
 
 
+def safetensors_problem(file: Path) -> str | None:
+    """Why a .safetensors file is not whole (its size differs from what its header describes), or None:
+    a truncated file is refused with its name before anything reads it."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or n > size - 8:
+            return f"{file.name} is truncated ({size} bytes, no complete header)"
+        try:
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+            return f"{file.name} has an unreadable header"
+    if 8 + n + end != size:
+        return f"{file.name} is truncated ({size} bytes, its header describes {8 + n + end})"
+    return None
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a folder: model.safetensors, a sharded index, or pytorch_model.bin."""
     index = path / "model.safetensors.index.json"
@@ -570,12 +590,22 @@ def load_model(
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
+    for file in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            raise ValueError(f"{path}: {problem}; the folder holds no loadable model")
     family = family or detect_family(read_config_json(path), path)
     if family not in LOADERS:
         raise ValueError(f"unknown model family {family!r}; known families: {sorted(LOADERS)}")
-    model, tokenizer, adapter = LOADERS[family](
-        path, dtype=dtype, attn_implementation=attn_implementation, block_size=block_size
-    )
+    try:
+        model, tokenizer, adapter = LOADERS[family](
+            path, dtype=dtype, attn_implementation=attn_implementation, block_size=block_size
+        )
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met an object that is not a tensor
+        raise ValueError(
+            f"{path}: its pickled weights (*.bin) hold objects other than tensors, which could run code; "
+            "refused (pickled weights load only with weights_only=True; convert a trusted copy to safetensors)"
+        ) from None
     assert isinstance(adapter, ModelAdapter)
     if device is not None:
         model = model.to(device)

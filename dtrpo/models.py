@@ -23,6 +23,7 @@ from dtrpo.masking import tail_lengths
 
 ATTENTIONS = ("block_causal", "full")
 PROMPT_ATTENTIONS = ("full", "causal", "block_causal")
+DENSE_MASK_BYTES = 4 * 2**30  # above this a dense (B, 1, S, S) mask is refused, not left to run out of memory
 MODES = ("packed", "exact", "remasked")
 
 PAD, EOS, MASK, UNK = "<pad>", "<eos>", "<mask>", "<unk>"
@@ -95,6 +96,14 @@ class ModelAdapter:
             )
         if backend == "flex_attention":
             return layout.flex_mask(causal, full)
+        B, S = layout.input_ids.shape
+        if B * S * S > DENSE_MASK_BYTES:  # bool: one byte per (query, key) pair and row
+            raise ValueError(
+                f"the dense attention mask of this batch would take {B * S * S / 2**30:.1f} GiB ({B} rows of {S} "
+                f"columns, B x S^2 bytes; the limit is {DENSE_MASK_BYTES / 2**30:.0f} GiB): load the model with "
+                "attn_implementation='flex_attention' on a GPU (a BlockMask keeps only the blocks that attend), "
+                "or use shorter sequences or a smaller batch"
+            )
         return layout.dense_mask(causal, full)
 
     def logits(

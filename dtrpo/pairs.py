@@ -50,8 +50,10 @@ def build_pairs(
     max_pairs_per_prompt: int | None = None,
     model_name: str = "",
     desc: str | None = None,
+    keep_items: bool = False,
 ) -> tuple[list[dict], dict]:
-    """Sample `samples` responses per prompt, score them, and return (pair rows, statistics)."""
+    """Sample `samples` responses per prompt, score them, and return (pair rows, statistics). With
+    `keep_items`, the statistics also hold `items`: every prompt's id, responses and scores, pairs or not."""
     if samples < 2:
         raise ValueError(f"samples must be at least 2 to form pairs, got {samples}")
     if sampling.temperature <= 0 and sampling.remasking != "random":
@@ -67,15 +69,18 @@ def build_pairs(
         "pairing": pairing,
         "sampling": asdict(sampling),
     }
-    out, usable, empty = [], 0, 0
+    out, usable, empty, items = [], 0, 0, []
     for i, row in enumerate(rows):
         scored = list(
             zip(texts[i * samples : (i + 1) * samples], scores[i * samples : (i + 1) * samples], strict=False)
         )
+        items.append({"id": row["id"], "prompt": row["prompt"], "responses": [t for t, _ in scored]})
+        items[-1]["scores"] = [sc for _, sc in scored]
         empty += sum(not t.strip() for t, _ in scored)
         scored = [(t, sc) for t, sc in scored if t.strip()]  # empty responses are refused as training data
         pairs = form_pairs(scored, pairing, max_pairs_per_prompt, rng)
         usable += bool(pairs)
+        items[-1]["pairs"] = len(pairs)
         for c, r in pairs:
             out.append(
                 {
@@ -97,6 +102,8 @@ def build_pairs(
             "mean_score": sum(scores) / max(len(scores), 1),
         }
     )
+    if keep_items:
+        stats["items"] = items
     return out, stats
 
 

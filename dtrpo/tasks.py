@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
+import inspect
 import math
 import numbers
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Protocol
+
+from dtrpo.data import json_rows
 
 SPLITS = ("train", "heldout")
 MATCHES = ("exact", "numeric")
@@ -185,27 +187,41 @@ def last_number(text: str) -> Decimal | None:
 
 @dataclass
 class FileTask:
-    """Rows of a prompts file, scored by `match` against `answer` or by `reward(prompt, response, row)`.
+    """Rows of a prompts file, scored by `match` against `answer` or by a reward function.
 
     A row may carry `split` ("train" / "heldout"); a row without one is in every split. `match="exact"`
     compares stripped strings; `"numeric"` compares the last number of the response with the last
-    number of the answer, within 1e-6.
+    number of the answer, within 1e-6. The file is read line by line each time prompts are drawn
+    (a .json list is read whole), so a file of any size costs the memory of the rows drawn.
     """
 
     path: Path
-    rows: list[dict]
     match: str = "exact"
     reward: Reward | None = None
+    prompt_field: str = "prompt"
 
     @property
     def name(self) -> str:
         return str(self.path)
 
+    def rows(self) -> Iterator[dict]:
+        """Every row, checked, in file order; an error names the file, the line and the field."""
+        for index, (line, row) in enumerate(json_rows(self.path)):
+            yield _check_row(f"{self.path}: line {line}", row, index, self)
+
     def prompts(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
-        """The rows of `split`: all of them in file order, or at most `n` drawn with `seed`."""
+        """The rows of `split`: all of them in file order, or at most `n` drawn with `seed` (kept in file order)."""
         _check_split(split)
-        rows = [dict(row) for row in self.rows if row.get("split", split) == split]  # copies: callers may annotate
-        return rows if n is None else random.Random(seed).sample(rows, min(n, len(rows)))
+        rows = (row for row in self.rows() if row.get("split", split) == split)
+        if n is None:
+            return list(rows)
+        rng, kept = random.Random(seed), []  # reservoir sampling: n rows in memory, whatever the file size
+        for i, row in enumerate(rows):
+            if i < n:
+                kept.append((i, row))
+            elif (j := rng.randrange(i + 1)) < n:
+                kept[j] = (i, row)
+        return [row for _, row in sorted(kept, key=lambda t: t[0])]
 
     def score(self, row: dict, response: str) -> float:
         if self.reward is not None:
@@ -216,8 +232,11 @@ class FileTask:
         return float(got is not None and abs(got - last_number(row["answer"])) <= NUMERIC_TOL)
 
 
+REWARD_SIGNATURE = "reward(prompt, response) -> float or reward(prompt, response, row) -> float"
+
+
 def import_reward(spec: str) -> Reward:
-    """Import the reward function named by "module:function"."""
+    """The reward function named by "module:function", called as `reward(prompt, response, row)`."""
     module_name, sep, attr = spec.partition(":")
     if not (sep and module_name and attr):
         raise ValueError(f"reward function {spec!r}: expected 'module:function'")
@@ -228,50 +247,54 @@ def import_reward(spec: str) -> Reward:
     fn = getattr(module, attr, None)
     if fn is None:
         raise ImportError(f"reward function {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    return as_reward(fn, spec)
+
+
+def as_reward(fn, name: str = "") -> Reward:
+    """`fn` as a three-argument reward: `reward(prompt, response)` and `reward(prompt, response, row)` are
+    accepted (the row is the prompts-file row, with `id`, `prompt`, `answer` and any other field); any
+    other signature is refused here, before a model is loaded, with the expected one."""
+    name = name or getattr(fn, "__name__", repr(fn))
     if not callable(fn):
-        raise TypeError(f"reward function {spec!r}: {module_name}.{attr} is a {type(fn).__name__}, not callable")
-    return fn
+        raise ValueError(
+            f"reward function {name!r} is a {type(fn).__name__}, not callable: expected {REWARD_SIGNATURE}"
+        )
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (some builtins): called with three arguments
+        return fn
+    kinds = inspect.Parameter
+    if any(p.kind == kinds.VAR_POSITIONAL for p in params):
+        return fn
+    positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    required += [p for p in params if p.kind == kinds.KEYWORD_ONLY and p.default is p.empty]
+    if len(positional) >= 3 and len(required) <= 3:
+        return fn
+    if len(positional) == 2 and len(required) <= 2:
+        return lambda prompt, response, row: fn(prompt, response)
+    raise ValueError(
+        f"reward function {name!r} takes ({', '.join(p.name for p in params)}); expected {REWARD_SIGNATURE}"
+    )
 
 
-def _read_rows(path: Path) -> list[tuple[str, dict]]:
-    """(where, row) pairs, `where` naming the file and the line (.jsonl) or index (.json) of the row."""
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        pairs = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    pairs.append((f"{path}, line {lineno}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-        pairs = [(f"{path}, row {i}", row) for i, row in enumerate(data)]
-    if not pairs:
-        raise ValueError(f"{path}: no rows")
-    return pairs
-
-
-def _check_row(where: str, row: object, index: int, match: str, has_reward: bool, prompt_field: str) -> dict:
+def _check_row(where: str, row: object, index: int, task: FileTask) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if not isinstance(row.get(prompt_field), str):
-        raise ValueError(f"{where}: missing {prompt_field!r} (a string); the row has keys {sorted(row)}")
-    row = {**row, "prompt": row[prompt_field]}
+    prompt = row.get(task.prompt_field)
+    if prompt is None:
+        raise ValueError(f"{where}: field {task.prompt_field!r} is missing; the row has keys {sorted(row)}")
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: field {task.prompt_field!r} must be a string, got {type(prompt).__name__}")
+    row = {**row, "prompt": prompt}
+    has_reward = task.reward is not None
     if "answer" not in row and not has_reward:
-        raise ValueError(f"{where}: missing 'answer' and no reward function given (reward='module:function')")
+        raise ValueError(f"{where}: field 'answer' is missing and no reward function given (--reward module:function)")
     if row.get("split", "train") not in SPLITS:
-        raise ValueError(f"{where}: split {row['split']!r} is not one of {SPLITS}")
+        raise ValueError(f"{where}: field 'split' is {row['split']!r}, not one of {SPLITS}")
     answer = str(row.get("answer", ""))
-    if match == "numeric" and not has_reward and last_number(answer) is None:
-        raise ValueError(f"{where}: answer {answer!r} has no number to match numerically")
+    if task.match == "numeric" and not has_reward and last_number(answer) is None:
+        raise ValueError(f"{where}: field 'answer' {answer!r} has no number to match numerically")
     return {**row, "id": str(row.get("id", index)), "answer": answer}
 
 
@@ -279,16 +302,18 @@ def load_prompts_file(
     path: str | Path, match: str = "exact", reward: str | Reward | None = None, prompt_field: str = "prompt"
 ) -> FileTask:
     """A `FileTask` from a .jsonl / .json file of rows with `prompt` and `answer` (or a reward function).
-    `prompt_field` names another field to read prompts from (GSM8K's files call it `question`)."""
+    `prompt_field` names another field to read prompts from (GSM8K's files call it `question`). Every
+    row is checked here, one line at a time, so that a bad row stops the run before a model loads."""
     if match not in MATCHES:
         raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
     path = Path(path)
-    fn = import_reward(reward) if isinstance(reward, str) else reward
-    rows = [
-        _check_row(where, row, i, match, fn is not None, prompt_field)
-        for i, (where, row) in enumerate(_read_rows(path))
-    ]
-    return FileTask(path, rows, match, fn)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    fn = import_reward(reward) if isinstance(reward, str) else None if reward is None else as_reward(reward)
+    task = FileTask(path, match, fn, prompt_field)
+    if not sum(1 for _ in task.rows()):
+        raise ValueError(f"{path}: no rows")
+    return task
 
 
 def load_task(
@@ -317,7 +342,8 @@ def _describe(row: dict) -> str:
 
 
 def score_batch(task: Task, rows: list[dict], responses: list[str]) -> list[float]:
-    """`task.score` of each (row, response) as floats; an error names the item that caused it."""
+    """`task.score` of each (row, response) as floats. Anything that goes wrong in a scorer (an exception, a
+    value that is not a number, NaN) is one `ValueError` that names the item."""
     if len(rows) != len(responses):
         raise ValueError(f"{task.name}: {len(rows)} rows but {len(responses)} responses")
     scores = []
@@ -325,9 +351,9 @@ def score_batch(task: Task, rows: list[dict], responses: list[str]) -> list[floa
         try:
             value = task.score(row, response)
         except Exception as e:
-            raise RuntimeError(f"{task.name}: scoring {_describe(row)} raised {type(e).__name__}: {e}") from e
+            raise ValueError(f"{task.name}: scoring {_describe(row)} raised {type(e).__name__}: {e}") from e
         if not isinstance(value, numbers.Real):
-            raise TypeError(
+            raise ValueError(
                 f"{task.name}: scoring {_describe(row)} returned {value!r} ({type(value).__name__}), not a number"
             )
         if math.isnan(value):

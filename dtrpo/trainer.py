@@ -12,6 +12,8 @@ import contextlib
 import copy
 import json
 import logging
+import os
+import shutil
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,8 +21,11 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from dtrpo.estimators import ESTIMATORS, Batch, EstimatorConfig, draw, score
+from dtrpo.families import safetensors_problem
 from dtrpo.losses import LOSSES, preference_loss
 from dtrpo.masking import REVEAL_ORDERS, TARGETS, example_seed
 from dtrpo.models import MODES, ModelAdapter
@@ -58,6 +63,13 @@ class DiffusionArguments:
     max_response_length: int | None = field(
         default=None, metadata={"help": "Deprecated: use --max_completion_length (removed in the next release)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete the earlier run in output_dir (its checkpoints and files) before training; without "
+            "it, an output_dir holding an earlier run is refused unless the run resumes from a checkpoint."
+        },
+    )
 
     # defaults that differ from TrainingArguments
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads token ids."})
@@ -79,6 +91,13 @@ class DiffusionArguments:
             )
         if self.truncation not in ("truncate", "error"):
             raise ValueError(f"--truncation must be 'truncate' or 'error', got {self.truncation!r}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}: the run would train nothing")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            raise ValueError(
+                f"--max_steps={self.max_steps} with --num_train_epochs={self.num_train_epochs}: "
+                "the run would train nothing"
+            )
 
 
 def _deprecated(config, old: str, new: str) -> None:
@@ -140,6 +159,13 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
     )
     precompute_ref_batch_size: int | None = field(
         default=None, metadata={"help": "Batch size of the reference precompute; default: per_device_eval_batch_size."}
+    )
+    ref_log_probs_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "File of precomputed reference scores, reused when its fingerprint matches; default: beside "
+            "the training data file (<data>.ref_logps.json); none for in-memory data."
+        },
     )
     precompute_ref: bool | None = field(
         default=None, metadata={"help": "Deprecated: use --precompute_ref_log_probs (removed in the next release)."}
@@ -214,9 +240,98 @@ def tokenized(builder, data, tokenizer, args: DiffusionArguments, adapter: Model
     return ds
 
 
+STAGING = ".partial-"  # prefix of a checkpoint folder being written
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint, or None: it needs a readable trainer_state.json, model
+    weights whose every file is whole (safetensors sizes checked against their headers), and the
+    optimizer state."""
+    if not path.is_dir():
+        return "no such folder"
+    try:
+        json.loads((path / TRAINER_STATE_NAME).read_text())
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE_NAME}"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{TRAINER_STATE_NAME} is not valid JSON"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not any(path.glob("*.bin")):
+        return "no model weights"
+    for file in weights:
+        problem = safetensors_problem(file)
+        if problem:
+            return problem
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        missing = sorted({f for f in json.loads(index.read_text())["weight_map"].values() if not (path / f).is_file()})
+        if missing:
+            return f"weight shards missing: {missing[:3]}"
+    if not any(path.glob("optimizer*")) and not any(path.glob("global_step*")):
+        return "no optimizer state"
+    return None
+
+
+def last_checkpoint(output_dir: str | Path) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest complete `checkpoint-N` of a folder (None if there is none), and the (path, problem)
+    of each newer one that was skipped because it is incomplete."""
+    folder, skipped = Path(output_dir), []
+    steps = sorted(
+        (int(p.name.rpartition("-")[2]), p)
+        for p in (folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else [])
+        if p.is_dir() and p.name.rpartition("-")[2].isdigit()
+    )
+    for _, path in reversed(steps):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path), skipped
+        skipped.append((str(path), problem))
+    return None, skipped
+
+
+# the files a run saves beside its checkpoints (model, tokenizer, config, state); weights are *.safetensors / *.bin
+RUN_FILES = (
+    *("config.json", "generation_config.json", CONFIG_FILE, TRAINER_STATE_NAME, "model.safetensors.index.json"),
+    *("adapter_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
+    *("added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt"),
+)
+
+
+def earlier_run(output_dir: str | Path) -> list[Path]:
+    """What an earlier run left in `output_dir`: its checkpoint and staging folders and the files a run
+    saves (other files, such as data the user keeps there, are not part of it). Empty when none."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    entries = sorted(folder.iterdir())
+    folders = [p for p in entries if p.is_dir() and p.name.startswith((f"{PREFIX_CHECKPOINT_DIR}-", STAGING))]
+    files = [p for p in entries if p.is_file() and (p.name in RUN_FILES or p.suffix in (".safetensors", ".bin"))]
+    return folders + files
+
+
+def claim_output_dir(args: TrainingArguments) -> None:
+    """Refuse an output folder holding an earlier run, or with `overwrite_output_dir` delete that run."""
+    found = earlier_run(args.output_dir)
+    if not found:
+        return
+    if not getattr(args, "overwrite_output_dir", False):
+        names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+        raise ValueError(
+            f"--output_dir {args.output_dir} holds an earlier run ({names}); pass --overwrite_output_dir true to "
+            "delete it and start afresh, or --resume_from_checkpoint last to continue it"
+        )
+    if args.should_save:
+        logger.warning("overwrite_output_dir: deleting the earlier run in %s (%d entries)", args.output_dir, len(found))
+        for path in found:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
 @dataclass
 class WithReference:
-    """A collator that also passes the precomputed reference scores through, as float tensors."""
+    """A collator that also passes the precomputed reference scores through, as (B, epochs) float tensors."""
 
     collator: object
 
@@ -233,6 +348,10 @@ def pad_id(tokenizer) -> int:
     if pad is None:
         raise ValueError("the tokenizer has neither a pad token nor an EOS token")
     return pad
+
+
+def _frozen(model):
+    return model.eval().requires_grad_(False)
 
 
 def _is_peft(model) -> bool:
@@ -320,6 +439,63 @@ class DiffusionTrainer(Trainer):
             logs["num_tokens"] = self._num_tokens
         super().log(logs, *args, **kwargs)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, after checking what the run reads and writes: a checkpoint to resume from must
+        be complete (`True` picks the newest complete one in the output folder, logging those skipped),
+        and a fresh run refuses an output folder that holds an earlier run unless `overwrite_output_dir`
+        (which deletes that run first), so that nothing stale is mixed in or resumed from later."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint, skipped = last_checkpoint(self.args.output_dir)
+            for path, problem in skipped:
+                logger.warning("skipping incomplete checkpoint %s (%s)", path, problem)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"{self.args.output_dir}: no complete checkpoint to resume from")
+        elif resume_from_checkpoint:
+            problem = checkpoint_problem(Path(resume_from_checkpoint))
+            if problem:
+                raise ValueError(f"{resume_from_checkpoint}: not a complete checkpoint ({problem})")
+        else:
+            claim_output_dir(self.args)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """`checkpoint-N` written whole or not at all: the Trainer writes it inside a staging folder
+        (`.partial-checkpoint-N`), which is renamed into place once every file is there. A run killed
+        mid-save leaves only the staging folder, which no resume reads."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f"{STAGING}{name}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+        final = run_dir / name
+        if self.state.best_global_step:  # the Trainer looked for the best checkpoint in the staging folder
+            best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+            if best == final or best.exists():
+                self.state.best_model_checkpoint = str(best)
+                if self.args.should_save:
+                    self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
+        if not self.args.should_save:
+            return
+        if final.exists():  # an incomplete leftover of that step: replaced
+            shutil.rmtree(final)
+        os.replace(staging / name, final)
+        shutil.rmtree(staging)
+        rotate_checkpoints(
+            output_dir=str(run_dir),
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+        )
+
+    def _get_output_dir(self, trial) -> str:
+        return str(getattr(self, "_staging", None) or super()._get_output_dir(trial))
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         if not self.args.should_save:  # only the main process writes files
@@ -391,11 +567,6 @@ class DTRPOTrainer(DiffusionTrainer):
         self.base_model_name, self.dataset_name = source_names(model, train_dataset)
         model, processing_class, adapter = resolve_model(model, processing_class, adapter, args, peft_config)
         self.estimator_config = args.estimator_config(adapter.block_size)
-        if ref_model is None and not _is_peft(model):
-            ref_model = copy.deepcopy(model)
-        if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
-
         collator = data_collator or PreferenceCollator(
             pad_id(processing_class), adapter.block_size, adapter.absolute_grid
         )
@@ -410,12 +581,17 @@ class DTRPOTrainer(DiffusionTrainer):
             callbacks=callbacks,
             **kwargs,
         )
-        self.ref_model = None
-        if ref_model is not None:
-            self.ref_model = ref_model.to(self.accelerator.device)
+        self.ref_model = None if ref_model is None else _frozen(ref_model).to(self.accelerator.device)
         if args.precompute_ref_log_probs and self.train_dataset is not None:
             self.train_dataset = self.precompute_reference(self.train_dataset)
             self.data_collator = WithReference(self.data_collator)
+        elif self.ref_model is None and not _is_peft(self.model):
+            self.ref_model = self._reference_copy()
+
+    def _reference_copy(self):
+        """A frozen copy of the starting model: the reference when none is given (PEFT models use their
+        base with adapters disabled instead)."""
+        return _frozen(copy.deepcopy(self.accelerator.unwrap_model(self.model)))
 
     def _batch(self, inputs) -> Batch:
         """Chosen and rejected stacked into one batch of 2n sequences (the prompt repeated)."""
@@ -426,31 +602,62 @@ class DTRPOTrainer(DiffusionTrainer):
             response_valid=torch.cat([inputs["chosen_mask"], inputs["rejected_mask"]]),
         )
 
-    def _draw(self, model, inputs, batch: Batch):
-        """The re-masking draws of a batch, from per-example seeds (fixed across epochs when the
-        reference is precomputed, since its scores belong to one draw)."""
-        epoch = 0 if self.args.precompute_ref_log_probs else int(self.state.epoch or 0)
+    def _draw(self, model, inputs, batch: Batch, epoch: int | None = None):
+        """The re-masking draws of a batch, from per-example seeds: fresh every epoch (a precomputed
+        reference holds one draw per planned epoch)."""
+        epoch = int(self.state.epoch or 0) if epoch is None else epoch
         index = inputs["index"].tolist()
         seeds = [example_seed(self.args.seed, i, epoch, side) for side in ("chosen", "rejected") for i in index]
+        if self.estimator_config.reveal_order != "confidence":  # the only draw that reads a model
+            return draw(self.adapter, batch, seeds, self.estimator_config)
         with self.reference(model) as ref:
             return draw(self.adapter, batch, seeds, self.estimator_config, ref_model=ref)
 
     @torch.no_grad()
     def precompute_reference(self, dataset):
-        """`dataset` with `ref_chosen` / `ref_rejected`: the reference's score of each pair's fixed draw."""
-        size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-        loader = torch.utils.data.DataLoader(dataset, batch_size=size, collate_fn=self.data_collator)
-        scores = {}
-        for inputs in loader:
-            inputs = self._prepare_inputs(inputs)
-            batch, n = self._batch(inputs), inputs["index"].shape[0]
-            states = self._draw(self.model, inputs, batch)
-            with self.reference(self.model) as ref:
-                values, _ = score(self.adapter, ref, batch, states)
-            for i, idx in enumerate(inputs["index"].tolist()):
-                scores[idx] = (values[i].item(), values[n + i].item())
-        chosen, rejected = zip(*(scores[i] for i in dataset["index"]), strict=True)
-        return dataset.add_column("ref_chosen", list(chosen)).add_column("ref_rejected", list(rejected))
+        """`dataset` with `ref_chosen` / `ref_rejected`: per pair, the reference's score of each planned
+        epoch's draw. Read from the scores file when its fingerprint matches (no reference model is then
+        built); else each process scores its shard of the pairs, the shards are gathered, and the main
+        process writes the file."""
+        from accelerate.utils import gather_object
+
+        from dtrpo.reference import fingerprint, load_scores, planned_epochs, save_scores
+
+        a = self.args
+        updates = -(-len(self.get_train_dataloader()) // a.gradient_accumulation_steps)
+        epochs = planned_epochs(a.max_steps, a.num_train_epochs, updates)
+        reference = self.ref_model or self.accelerator.unwrap_model(self.model)  # the base, for PEFT or a copy
+        want = fingerprint(reference, dataset, self.estimator_config, self.adapter, a.seed)
+        path = a.ref_log_probs_file or (f"{self.dataset_name}.ref_logps.json" if self.dataset_name else None)
+        scores = load_scores(Path(path), want, epochs) if path else None
+        if scores is not None:
+            logger.info("reference scores of %d epochs read from %s", epochs, path)
+            if self.estimator_config.reveal_order == "confidence" and not _is_peft(self.model):
+                self.ref_model = self.ref_model or self._reference_copy()  # its confidences order every draw
+        else:
+            if self.ref_model is None and not _is_peft(self.model):
+                self.ref_model = self._reference_copy()
+            shard = dataset.shard(num_shards=a.world_size, index=a.process_index, contiguous=True)
+            size = a.precompute_ref_batch_size or a.per_device_eval_batch_size
+            loader = torch.utils.data.DataLoader(shard, batch_size=size, collate_fn=self.data_collator)
+            mine = {}
+            for inputs in loader:
+                inputs = self._prepare_inputs(inputs)
+                batch, n = self._batch(inputs), inputs["index"].shape[0]
+                per_epoch = []
+                for epoch in range(epochs):
+                    states = self._draw(self.model, inputs, batch, epoch)
+                    with self.reference(self.model) as ref:
+                        values, _ = score(self.adapter, ref, batch, states)
+                    per_epoch.append(values.tolist())
+                for i, idx in enumerate(inputs["index"].tolist()):
+                    mine[idx] = [(v[i], v[n + i]) for v in per_epoch]
+            scores = {k: v for part in gather_object([mine]) for k, v in part.items()}
+            if path and a.should_save:
+                save_scores(Path(path), want, epochs, scores)
+        chosen = [[c for c, _ in scores[i]] for i in dataset["index"]]
+        rejected = [[r for _, r in scores[i]] for i in dataset["index"]]
+        return dataset.add_column("ref_chosen", chosen).add_column("ref_rejected", rejected)
 
     @contextlib.contextmanager
     def reference(self, model):
@@ -486,8 +693,14 @@ class DTRPOTrainer(DiffusionTrainer):
         batch = self._batch(inputs)
         states = self._draw(model, inputs, batch)
         policy, passes = score(self.adapter, model, batch, states)
-        if "ref_chosen" in inputs:  # precomputed with the same draw
-            reference = torch.cat([inputs["ref_chosen"], inputs["ref_rejected"]]).to(policy)
+        if "ref_chosen" in inputs:  # precomputed with the same draw, one column per epoch
+            epoch = int(self.state.epoch or 0)
+            if epoch >= inputs["ref_chosen"].shape[1]:
+                raise ValueError(
+                    f"the reference was precomputed for {inputs['ref_chosen'].shape[1]} epochs and this step is in "
+                    f"epoch {epoch + 1}: precompute again for the longer run"
+                )
+            reference = torch.cat([inputs["ref_chosen"][:, epoch], inputs["ref_rejected"][:, epoch]]).to(policy)
         else:
             with torch.no_grad(), self.reference(model) as ref:
                 reference, _ = score(self.adapter, ref, batch, states)

@@ -73,7 +73,7 @@ def test_sft_collator_pads_exactly():
 
 def test_collator_refuses_responses_off_the_block_grid():
     features = [{"prompt_ids": [5], "chosen_ids": [10, 1, 1], "rejected_ids": [11, 1, 1, 1], "index": 7}]
-    with pytest.raises(ValueError, match="row 7: chosen_ids has 3 tokens, not a multiple of block_size=4"):
+    with pytest.raises(ValueError, match="index 7: chosen_ids has 3 tokens, not a multiple of block_size=4"):
         PreferenceCollator(PAD, 4)(features)
 
 
@@ -106,7 +106,7 @@ def test_rows_of_mixed_types_fail_to_load_as_one_table_but_validate_row_by_row(t
     path = write_jsonl(tmp_path / "mixed.jsonl", [ROWS[0], {"prompt": [user("hi")], "chosen": "a", "rejected": "b"}])
     with pytest.raises(ValueError, match=r"mixed\.jsonl: rows do not fit one table"):
         load_rows(path)
-    with pytest.raises(ValueError, match=r"mixed\.jsonl: row 1: field 'chosen' must be a list of messages"):
+    with pytest.raises(ValueError, match=r"mixed\.jsonl: line 2: field 'chosen' must be a list of messages"):
         build_preference_dataset(path, tokenizer, block_size=4)
 
 
@@ -120,7 +120,7 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.jsonl: line 3: not valid JSON"):
         load_rows(tmp_path / "bad.jsonl")
     (tmp_path / "list.json").write_text('[{"prompt": "a"}, 3]')
-    with pytest.raises(ValueError, match=r"list\.json: item 1: expected a JSON object"):
+    with pytest.raises(ValueError, match=r"list\.json: line 1: expected a JSON object"):
         load_rows(tmp_path / "list.json")
     datasets.DatasetDict(
         {"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS)}
@@ -192,7 +192,9 @@ def test_identical_pairs_are_dropped_with_one_warning_and_counted(tokenizer, tmp
         {"prompt": "q", "chosen": "z", "rejected": "w"},
     ]
     path = write_jsonl(tmp_path / "dup.jsonl", rows)
-    with pytest.warns(UserWarning, match=r"dup\.jsonl: dropped 2 of 4 rows whose chosen equals rejected \(rows 1, 2\)"):
+    with pytest.warns(
+        UserWarning, match=r"dup\.jsonl: dropped 2 of 4 rows whose chosen equals rejected \(lines 2, 3\)"
+    ):
         ds, stats = build_preference_dataset(path, tokenizer, block_size=2)
     assert ds["index"] == [0, 3]  # original row numbers survive the drop
     assert (stats["rows"], stats["kept"], stats["identical_dropped"]) == (4, 2, 2)
@@ -224,7 +226,7 @@ def test_truncate_policy_keeps_the_first_tokens_and_counts(tokenizer):
 def test_error_policy_names_the_row_field_and_lengths(tokenizer, tmp_path):
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "abcdefghij", "rejected": "b"}]
     path = write_jsonl(tmp_path / "long.jsonl", rows)
-    match = r"long\.jsonl: row 1: field 'chosen' is 11 tokens with its EOS, over max_response_length=8"
+    match = r"long\.jsonl: line 2: field 'chosen' is 11 tokens with its EOS, over max_response_length=8"
     with pytest.raises(ValueError, match=match):
         build_preference_dataset(path, tokenizer, 4, max_response_length=8, truncation="error")
 
@@ -271,12 +273,12 @@ BAD_PREFERENCE_ROWS = [
 @pytest.mark.parametrize(("row", "problem"), BAD_PREFERENCE_ROWS)
 def test_bad_preference_rows_name_file_row_and_field(tokenizer, tmp_path, row, problem):
     path = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], row])
-    with pytest.raises(ValueError, match=r"bad\.jsonl: row 1: field " + problem):
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2: field " + problem):
         build_preference_dataset(path, tokenizer, block_size=4)
 
 
 def test_in_memory_rows_are_named_memory(tokenizer):
-    with pytest.raises(ValueError, match="<memory>: row 0: field 'chosen' is missing"):
+    with pytest.raises(ValueError, match="<memory>: row 1: field 'chosen' is missing"):
         build_preference_dataset([{"prompt": "p", "rejected": "b"}], tokenizer, block_size=4)
 
 
@@ -313,7 +315,7 @@ def test_sft_truncation_both_policies(tokenizer, tmp_path):
     assert ds[0]["prompt_ids"] == ids("ef") and ds[0]["response_ids"] == ids("0123")
     assert (stats["prompts_truncated"], stats["responses_truncated"]) == (1, 1)
     path = write_jsonl(tmp_path / "sft.jsonl", rows)
-    match = r"sft\.jsonl: row 0: field 'completion' is 11 tokens .* max_response_length=4"
+    match = r"sft\.jsonl: line 1: field 'completion' is 11 tokens .* max_response_length=4"
     with pytest.raises(ValueError, match=match):
         build_sft_dataset(path, tokenizer, 4, max_response_length=4, truncation="error")
 
@@ -331,7 +333,7 @@ def test_sft_truncation_both_policies(tokenizer, tmp_path):
 )
 def test_bad_sft_rows_name_file_row_and_field(tokenizer, tmp_path, row, problem):
     path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "p", "completion": "c"}, row])
-    with pytest.raises(ValueError, match=r"sft\.jsonl: row 1: field " + problem):
+    with pytest.raises(ValueError, match=r"sft\.jsonl: line 2: field " + problem):
         build_sft_dataset(path, tokenizer, block_size=4)
 
 

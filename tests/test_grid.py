@@ -230,7 +230,7 @@ def test_tokenized_responses_end_on_the_grid_and_prompts_keep_their_blocks(token
     assert len(ex["chosen_ids"]) == 5 and ex["responses_truncated"] == 1
     with pytest.raises(
         ValueError,
-        match=r"row 0: field 'chosen' is 11 tokens with its EOS, over the 5 that max_response_length=8 leaves on ",
+        match=r"row 1: field 'chosen' is 11 tokens with its EOS, over the 5 that max_response_length=8 leaves on ",
     ):
         tokenize_preference(
             "abcdefg", "x" * 10, "z", tokenizer, BS, max_response_length=8, truncation="error", absolute=True
@@ -239,7 +239,9 @@ def test_tokenized_responses_end_on_the_grid_and_prompts_keep_their_blocks(token
 
 def test_collator_refuses_responses_off_the_absolute_grid():
     features = [{"prompt_ids": [5, 6, 7], "chosen_ids": [10, 1], "rejected_ids": [11], "index": 4}]
-    with pytest.raises(ValueError, match="row 4: chosen_ids has 2 tokens, after a prompt of 3 it does not end a block"):
+    with pytest.raises(
+        ValueError, match="index 4: chosen_ids has 2 tokens, after a prompt of 3 it does not end a block"
+    ):
         PreferenceCollator(0, BS, absolute=True)(features)
 
 

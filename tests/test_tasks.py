@@ -164,11 +164,11 @@ def test_reward_function_module(tmp_path, monkeypatch):
 
     task = load_task(str(path), reward="my_reward:bad")
     assert score_batch(task, rows, ["ok", "ok"]) == [1.0, 1.0]
-    with pytest.raises(RuntimeError, match=r"id='7' \(prompt 'write'\) raised KeyError: 'no score for boom'"):
+    with pytest.raises(ValueError, match=r"id='7' \(prompt 'write'\) raised KeyError: 'no score for boom'"):
         score_batch(task, rows, ["boom", "ok"])
-    with pytest.raises(TypeError, match=r"id='1' \(prompt 'more'\) returned 'high' \(str\), not a number"):
+    with pytest.raises(ValueError, match=r"id='1' \(prompt 'more'\) returned 'high' \(str\), not a number"):
         score_batch(task, rows, ["ok", "str"])
-    with pytest.raises(TypeError, match="is a int, not callable"):
+    with pytest.raises(ValueError, match="is a int, not callable"):
         load_task(str(path), reward="my_reward:NOT_CALLABLE")
 
 
@@ -177,7 +177,7 @@ def test_reward_returning_nan_or_tensor(tmp_path):
     rows = load_task(str(path), reward=lambda p, r, row: 0.0).prompts("train")
     with pytest.raises(ValueError, match="id='q'.*NaN"):
         score_batch(load_task(str(path), reward=lambda p, r, row: float("nan")), rows, ["x"])
-    with pytest.raises(TypeError, match=r"id='q'.*returned \[1.0\] \(list\)"):
+    with pytest.raises(ValueError, match=r"id='q'.*returned \[1.0\] \(list\)"):
         score_batch(load_task(str(path), reward=lambda p, r, row: [1.0]), rows, ["x"])
     with pytest.raises(ValueError, match="1 rows but 2 responses"):
         score_batch(load_task(str(path), reward=lambda p, r, row: 1.0), rows, ["x", "y"])
@@ -187,19 +187,19 @@ def test_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="prompts file not found: .*missing.jsonl"):
         load_task(str(tmp_path / "missing.jsonl"))
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "answer": "1"}, {"question": "b", "answer": "2"}])
-    with pytest.raises(ValueError, match=r"p.jsonl, line 2: missing 'prompt'.*\['answer', 'question'\]"):
+    with pytest.raises(ValueError, match=r"p.jsonl: line 2: field 'prompt' is missing.*\['answer', 'question'\]"):
         load_task(str(path))
     path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "a", "answer": "1"}, {"prompt": "b"}])
-    with pytest.raises(ValueError, match="q.jsonl, line 2: missing 'answer' and no reward function"):
+    with pytest.raises(ValueError, match="q.jsonl: line 2: field 'answer' is missing and no reward function"):
         load_task(str(path))
     path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "a", "answer": "none"}])
-    with pytest.raises(ValueError, match="r.jsonl, line 1: answer 'none' has no number"):
+    with pytest.raises(ValueError, match="r.jsonl: line 1: field 'answer' 'none' has no number"):
         load_task(str(path), match="numeric")
-    (tmp_path / "s.json").write_text('{"prompt": "a"}')
-    with pytest.raises(ValueError, match="expected a JSON list"):
+    (tmp_path / "s.json").write_text('[{"prompt": "a", "answer": "1"},\n 3]')
+    with pytest.raises(ValueError, match="s.json: line 2: expected a JSON object, got int"):
         load_task(str(tmp_path / "s.json"))
     (tmp_path / "t.jsonl").write_text('{"prompt": "a", "answer": "1"}\n{"prompt": \n')
-    with pytest.raises(ValueError, match="t.jsonl, line 2: not valid JSON"):
+    with pytest.raises(ValueError, match="t.jsonl: line 2: not valid JSON"):
         load_task(str(tmp_path / "t.jsonl"))
     with pytest.raises(ValueError, match="unknown match 'fuzzy'"):
         load_task(str(tmp_path / "t.jsonl"), match="fuzzy")
@@ -228,5 +228,5 @@ def test_gsm8k_layout_with_prompt_field_and_numeric_match(tmp_path):
     assert [r["prompt"] for r in got] == ["Two plus three?", "Ten times a hundred and eight?"]
     assert score_batch(task, got, ["so the answer is 5.", "It is 1080"]) == [1.0, 1.0]
     assert score_batch(task, got, ["6", "108"]) == [0.0, 0.0]
-    with pytest.raises(ValueError, match="missing 'prompt'"):
+    with pytest.raises(ValueError, match="field 'prompt' is missing"):
         load_task(str(path), match="numeric")

@@ -45,7 +45,7 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def train(model, tokenizer, args, data=PAIRS, resume=None, callbacks=None):
+def train(model, tokenizer, args, data=PAIRS, resume=None, callbacks=None, eval_data=None):
     from dtrpo.models import adapter_from_config
 
     trainer = DTRPOTrainer(
@@ -54,6 +54,7 @@ def train(model, tokenizer, args, data=PAIRS, resume=None, callbacks=None):
         adapter=adapter_from_config(model.config, tokenizer),
         processing_class=tokenizer,
         train_dataset=data,
+        eval_dataset=eval_data,
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)

@@ -1,0 +1,89 @@
+"""Precomputed reference scores: what they were computed from, and where they are kept.
+
+The reference's estimate of each pair depends only on the reference weights, the tokenized pair, the
+estimator options, the seed and the epoch (one draw per epoch, as the on-the-fly path draws). All of
+that goes into a fingerprint saved with the scores, beside the data; a later run reuses the file when
+its fingerprint matches (then no reference model is needed at all), and refuses it with the fields
+that differ named otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+FORMAT = "dtrpo-reference-scores/1"
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's name, shape, dtype and a strided sample of its values (at most 4096
+    per tensor: any real change of weights, fine-tuning or another checkpoint, changes the sample)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        if "lora_" in name:  # the reference of a PEFT model is its base, adapters disabled
+            continue
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")  # PEFT's names of base weights
+        flat = p.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(dataset) -> str:
+    """sha256 of the tokenized pairs (ids and row index), in order."""
+    h = hashlib.sha256()
+    for key in ("index", "prompt_ids", "chosen_ids", "rejected_ids"):
+        h.update(json.dumps(list(dataset[key])).encode())
+    return h.hexdigest()
+
+
+def fingerprint(reference: torch.nn.Module, dataset, estimator, adapter, seed: int) -> dict:
+    """What the scores depend on, field by field (the epochs are checked apart: more is fine)."""
+    return {
+        "reference_weights": weights_fingerprint(reference),
+        "data": data_fingerprint(dataset),
+        "estimator": asdict(estimator),
+        "adapter": {k: v for k, v in vars(adapter).items() if k != "family"},
+        "seed": seed,
+    }
+
+
+def planned_epochs(max_steps: int, num_train_epochs: float, updates_per_epoch: int) -> int:
+    """Epochs a run will start: from max_steps when set, else num_train_epochs (a fraction starts one)."""
+    if max_steps and max_steps > 0:
+        return max(1, math.ceil(max_steps / max(updates_per_epoch, 1)))
+    return max(1, math.ceil(num_train_epochs))
+
+
+def load_scores(path: Path, want: dict, epochs: int) -> dict[int, list[tuple[float, float]]] | None:
+    """{row index: [(chosen, rejected) per epoch]} from `path` when its fingerprint matches; None when
+    there is no file; an error naming the fields that differ otherwise."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a dtrpo reference-scores file (format {saved.get('format')!r})")
+    differ = [k for k in want if saved["fingerprint"].get(k) != want[k]]
+    if saved["epochs"] < epochs:
+        differ.append(f"epochs ({saved['epochs']} saved, {epochs} planned)")
+    if differ:
+        raise ValueError(
+            f"{path}: precomputed reference scores do not match this run ({', '.join(differ)} differ); delete the "
+            "file to recompute it, or name another file with --ref_log_probs_file"
+        )
+    return {int(k): [tuple(x) for x in v[:epochs]] for k, v in saved["scores"].items()}
+
+
+def save_scores(path: Path, want: dict, epochs: int, scores: dict[int, list[tuple[float, float]]]) -> None:
+    """Write the scores and their fingerprint (aside, then renamed, so a crash leaves no half file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    body = {"format": FORMAT, "fingerprint": want, "epochs": epochs, "scores": {str(k): v for k, v in scores.items()}}
+    tmp.write_text(json.dumps(body))
+    tmp.replace(path)

@@ -1,0 +1,120 @@
+"""Precomputed reference scores: one draw per planned epoch (training sees the masks it would see with
+a live reference), kept beside the data with a fingerprint, reused without a reference model, refused
+with the mismatch named, and the same when two gloo processes each score a shard."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dtrpo import DTRPOConfig, DTRPOTrainer
+from dtrpo.models import init_tiny
+from tests.test_trainer import PAIRS, free_port
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    return init_tiny(root / "tiny", block_size=4, hidden_size=32), data
+
+
+def config(out, **kw):
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=4,  # 8 pairs in batches of 4: two epochs
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        report_to=[],
+        logging_steps=1,
+        steps_per_block=2,
+    )
+    return DTRPOConfig(**{**base, **kw})
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_every_epoch_has_its_own_draw(setup, tmp_path):
+    """Live reference and precomputed reference give the same losses over two epochs: the precompute
+    holds each epoch's draw (before, every epoch reused epoch 0's masks)."""
+    model, data = setup
+    live = DTRPOTrainer(str(model), args=config(tmp_path / "a"), train_dataset=str(data))
+    live.train()
+    pre = DTRPOTrainer(
+        str(model),
+        args=config(tmp_path / "b", precompute_ref_log_probs=True, ref_log_probs_file=str(tmp_path / "ref.json")),
+        train_dataset=str(data),
+    )
+    assert len(pre.train_dataset[0]["ref_chosen"]) == 2  # two planned epochs
+    pre.train()
+    assert losses(pre) == pytest.approx(losses(live), abs=1e-5) and len(losses(pre)) == 4
+
+
+def test_scores_kept_beside_the_data_and_reused_without_a_reference(setup, tmp_path):
+    model, data = setup
+    local = tmp_path / "pairs.jsonl"
+    local.write_text(data.read_text())
+    first = DTRPOTrainer(
+        str(model), args=config(tmp_path / "a", precompute_ref_log_probs=True), train_dataset=str(local)
+    )
+    saved = tmp_path / "pairs.jsonl.ref_logps.json"
+    assert saved.is_file() and json.loads(saved.read_text())["epochs"] == 2
+    first.train()
+    again = DTRPOTrainer(
+        str(model), args=config(tmp_path / "b", precompute_ref_log_probs=True, beta=0.1), train_dataset=str(local)
+    )
+    assert again.ref_model is None  # the scores were read: no reference model built
+    again.train()
+    assert losses(again) == pytest.approx(losses(first), abs=1e-6)
+    with pytest.raises(ValueError, match=r"do not match this run \(seed differ\)"):
+        DTRPOTrainer(
+            str(model), args=config(tmp_path / "c", precompute_ref_log_probs=True, seed=1), train_dataset=str(local)
+        )
+    with pytest.raises(ValueError, match=r"epochs \(2 saved, 3 planned\) differ"):
+        DTRPOTrainer(
+            str(model),
+            args=config(tmp_path / "d", precompute_ref_log_probs=True, max_steps=6),
+            train_dataset=str(local),
+        )
+    local.write_text(data.read_text().replace("zz", "yy"))
+    with pytest.raises(ValueError, match=r"\(data differ\).*delete the file to recompute"):
+        DTRPOTrainer(str(model), args=config(tmp_path / "e", precompute_ref_log_probs=True), train_dataset=str(local))
+
+
+def test_two_gloo_processes_equal_one(setup, tmp_path):
+    """Two processes at 2 pairs each equal one process at 4: the precomputed scores (each process scored
+    its own shard) and the training losses."""
+    model, data = setup
+    one = DTRPOTrainer(
+        str(model),
+        args=config(tmp_path / "one", precompute_ref_log_probs=True, ref_log_probs_file=str(tmp_path / "one.json")),
+        train_dataset=str(data),
+    )
+    one.train()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "dtrpo.cli", "train", "--model", str(model), "--data", str(data),
+           "--output_dir", str(tmp_path / "two"), "--use_cpu", "true", "--ddp_backend", "gloo", "--max_steps", "4",
+           "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--steps_per_block", "2",
+           "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true", "--seed", "0",
+           "--data_seed", "0", "--precompute_ref_log_probs", "true",
+           "--ref_log_probs_file", str(tmp_path / "two.json")]  # fmt: skip
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["fingerprint"] == b["fingerprint"] and a["scores"].keys() == b["scores"].keys()
+    for k, v in a["scores"].items():
+        flat = [x for epoch in v for x in epoch]
+        assert flat == pytest.approx([x for epoch in b["scores"][k] for x in epoch], abs=1e-5)
+    # the training losses the main process printed ({'loss': '0.6931', ...} per step)
+    two = [float(ln.split("'loss': ")[1].split(",")[0].strip("'")) for ln in out.stdout.splitlines() if "'loss'" in ln]
+    assert two == pytest.approx(losses(one), abs=1e-4)
