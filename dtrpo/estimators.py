@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dtrpo.masking import draw_block_states, packed_layout, response_blocks, single_layout
+from dtrpo.masking import draw_block_states, packed_layout, pair_layout, response_blocks, single_layout
 from dtrpo.models import MODES, ModelAdapter
 
 
@@ -30,6 +30,7 @@ class Batch:
     prompt_valid: torch.Tensor  # (B, P) bool
     response_ids: torch.Tensor  # (B, R)
     response_valid: torch.Tensor  # (B, R) bool
+    pairs: bool = False  # rows i and B/2 + i are a pair with one prompt: packed mode shares it (`pair_layout`)
 
 
 @dataclass
@@ -73,6 +74,8 @@ def position_logprobs(
     if mode == "exact":
         return _exact_logprobs(adapter, model, batch, noisy_ids, read)
     grid = (adapter.block_size, adapter.absolute_grid)
+    if mode == "packed" and batch.pairs:
+        return _pair_logprobs(adapter, model, batch, noisy_ids, read), 1
     if mode == "packed":
         layout = packed_layout(
             batch.prompt_ids, batch.prompt_valid, batch.response_ids, batch.response_valid, noisy_ids, *grid
@@ -100,6 +103,35 @@ def _layout_logprobs(adapter, model, layout, targets, read) -> torch.Tensor:
     out = torch.zeros(B, targets.shape[1], dtype=logp.dtype, device=logp.device)
     rows = torch.arange(B, device=read.device)[:, None].expand(B, S)[keep]
     return out.index_put((rows, slot_at[keep]), logp)
+
+
+def _pair_logprobs(adapter, model, batch, noisy_ids, read) -> torch.Tensor:
+    """Packed-mode log-probs with one row per pair (the prompt once, `pair_layout`). (B, R)"""
+    B, R = batch.response_ids.shape
+    if not read.any():
+        return torch.zeros(B, R, device=read.device)
+    n = B // 2
+    pl = pair_layout(
+        batch.prompt_ids[:n],
+        batch.prompt_valid[:n],
+        batch.response_ids,
+        batch.response_valid,
+        noisy_ids,
+        adapter.block_size,
+        adapter.absolute_grid,
+        adapter.shifted,
+    )
+    layout, S = pl.layout, pl.layout.input_ids.shape[1]
+    rows = (torch.arange(B, device=read.device) % n)[:, None].expand(B, R)  # (B, R) the pair's row
+    keep = torch.zeros(n, S, dtype=torch.bool, device=read.device)
+    keep[rows[read], pl.reads[read]] = True  # chosen and rejected may share a column (a shifted first token)
+    slot = keep.flatten().cumsum(0) - 1  # position of each kept column in the logits' rows
+    mask = adapter.attention_mask(model, layout)
+    logits = adapter.logits(model, layout.input_ids, mask, layout.position_ids, keep)  # (N, V)
+    logp = torch.log_softmax(logits, -1)
+    at = slot[rows * S + pl.reads]  # (B, R)
+    out = logp[at.clamp(min=0), batch.response_ids]  # (B, R)
+    return torch.where(read, out, torch.zeros_like(out))
 
 
 def _exact_logprobs(adapter, model, batch, noisy_ids, read) -> tuple[torch.Tensor, int]:

@@ -140,7 +140,15 @@ class DTRPOLM(LM):
         a = self.adapter
         masked = torch.where(batch.response_valid, pad, batch.response_ids)
         if a.block_causal:  # each block masked, earlier blocks clean
-            layout = packed_layout(*vars(batch).values(), masked, a.block_size, a.absolute_grid)
+            layout = packed_layout(
+                batch.prompt_ids,
+                batch.prompt_valid,
+                batch.response_ids,
+                batch.response_valid,
+                masked,
+                a.block_size,
+                a.absolute_grid,
+            )
         else:  # the whole continuation masked
             layout = single_layout(batch.prompt_ids, batch.prompt_valid, masked, batch.response_valid, a.block_size)
         logits = self.adapter.logits(

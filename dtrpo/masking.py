@@ -67,6 +67,7 @@ class Layout:
     response_len: int  # R
     block_size: int
     tail: torch.Tensor  # (B,) prompt tokens in the first response block (tail_lengths)
+    segment: torch.Tensor | None = None  # (B, S) pair layout: 0 shared prompt, 1 chosen, 2 rejected
 
     def dense_mask(self, prompt_causal: bool, full: bool) -> torch.Tensor:
         """(B, 1, S, S) bool mask for SDPA, True = may attend. Padded keys are never attended; a row
@@ -84,6 +85,8 @@ class Layout:
             full,
         )  # (B, S, S)
         ok = ok & self.valid[:, None, :] & self.valid[:, :, None]
+        if self.segment is not None:
+            ok = ok & ((self.segment[:, None, :] == 0) | (self.segment[:, None, :] == self.segment[:, :, None]))
         ok = ok | torch.eye(S, dtype=torch.bool, device=ok.device)
         return ok[:, None]
 
@@ -92,9 +95,11 @@ class Layout:
         from torch.nn.attention.flex_attention import create_block_mask
 
         kind, block, valid = self.kind, self.block, self.valid
+        seg = self.segment if self.segment is not None else torch.zeros_like(kind)
 
         def mask_mod(b, h, q, k):
             ok = allowed(kind[b, q], block[b, q], q, kind[b, k], block[b, k], k, prompt_causal, full)
+            ok = ok & ((seg[b, k] == 0) | (seg[b, k] == seg[b, q]))
             return (ok & valid[b, q] & valid[b, k]) | (q == k)
 
         B, S = self.input_ids.shape
@@ -306,3 +311,99 @@ def draw_block_states(
     w = w * response_valid
     noisy = torch.where(masked, torch.full_like(response_ids, mask_token_id), response_ids)
     return BlockStates(noisy_ids=noisy, weights=w, newly=newly & response_valid)
+
+
+@dataclass
+class PairLayout:
+    """One row per preference pair (`pair_layout`) and where each response token is read."""
+
+    layout: Layout
+    reads: torch.Tensor  # (2n, R) column whose logits predict token j of sequence i (rows: i % n)
+
+
+def _segment(prompt, tail_len, response, noisy, n_valid, block_size, absolute, shifted, seg, start):
+    """The columns of one response behind a shared prompt: [clean tail | clean blocks but the last |
+    noisy tail | noisy response]; returns the column tensors and the read column of each token."""
+    P, bs, r = len(prompt), block_size, tail_len
+    dev = response.device
+    j = torch.arange(n_valid, device=dev)
+    rblock = (r + j) // bs  # response block of each token, 0 = the first (holding the tail)
+    last = int(rblock[-1]) if n_valid else 0
+    n_clean = int((rblock < last).sum())  # the last clean block is attended by no query: dropped
+    tail = prompt[P - r :] if r else prompt[:0]
+    clean_tail = tail if n_clean else tail[:0]
+    t_pos = torch.arange(P - r, P, device=dev)
+    r_pos = P + j
+    ids = torch.cat([clean_tail, response[:n_clean], tail, noisy[:n_valid]])
+    pos = torch.cat([t_pos[: len(clean_tail)], r_pos[:n_clean], t_pos, r_pos])
+    blocks = pos // bs if absolute else torch.cat([torch.full_like(t_pos[: len(clean_tail)], -1), j[:n_clean] // bs,
+                                                   torch.full_like(t_pos, -1), j // bs])  # fmt: skip
+    n_c = len(clean_tail) + n_clean
+    kind = torch.cat([torch.full((n_c,), CLEAN, device=dev), torch.full((r + n_valid,), NOISY, device=dev)])
+    clean_col = start + len(clean_tail) + j  # column of the clean copy of token j (j < n_clean)
+    noisy_col = start + n_c + r + j
+    if not shifted:
+        reads = noisy_col
+    else:
+        first = (r + j) % bs == 0
+        reads = torch.where(first, clean_col - 1, noisy_col - 1)  # j = 0 block-first: the last prompt column
+    return ids, pos, blocks, kind, torch.full_like(ids, seg), reads
+
+
+def pair_layout(
+    prompt_ids, prompt_valid, responses, responses_valid, noisy, block_size, absolute, shifted
+) -> PairLayout:
+    """`[x | C_w N_w | C_l N_l]`, one row per pair, for the packed mode: the prompt once (its whole blocks;
+    on the absolute grid each response carries its own copy of the prompt tail, whose clean state depends
+    on that response's first block), chosen and rejected behind it, each as its clean blocks but the last
+    (no query attends a response's last clean block) and its noisy states. A response attends the shared
+    prompt and itself only (`Layout.segment`). The logits at every read column equal `packed_layout`'s.
+
+    `responses`, `responses_valid` and `noisy` are (2n, R): chosen rows first, then rejected rows, with
+    the n prompts of `prompt_ids` (n, P) shared by row i and row n + i.
+    """
+    n, Pw = prompt_ids.shape
+    R = responses.shape[1]
+    tails = tail_lengths(prompt_valid, block_size, absolute)
+    rows, reads = [], torch.zeros(2 * n, R, dtype=torch.long, device=responses.device)
+    for i in range(n):
+        prompt = prompt_ids[i][prompt_valid[i]]
+        P, r = len(prompt), int(tails[i])
+        shared = prompt[: P - r]
+        pos = torch.arange(P - r, device=prompt.device)
+        if absolute:
+            parts = [(shared, pos, pos // block_size, torch.full_like(pos, CLEAN), torch.zeros_like(pos))]
+        else:
+            parts = [(shared, pos, torch.full_like(pos, -1), torch.full_like(pos, PROMPT), torch.zeros_like(pos))]
+        start = P - r
+        for side, row in ((1, i), (2, n + i)):
+            n_valid = int(responses_valid[row].sum())
+            *cols, read = _segment(
+                prompt, r, responses[row], noisy[row], n_valid, block_size, absolute, shifted, side, start
+            )
+            if shifted and n_valid and r == 0:  # a block-first token 0 is read at the last shared prompt column
+                read[0] = P - 1
+            reads[row, :n_valid] = read
+            parts.append(tuple(cols))
+            start += len(cols[0])
+        rows.append([torch.cat(x) for x in zip(*parts, strict=True)])
+    S = max(len(r[0]) for r in rows)
+
+    def stack(k, fill):
+        return torch.stack([torch.nn.functional.pad(r[k], (0, S - len(r[k])), value=fill) for r in rows])
+
+    valid = torch.stack([torch.arange(S, device=responses.device) < len(r[0]) for r in rows])
+    layout = Layout(
+        input_ids=stack(0, 0),
+        position_ids=stack(1, 0),
+        kind=stack(3, PROMPT),
+        block=stack(2, -1),
+        valid=valid,
+        clean_start=-1,  # not one column per batch: `PairLayout.reads` holds every read column
+        noisy_start=-1,
+        response_len=R,
+        block_size=block_size,
+        tail=tails,
+        segment=stack(4, 0),
+    )
+    return PairLayout(layout, reads)

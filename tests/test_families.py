@@ -606,7 +606,8 @@ def test_gpu_bf16_flex_attention_and_checkpointing(family, flex_checkpoints):
     assert model.dtype == torch.bfloat16 and model.is_activation_checkpointing
     model.train()
     adapter = adapter.with_block_size(8)
-    batch = Batch(*(x.cuda() for x in vars(make_batch(8)).values()))
+    cpu = make_batch(8)
+    batch = Batch(cpu.prompt_ids.cuda(), cpu.prompt_valid.cuda(), cpu.response_ids.cuda(), cpu.response_valid.cuda())
     from dtrpo.masking import packed_layout
 
     layout = packed_layout(
