@@ -296,6 +296,25 @@ def last_checkpoint(output_dir: str | Path) -> tuple[str | None, list[tuple[str,
     return None, skipped
 
 
+# settings that may differ between a run and its resumption without changing what is trained
+RESUME_FREE = {"output_dir", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir", "disable_tqdm"}
+
+
+def changed_settings(checkpoint: Path, args: TrainingArguments) -> list[str]:
+    """Each training setting of this run that differs from the one the checkpoint was written with (read
+    from its dtrpo_config.json), as "field: checkpoint's value -> this run's value"."""
+    try:
+        saved = json.loads((checkpoint / CONFIG_FILE).read_text())["args"]
+    except (OSError, ValueError, KeyError):
+        return []
+    now = json.loads(args.to_json_string())
+    return [
+        f"{k}: {saved[k]!r} -> {now[k]!r}"
+        for k in sorted(saved.keys() & now.keys() - RESUME_FREE)
+        if saved[k] != now[k]
+    ]
+
+
 # the files a run saves beside its checkpoints (model, tokenizer, config, state); weights are *.safetensors / *.bin
 RUN_FILES = (
     *("config.json", "generation_config.json", CONFIG_FILE, TRAINER_STATE_NAME, "model.safetensors.index.json"),
@@ -463,6 +482,9 @@ class DiffusionTrainer(Trainer):
                 raise ValueError(f"{resume_from_checkpoint}: not a complete checkpoint ({problem})")
         else:
             claim_output_dir(self.args)
+        if resume_from_checkpoint:
+            for line in changed_settings(Path(resume_from_checkpoint), self.args):
+                logger.warning("resuming %s with a different setting: %s", resume_from_checkpoint, line)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:

@@ -159,7 +159,7 @@ def test_write_error_while_saving(setup, monkeypatch, capsys):
     assert (out / "checkpoint-4" / "trainer_state.json").is_file()  # the checkpoint before it is whole
 
 
-def test_reused_output_folder_is_refused_or_replaced_whole(setup, capsys):
+def test_reused_output_folder_is_refused_or_replaced_whole(setup, capsys, caplog):
     out = setup / "reused"
     train(setup, out, "--save_steps", 1)
     before = {p.name: (p / "model.safetensors").read_bytes() for p in out.glob("checkpoint-*")}
@@ -176,6 +176,9 @@ def test_reused_output_folder_is_refused_or_replaced_whole(setup, capsys):
         assert json.loads((folder / "dtrpo_config.json").read_text())["args"]["learning_rate"] == 1e-3
     res = train(setup, out, "--learning_rate", 1e-3, "--resume_from_checkpoint", "last", capsys=capsys)
     assert f"resuming from {out / 'checkpoint-2'}" in res.stderr and "skipping" not in res.stderr
+    assert "learning_rate" not in caplog.text  # the checkpoint is of this run, with its learning rate
+    train(setup, out, "--resume_from_checkpoint", out / "checkpoint-2", "--max_steps", 3)
+    assert f"resuming {out / 'checkpoint-2'} with a different setting: learning_rate: 0.001 -> 0.01" in caplog.text
 
 
 def test_best_checkpoint_is_the_renamed_one(tmp_path, tokenizer):
