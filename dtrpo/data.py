@@ -364,16 +364,20 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[i
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
-def _fit_prompt(ids: list[int], limits: _Limits) -> tuple[list[int], bool]:
-    """The end of the prompt is what the response follows: keep the last tokens. On the absolute grid
-    drop a multiple of the block size, so every kept token stays in its block (fewer than the limit)."""
-    m = limits.max_prompt_length
-    if m is None or len(ids) <= m:
+def keep_prompt_end(ids: list[int], max_len: int | None, grid: int | None = None) -> tuple[list[int], bool]:
+    """The end of the prompt is what the response follows: keep its last tokens, at most `max_len`, and
+    say whether it was cut. On an absolute block grid of `grid` tokens, drop a multiple of it, so every
+    kept token stays in its block (the kept prompt is then up to grid - 1 tokens under the limit)."""
+    if max_len is None or len(ids) <= max_len:
         return ids, False
-    drop = len(ids) - m
-    if limits.absolute:
-        drop = -(-drop // limits.block_size) * limits.block_size
+    drop = len(ids) - max_len
+    if grid:
+        drop = -(-drop // grid) * grid
     return ids[drop:], True
+
+
+def _fit_prompt(ids: list[int], limits: _Limits) -> tuple[list[int], bool]:
+    return keep_prompt_end(ids, limits.max_prompt_length, limits.block_size if limits.absolute else None)
 
 
 def _fit_response(

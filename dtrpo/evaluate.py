@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
+from dtrpo.data import keep_prompt_end
 from dtrpo.sampler import REMASKING, generate
 from dtrpo.tasks import score_batch
 
@@ -58,26 +59,22 @@ class SamplingArgs:
             raise ValueError(f"--batch_size must be positive, got {self.batch_size}")
 
 
-def truncate_prompt(ids: list[int], max_prompt_length: int | None) -> tuple[list[int], bool]:
-    """The prompt's last `max_prompt_length` tokens, and whether it was cut. Left truncation, as in
-    training: the end of the prompt is what the response follows."""
-    if max_prompt_length is None or len(ids) <= max_prompt_length:
-        return ids, False
-    return ids[-max_prompt_length:], True
-
-
-def encode_prompt(tokenizer, text: str, chat: bool, max_prompt_length: int | None = None) -> tuple[list[int], bool]:
-    """Token ids of a prompt (in the chat template when `chat`), truncated, and whether it was cut."""
+def encode_prompt(
+    tokenizer, text: str, chat: bool, max_prompt_length: int | None = None, grid: int | None = None
+) -> tuple[list[int], bool]:
+    """Token ids of a prompt (in the chat template when `chat`), cut as training cuts it (its last tokens;
+    a multiple of `grid` dropped on an absolute block grid), and whether it was cut."""
     if chat:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
-    return truncate_prompt(tokenizer(text, add_special_tokens=False)["input_ids"], max_prompt_length)
+    return keep_prompt_end(tokenizer(text, add_special_tokens=False)["input_ids"], max_prompt_length, grid)
 
 
-def encode_prompts(tokenizer, texts: list[str], s: SamplingArgs) -> tuple[list[list[int]], int]:
-    """Token ids of each prompt under `s`, and how many were truncated (logged as a warning)."""
-    encoded = [encode_prompt(tokenizer, t, s.chat_template, s.max_prompt_length) for t in texts]
+def encode_prompts(tokenizer, texts: list[str], s: SamplingArgs, adapter=None) -> tuple[list[list[int]], int]:
+    """Token ids of each prompt under `s` (on `adapter`'s block grid), and how many were truncated (logged)."""
+    grid = adapter.block_size if adapter is not None and adapter.absolute_grid else None
+    encoded = [encode_prompt(tokenizer, t, s.chat_template, s.max_prompt_length, grid) for t in texts]
     cut = sum(c for _, c in encoded)
     if cut:
         logger.warning(
@@ -96,7 +93,7 @@ def sample_texts(model, tokenizer, adapter, prompts: list[str], s: SamplingArgs,
     steps = s.steps_per_block or adapter.block_size
     starts = range(0, len(prompts), s.batch_size)
     for n, i in enumerate(tqdm(starts, desc=desc, disable=desc is None, leave=False)):
-        chunk, cut = encode_prompts(tokenizer, prompts[i : i + s.batch_size], s)
+        chunk, cut = encode_prompts(tokenizer, prompts[i : i + s.batch_size], s, adapter)
         truncated += cut
         out = generate(
             adapter,

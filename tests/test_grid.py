@@ -273,3 +273,14 @@ def test_bench_times_both_grids_side_by_side():
     # prompts of 9, 8, 7, 6 tokens: tails 1, 0, 3, 2; the tail copy is 3 columns wide
     assert rows["absolute_grid"]["packed_columns"] - rows["response_grid"]["packed_columns"] == 3
     assert all(r["seconds_per_pair"] > 0 for r in rows.values())
+
+
+def test_sampling_prompts_cut_as_training_cuts_them(family_models, tokenizer):
+    """eval / pairs / generate keep a long prompt's end on the block grid, as the data builders do."""
+    from dtrpo.evaluate import SamplingArgs, encode_prompts
+
+    _, _, adapter = family_models["sdar"]
+    (ids,), cut = encode_prompts(tokenizer, ["abcdefg"], SamplingArgs(max_prompt_length=5), adapter)
+    assert tokenizer.decode(ids) == "efg" and cut == 1  # 7 -> 3: a multiple of B = 4 dropped, as training
+    want = tokenize_preference("abcdefg", "x", "y", tokenizer, BS, max_prompt_length=5, absolute=True)["prompt_ids"]
+    assert ids == want
