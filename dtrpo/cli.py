@@ -105,20 +105,33 @@ def init_tiny_main(argv: list[str]) -> None:
     print(f"wrote tiny model to {path}")
 
 
+def _deprecated(args, old: str, new: str) -> None:
+    """An old flag still works for one release: its value moves to the new one, with a warning."""
+    value = getattr(args, old)
+    if value is not None:
+        print(f"warning: --{old} is deprecated; use --{new} (removed in the next release)", file=sys.stderr)
+        setattr(args, new, value)
+        setattr(args, old, None)
+
+
 @dataclass
 class ModelArgs:
-    model: str = field(
+    model_name_or_path: str = field(
         default=None, metadata={"help": "Model folder: a dtrpo/transformers checkpoint or a family's own."}
     )
+    model: str | None = field(default=None, metadata={"help": "Deprecated: use --model_name_or_path."})
     family: str | None = field(default=None, metadata={"help": "Model family; default: detected from config.json."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 (GPU) or float16."})
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention backend: sdpa, or flex_attention on a GPU."}
     )
 
+    def __post_init__(self) -> None:
+        _deprecated(self, "model", "model_name_or_path")
+
     def load(self, block_size: int | None = None):
-        """(model, tokenizer, adapter) of `--model`, on the GPU when there is one; `block_size` overrides
-        the checkpoint's (and is required where its config.json has none)."""
+        """(model, tokenizer, adapter) of `--model_name_or_path`, on the GPU when there is one; `block_size`
+        overrides the checkpoint's (and is required where its config.json has none)."""
         import torch
 
         from dtrpo.families import load_model
@@ -128,22 +141,75 @@ class ModelArgs:
         device = "cuda" if torch.cuda.is_available() else None
         dtype = getattr(torch, self.dtype)
         return load_model(
-            self.model, self.family, dtype, self.attn_implementation, device=device, block_size=block_size
+            self.model_name_or_path, self.family, dtype, self.attn_implementation, device=device, block_size=block_size
         )
 
 
 @dataclass
-class TrainScript(ModelArgs):
-    data: str = field(default=None, metadata={"help": "Preference data: .jsonl, .json, .parquet or a datasets folder."})
-    eval_data: str | None = field(default=None, metadata={"help": "Held-out preference data for evaluation."})
-    lora_r: int = field(
-        default=0,
+class DataArgs:
+    """Training data as TRL's scripts name it."""
+
+    dataset_name: str = field(
+        default=None,
         metadata={
-            "help": "LoRA rank; 0 trains every weight. The reference is then the base model with adapters disabled."
+            "help": "Training data: a .jsonl/.json/.parquet file, a folder written by save_to_disk, or a datasets "
+            "name already in the local cache (nothing is downloaded)."
         },
     )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "Split of --dataset_name to evaluate on (a dataset with splits)."}
+    )
+    eval_data: str | None = field(default=None, metadata={"help": "Held-out data file or folder for evaluation."})
+    data: str | None = field(default=None, metadata={"help": "Deprecated: use --dataset_name."})
+
+    def __post_init__(self) -> None:
+        getattr(super(), "__post_init__", lambda: None)()
+        _deprecated(self, "data", "dataset_name")
+
+    def datasets(self):
+        """(train, eval): paths for local files and folders, Dataset objects for cached datasets names."""
+        train = _dataset(self.dataset_name, self.dataset_train_split)
+        test = _dataset(self.dataset_name, self.dataset_test_split) if self.dataset_test_split else None
+        return train, self.eval_data or test
+
+
+def _dataset(name: str, split: str):
+    path = Path(name)
+    if path.is_file() or (path.is_dir() and not (path / "dataset_dict.json").is_file()):
+        return name  # read by dtrpo.data, which names file, line and field in its errors
+    if path.is_dir():
+        import datasets
+
+        dd = datasets.load_from_disk(str(path))
+        if split not in dd:
+            raise ValueError(f"{name}: no split {split!r} (it has {sorted(dd)})")
+        return dd[split]
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split, download_mode="reuse_cache_if_exists")
+    except Exception as e:  # noqa: BLE001 - any failure to find it locally is one message
+        raise ValueError(
+            f"--dataset_name {name!r}: not a local file or folder, and not a dataset in the local datasets cache "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
+
+
+@dataclass
+class PeftArgs:
+    """LoRA as TRL's scripts name it; the trainer applies it (`peft_config`)."""
+
+    use_peft: bool = field(
+        default=False,
+        metadata={
+            "help": "Train LoRA adapters instead of every weight; the reference is the base model with adapters "
+            "disabled, checkpoints hold the adapters, the output folder the merged model."
+        },
+    )
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 16)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (0 under --disable_dropout)."})
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={
@@ -151,6 +217,33 @@ class TrainScript(ModelArgs):
             "attention and MLP projection."
         },
     )
+
+    def peft_config(self):
+        """A `peft.LoraConfig`, or None without --use_peft. `--lora_r N` alone (dtrpo's old way) turns LoRA on."""
+        if self.lora_r is not None and not self.use_peft:
+            if self.lora_r == 0:
+                return None
+            print("warning: --lora_r without --use_peft is deprecated; pass --use_peft true", file=sys.stderr)
+            self.use_peft = True
+        if not self.use_peft:
+            return None
+        from peft import LoraConfig
+
+        from dtrpo.lora import DEFAULT_TARGETS
+
+        return LoraConfig(
+            r=self.lora_r or 16,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(self.lora_target_modules or DEFAULT_TARGETS),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+@dataclass
+class TrainScript(PeftArgs, DataArgs, ModelArgs):
+    pass
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
@@ -189,36 +282,39 @@ def train_main(argv: list[str]) -> None:
     from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
 
     script, config = parse([TrainScript, DTRPOConfig], argv, "dtrpo train", COMMANDS["train"][1])
-    require(script, "model", "data")
+    require(script, "model_name_or_path", "dataset_name")
     require(config, "output_dir")
+    train, test = script.datasets()
     model, tokenizer, adapter = script.load(config.block_size)
-    save = None
-    if script.lora_r:  # the adapters stay in the checkpoints; the output folder gets the merged model
-        from dtrpo.families import export_checkpoint
-        from dtrpo.lora import apply_lora, merge_lora
-
-        model = apply_lora(
-            model, adapter, script.lora_r, script.lora_alpha, script.lora_target_modules, script.lora_dropout
-        )
-
-        def save(t):
-            export_checkpoint(merge_lora(t.model), tokenizer, adapter, config.output_dir, format="native")
-
+    peft_config = script.peft_config()
     trainer = DTRPOTrainer(
         model=model,
         args=config,
         adapter=adapter,
         processing_class=tokenizer,
-        train_dataset=script.data,
-        eval_dataset=script.eval_data,
+        train_dataset=train,
+        eval_dataset=test,
+        peft_config=peft_config,
     )
-    run_training(trainer, config, save)
+    run_training(trainer, config, _merged_save(tokenizer, trainer.adapter, config) if peft_config else None)
+
+
+def _merged_save(tokenizer, adapter, config):
+    """The final save of a LoRA run: the merged model (checkpoints keep the adapters, for resuming)."""
+
+    def save(trainer):
+        from dtrpo.families import export_checkpoint
+        from dtrpo.lora import merge_lora
+
+        export_checkpoint(merge_lora(trainer.model), tokenizer, adapter, config.output_dir, format="native")
+        trainer.write_run_files(Path(config.output_dir))
+
+    return save
 
 
 @dataclass
-class SFTScript(ModelArgs):
-    data: str = field(default=None, metadata={"help": "Prompt/completion data: .jsonl, .json, .parquet or a folder."})
-    eval_data: str | None = field(default=None, metadata={"help": "Held-out prompt/completion data."})
+class SFTScript(PeftArgs, DataArgs, ModelArgs):
+    pass
 
 
 @command("sft", "supervised masked- or block-diffusion training (method.md section 7)")
@@ -226,18 +322,21 @@ def sft_main(argv: list[str]) -> None:
     from dtrpo.sft import DiffusionSFTConfig, DiffusionSFTTrainer
 
     script, config = parse([SFTScript, DiffusionSFTConfig], argv, "dtrpo sft", COMMANDS["sft"][1])
-    require(script, "model", "data")
+    require(script, "model_name_or_path", "dataset_name")
     require(config, "output_dir")
+    train, test = script.datasets()
     model, tokenizer, adapter = script.load(config.block_size)
+    peft_config = script.peft_config()
     trainer = DiffusionSFTTrainer(
         model=model,
         args=config,
         adapter=adapter,
         processing_class=tokenizer,
-        train_dataset=script.data,
-        eval_dataset=script.eval_data,
+        train_dataset=train,
+        eval_dataset=test,
+        peft_config=peft_config,
     )
-    run_training(trainer, config)
+    run_training(trainer, config, _merged_save(tokenizer, trainer.adapter, config) if peft_config else None)
 
 
 @dataclass
@@ -264,6 +363,7 @@ class TaskArgs(ModelArgs):
     output: str = field(default=None, metadata={"help": "File to write (JSON report or JSONL)."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.n is not None and self.n <= 0:
             raise ValueError(f"--n must be positive, got {self.n}: no prompts, nothing to measure")
 
@@ -271,7 +371,7 @@ class TaskArgs(ModelArgs):
 def _load_for_task(t: TaskArgs, block_size: int | None):
     from dtrpo.tasks import load_task
 
-    require(t, "model")
+    require(t, "model_name_or_path")
     task = load_task(t.task, match=t.match, reward=t.reward, prompt_field=t.prompt_field)
     model, tokenizer, adapter = t.load(block_size)
     return task, model, tokenizer, adapter
@@ -365,7 +465,7 @@ def pairs_main(argv: list[str]) -> None:
         s,
         p.pairing,
         p.max_pairs_per_prompt,
-        model_name=t.model,
+        model_name=t.model_name_or_path,
         desc="pairs",
         keep_items=True,
     )
@@ -390,7 +490,7 @@ def generate_main(argv: list[str]) -> None:
     from dtrpo.sampler import generate
 
     g, s = parse([GenerateArgs, SamplingArgs], argv, "dtrpo generate", COMMANDS["generate"][1])
-    require(g, "model", "prompt")
+    require(g, "model_name_or_path", "prompt")
     model, tokenizer, adapter = g.load(s.block_size)
     model.eval()
     prompts, cut = encode_prompts(tokenizer, g.prompt, s, adapter)
@@ -437,7 +537,7 @@ def export_main(argv: list[str]) -> None:
     from dtrpo.families import export_checkpoint
 
     (e,) = parse([ExportArgs], argv, "dtrpo export", COMMANDS["export"][1])
-    require(e, "model", "output")
+    require(e, "model_name_or_path", "output")
     model, tokenizer, adapter = e.load()
     path = export_checkpoint(model, tokenizer, adapter, e.output, e.format, e.code_from)
     print(f"wrote {adapter.family} model in {e.format} format to {path}")

@@ -17,17 +17,13 @@ from dtrpo.models import ModelAdapter
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# a family's original module names -> native names (LLaDA's block-level `ff_out` is the down
-# projection; its top-level `ff_out`, the output head, is `lm_head` after loading)
-ORIGINAL_NAMES = {
-    "llada": {"attn_out": "o_proj", "ff_proj": "gate_proj", "ff_out": "down_proj", "wte": "embed_tokens"},
-}
-
-
 def lora_targets(model: torch.nn.Module, adapter: ModelAdapter, target_modules: list[str] | None) -> list[str]:
     """Native module names for PEFT: the defaults, or `target_modules` translated from the family's names."""
     names = list(DEFAULT_TARGETS if target_modules is None else target_modules)
-    rename = ORIGINAL_NAMES.get(adapter.family, {})
+    from dtrpo.families import FAMILIES
+
+    family = FAMILIES.get(adapter.family)
+    rename = family.lora_names if family else {}
     kinds = (torch.nn.Linear, torch.nn.Embedding)
     layers = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)}
     out = []

@@ -529,7 +529,10 @@ class DiffusionTrainer(Trainer):
         super()._save(output_dir, state_dict)
         if not self.args.should_save:  # only the main process writes files
             return
-        out = Path(output_dir or self.args.output_dir)
+        self.write_run_files(Path(output_dir or self.args.output_dir))
+
+    def write_run_files(self, out: Path) -> None:
+        """The resolved config (`dtrpo_config.json`) and the model card (README.md) beside a saved model."""
         out.mkdir(parents=True, exist_ok=True)
         resolved = {"args": json.loads(self.args.to_json_string()), "adapter": vars(self.adapter)}
         (out / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))

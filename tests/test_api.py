@@ -167,3 +167,57 @@ def test_push_to_hub_up_to_the_hub_boundary(tiny_folder, tmp_path, monkeypatch):
     assert calls["repo"] == repo == "me/tiny-dtrpo"
     assert {"README.md", "config.json", "model.safetensors", "dtrpo_config.json", "tokenizer.json"} <= set(files)
     assert "# tiny-dtrpo" in calls["card"]
+
+
+def test_a_trl_dpo_yaml_runs_dtrpo_train(tiny_folder, tmp_path, capsys):
+    """TRL's DPO example config, field names unchanged (the model and dataset are local here)."""
+    from dtrpo.cli import main
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(__import__("json").dumps(p) for p in PAIRS))
+    preset = tmp_path / "dpo.yaml"
+    preset.write_text(
+        f"""model_name_or_path: {tiny_folder}
+dataset_name: {data}
+dataset_train_split: train
+learning_rate: 5.0e-7
+num_train_epochs: 1
+max_steps: 2
+per_device_train_batch_size: 2
+gradient_accumulation_steps: 2
+gradient_checkpointing: true
+logging_steps: 1
+eval_strategy: "no"
+output_dir: {tmp_path / "Qwen2-0.5B-DPO"}
+use_peft: true
+lora_r: 8
+lora_alpha: 16
+beta: 0.1
+max_prompt_length: 64
+max_completion_length: 32
+loss_type: [sigmoid]
+report_to: none
+use_cpu: true
+"""
+    )
+    main(["train", "--config", str(preset)])
+    out = tmp_path / "Qwen2-0.5B-DPO"
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()  # merged model and its card
+    state = __import__("json").loads((out / "dtrpo_config.json").read_text())["args"]
+    assert state["gradient_accumulation_steps"] == 2 and state["learning_rate"] == 5e-7
+    model, _, _ = load_model(out)  # the merged LoRA model loads as a plain model
+    assert not any("lora_" in k for k in model.state_dict())
+
+
+def test_old_cli_flags_warn_and_work(tiny_folder, tmp_path, capsys):
+    from dtrpo.cli import main
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(__import__("json").dumps(p) for p in PAIRS))
+    main(["train", "--model", str(tiny_folder), "--data", str(data), "--output_dir", str(tmp_path / "o"),
+          "--max_steps", "1", "--use_cpu", "true", "--report_to", "none"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        "--model is deprecated; use --model_name_or_path" in err and "--data is deprecated; use --dataset_name" in err
+    )
+    assert (tmp_path / "o" / "model.safetensors").is_file()

@@ -34,9 +34,9 @@ def sft_model(tmp_path_factory):
     (tmp / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cli(
         "sft",
-        "--model",
+        "--model_name_or_path",
         tmp / "tiny",
-        "--data",
+        "--dataset_name",
         tmp / "sft.jsonl",
         "--output",
         tmp / "sft",
@@ -56,7 +56,7 @@ def test_eval_pairs_generate_commands(sft_model, capsys):
     tmp = sft_model
     cli(
         "eval",
-        "--model",
+        "--model_name_or_path",
         tmp / "sft",
         "--task",
         "arithmetic:digits=2",
@@ -72,7 +72,7 @@ def test_eval_pairs_generate_commands(sft_model, capsys):
     assert report["nfe_per_batch"] > 0 and report["tokens_per_second"] > 0
     out = cli(
         "pairs",
-        "--model",
+        "--model_name_or_path",
         tmp / "sft",
         "--task",
         "arithmetic:digits=2",
@@ -92,16 +92,24 @@ def test_eval_pairs_generate_commands(sft_model, capsys):
     for line in (tmp / "pairs.jsonl").read_text().splitlines():
         row = json.loads(line)
         assert row["chosen_score"] > row["rejected_score"] and row["provenance"]["samples"] == 4
-    out = cli("generate", "--model", tmp / "sft", "--prompt", "12+12=", "--gen_length", 16, capsys=capsys)
+    out = cli("generate", "--model_name_or_path", tmp / "sft", "--prompt", "12+12=", "--gen_length", 16, capsys=capsys)
     assert '"prompt": "12+12="' in out.stdout and "NFE" in out.stdout
 
 
 def test_bad_sampler_settings_are_clear_errors(sft_model, capsys):
     out = cli(
-        "generate", "--model", sft_model / "sft", "--prompt", "1+1=", "--steps_per_block", 3, ok=False, capsys=capsys
+        "generate",
+        "--model_name_or_path",
+        sft_model / "sft",
+        "--prompt",
+        "1+1=",
+        "--steps_per_block",
+        3,
+        ok=False,
+        capsys=capsys,
     )
     assert out.returncode != 0 and "error:" in out.stderr and "Traceback" not in out.stderr
-    out = cli("eval", "--model", sft_model / "sft", "--task", "nope.jsonl", ok=False, capsys=capsys)
+    out = cli("eval", "--model_name_or_path", sft_model / "sft", "--task", "nope.jsonl", ok=False, capsys=capsys)
     assert out.returncode != 0 and "nope.jsonl" in out.stderr
 
 
@@ -135,9 +143,9 @@ def test_lora_train_then_export(sft_model, capsys):
     (tmp / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cli(
         "train",
-        "--model",
+        "--model_name_or_path",
         tmp / "sft",
-        "--data",
+        "--dataset_name",
         tmp / "p.jsonl",
         "--output",
         tmp / "lora",
@@ -159,7 +167,16 @@ def test_lora_train_then_export(sft_model, capsys):
     merged, _, adapter = load_model(tmp / "lora")  # the merged model, loadable like any checkpoint
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, base.state_dict()[n])]
     assert changed and all(("proj" in n) for n in changed)  # only LoRA-targeted projections moved
-    cli("export", "--model", tmp / "lora", "--output", tmp / "exported", "--format", "native", capsys=capsys)
+    cli(
+        "export",
+        "--model_name_or_path",
+        tmp / "lora",
+        "--output",
+        tmp / "exported",
+        "--format",
+        "native",
+        capsys=capsys,
+    )
     again, _, adapter2 = load_model(tmp / "exported")
     assert adapter2 == adapter
     assert all(torch.equal(p, merged.state_dict()[n]) for n, p in again.named_parameters())

@@ -31,9 +31,9 @@ def setup(tmp_path_factory):
 def train(setup, out, *extra, ok=True, capsys=None):
     return cli(
         "train",
-        "--model",
+        "--model_name_or_path",
         setup / "tiny",
-        "--data",
+        "--dataset_name",
         setup / "pairs.jsonl",
         "--output",
         out,
@@ -118,7 +118,7 @@ def test_truncated_safetensors_is_refused_with_its_path(setup, full_run, capsys)
     res = train(setup, out, "--resume_from_checkpoint", out / "checkpoint-4", ok=False, capsys=capsys)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert f"error: {out / 'checkpoint-4'}: not a complete checkpoint (model.safetensors is truncated (" in res.stderr
-    res = cli("generate", "--model", out / "checkpoint-4", "--prompt", "1+1=", ok=False, capsys=capsys)
+    res = cli("generate", "--model_name_or_path", out / "checkpoint-4", "--prompt", "1+1=", ok=False, capsys=capsys)
     assert f"error: {out / 'checkpoint-4'}: model.safetensors is truncated" in res.stderr
     (out / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": ')
     res = train(setup, out, "--resume_from_checkpoint", "last", ok=False, capsys=capsys)
@@ -247,7 +247,7 @@ def test_loading_never_executes_code_from_the_model_folder(setup, tmp_path, caps
     shutil.copytree(setup / "tiny", pickled)
     (pickled / "model.safetensors").unlink()
     torch.save({"x": Exploit(str(marker))}, pickled / "pytorch_model.bin")
-    res = cli("generate", "--model", pickled, "--prompt", "1+1=", ok=False, capsys=capsys)
+    res = cli("generate", "--model_name_or_path", pickled, "--prompt", "1+1=", ok=False, capsys=capsys)
     assert f"error: {pickled}: its pickled weights (*.bin) hold objects other than tensors" in res.stderr
     assert not marker.exists()
 
@@ -280,7 +280,7 @@ def prompts(setup):
 
 def test_reward_functions_of_two_or_three_arguments(setup, prompts, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(setup))
-    base = ["eval", "--model", setup / "tiny", "--task", prompts, "--gen_length", 4]
+    base = ["eval", "--model_name_or_path", setup / "tiny", "--task", prompts, "--gen_length", 4]
     for name in ("two", "three"):
         res = cli(*base, "--reward", f"rewards:{name}", "--output", setup / f"{name}.json", capsys=capsys)
         assert "accuracy" in res.stdout
@@ -300,7 +300,7 @@ def test_pairs_keep_every_prompt_with_its_id(setup, prompts, monkeypatch, capsys
     monkeypatch.syspath_prepend(str(setup))
     out = setup / "pairs_out.jsonl"
     flags = ["--samples", 3, "--temperature", 1, "--gen_length", 4, "--reward", "rewards:two", "--output", out]
-    res = cli("pairs", "--model", setup / "tiny", "--task", prompts, *flags, capsys=capsys)
+    res = cli("pairs", "--model_name_or_path", setup / "tiny", "--task", prompts, *flags, capsys=capsys)
     items = [json.loads(line) for line in (setup / "pairs_out.samples.jsonl").read_text().splitlines()]
     assert [i["id"] for i in items] == [f"q{i}" for i in range(12)]  # every prompt, with or without pairs
     assert all(len(i["responses"]) == len(i["scores"]) == 3 for i in items)
@@ -316,7 +316,17 @@ def help_of(command: str, capsys) -> str:
 
 
 def test_eval_keeps_every_item_with_its_id_and_compares_two_runs(setup, prompts, capsys):
-    cli("eval", "--model", setup / "tiny", "--task", prompts, "--gen_length", 4, "--output", setup / "e.json")
+    cli(
+        "eval",
+        "--model_name_or_path",
+        setup / "tiny",
+        "--task",
+        prompts,
+        "--gen_length",
+        4,
+        "--output",
+        setup / "e.json",
+    )
     report = json.loads((setup / "e.json").read_text())
     assert [s["id"] for s in report["samples"]] == [f"q{i}" for i in range(12)]  # all 12 items, not the first 10
     a = {"samples": [{"id": i, "score": s} for i, s in zip("wxyz", [1, 0, 1, 0], strict=True)]}
@@ -334,7 +344,7 @@ def test_eval_keeps_every_item_with_its_id_and_compares_two_runs(setup, prompts,
 
 
 def test_eval_input_errors_are_one_line(setup, prompts, capsys):
-    base = ["eval", "--model", setup / "tiny", "--gen_length", 4]
+    base = ["eval", "--model_name_or_path", setup / "tiny", "--gen_length", 4]
     cases = [
         (
             '{"prompt": "1+1=", "answer": "2"}\n{"prompt": 7, "answer": "4"}\n',
@@ -374,7 +384,16 @@ def test_a_very_long_prompt_is_cut_to_max_prompt_length(setup, monkeypatch, caps
     monkeypatch.setattr(dtrpo.evaluate, "generate", spy)
     start = time.perf_counter()
     res = cli(
-        "eval", "--model", setup / "tiny", "--task", path, "--gen_length", 4, "--max_prompt_length", 64, capsys=capsys
+        "eval",
+        "--model_name_or_path",
+        setup / "tiny",
+        "--task",
+        path,
+        "--gen_length",
+        4,
+        "--max_prompt_length",
+        64,
+        capsys=capsys,
     )
     assert widths == [64] and time.perf_counter() - start < 30
     assert "1 prompts kept their last 64 tokens (--max_prompt_length)" in res.stdout
@@ -403,9 +422,9 @@ def test_data_errors_name_the_file_line_and_field(tmp_path, capsys):
     sft.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c"}\n')
     res = cli(
         "sft",
-        "--model",
+        "--model_name_or_path",
         tmp_path / "tiny",
-        "--data",
+        "--dataset_name",
         sft,
         "--output",
         tmp_path / "o",
@@ -421,9 +440,9 @@ def test_data_errors_name_the_file_line_and_field(tmp_path, capsys):
     )
     res = cli(
         "train",
-        "--model",
+        "--model_name_or_path",
         tmp_path / "tiny",
-        "--data",
+        "--dataset_name",
         pairs,
         "--output",
         tmp_path / "o",

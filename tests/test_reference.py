@@ -102,7 +102,8 @@ def test_two_gloo_processes_equal_one(setup, tmp_path):
     )
     one.train()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "dtrpo.cli", "train", "--model", str(model), "--data", str(data),
+           "--master_port", str(free_port()), "-m", "dtrpo.cli", "train",
+           "--model_name_or_path", str(model), "--dataset_name", str(data),
            "--output_dir", str(tmp_path / "two"), "--use_cpu", "true", "--ddp_backend", "gloo", "--max_steps", "4",
            "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--steps_per_block", "2",
            "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true", "--seed", "0",

@@ -143,9 +143,9 @@ def test_cli_init_train_with_preset_and_reload(tmp_path):
     (tmp_path / "preset.yaml").write_text("beta: 0.2\nmax_steps: 2\nper_device_train_batch_size: 4\nuse_cpu: true\n")
     out = run_cli(
         "train",
-        "--model",
+        "--model_name_or_path",
         str(tmp_path / "tiny"),
-        "--data",
+        "--dataset_name",
         str(data),
         "--output",
         str(tmp_path / "al"),
@@ -200,9 +200,9 @@ def test_two_processes_data_parallel_on_gloo(tmp_path):
         "-m",
         "dtrpo.cli",
         "train",
-        "--model",
+        "--model_name_or_path",
         str(tmp_path / "tiny"),
-        "--data",
+        "--dataset_name",
         str(data),
         "--output",
         str(tmp_path / "ddp"),

@@ -1,40 +1,6 @@
-"""Loading a model folder: detect its family from config.json and hand back (model, tokenizer, adapter).
-
-Every family is loaded into the transformers-native class of the same architecture, by translating
-its config.json and renaming its parameters; no remote code ever runs (config.json is read as JSON,
-tokenizers load with `trust_remote_code=False`). The model is then driven with explicit 4D masks and
-position ids by its `ModelAdapter`.
-
-| family         | config `model_type` | native class | mask token            | logits    | attention     |
-|----------------|---------------------|--------------|-----------------------|-----------|---------------|
-| `llada`        | `llada`             | Llama        | `<|mdm_mask|>` 126336 | unshifted | full          |
-| `dream`        | `Dream`             | Qwen2        | `<|mask|>` 151666     | shifted   | full          |
-| `sdar`         | `sdar` (TraDo too)  | Qwen3        | `<|MASK|>` 151669     | unshifted | block-causal  |
-| `fast_dllm_v2` | `Fast_dLLM_Qwen`    | Qwen2        | `|<MASK>|` 151665     | shifted   | block-causal  |
-| `native`       | llama/qwen2/qwen3   | itself       | config/tokenizer      | config    | config        |
-
-DiffuCoder ships Dream's format (`model_type: Dream`) and loads as `dream`.
-
-Choices for the full-attention families (LLaDA, Dream), which have no block size of their own:
-- block size 32 (`FULL_ATTENTION_BLOCK_SIZE`): it only decides how a response is cut into re-masking
-  blocks, i.e. the decoding schedule the estimator follows; the model attends to the whole canvas
-  whatever it is. 32 is the block length of LLaDA's published semi-autoregressive decoding.
-- default mode `exact` (one forward per block state, full attention, later blocks fully masked): it is
-  exact for every model, so the log-ratio estimate stays unbiased for the model as it is decoded.
-  `remasked` (one pass) is cheaper but biased for full-attention models by an amount that must be
-  measured, never assumed, so it is an opt-in (`--mode remasked`), not the default.
-
-Prompt attention and block grid: LLaDA and Dream attend fully, and their blocks (a decoding schedule
-only) start at the response. SDAR and Fast-dLLM v2 count blocks from absolute position 0 and attend
-block-causally over the prompt too, the prompt's last partial block shared with the first response
-tokens (`prompt_attention="block_causal"`, the absolute grid of `masking`): dtrpo scores and samples
-them on that grid, so every state it scores is one their own samplers produce.
-
-Block size: SDAR/TraDo read `block_size` from config.json and some published SDAR configs carry none;
-such a checkpoint is refused unless `block_size` is passed (it is never guessed). Fast-dLLM v2
-documents one block size (32, `bd_size`): a config without it loads with 32 and a warning. The value
-used is written into the adapter, the native config and `dtrpo_config.json`.
-"""
+"""Loading a model folder: detect its family from config.json and hand back (model, tokenizer, adapter);
+and the way back, exporting a model in its family's own format. Everything family-specific comes from the
+family's `Family` spec (`spec.py` and one file per family)."""
 
 from __future__ import annotations
 
@@ -43,7 +9,7 @@ import logging
 import pickle
 import re
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,194 +17,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
+from dtrpo.families import dream, fast_dllm_v2, llada, sdar
+from dtrpo.families.spec import FULL_ATTENTION_BLOCK_SIZE, NATIVE_CLASSES, Family
 from dtrpo.models import ModelAdapter, adapter_from_config, load_tokenizer, read_config_json
 
 logger = logging.getLogger(__name__)
-FULL_ATTENTION_BLOCK_SIZE = 32
-NATIVE_CLASSES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-}
-META_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
-
-
-@dataclass(frozen=True)
-class Family:
-    """What differs between families: on-disk names, mask token, logit shift, attention."""
-
-    name: str
-    model_type: str  # as config.json writes it
-    native: str  # key of NATIVE_CLASSES
-    architectures: tuple[str, ...]
-    auto_map: dict = field(hash=False)
-    mask_token: str  # the documented mask token string and id (in the full-size vocabulary)
-    mask_token_id: int
-    config_has_mask_id: bool  # config.json carries `mask_token_id`
-    shifted: bool
-    attention: str
-    prompt_attention: str
-    block_size_key: str | None  # config key of the block size; None: FULL_ATTENTION_BLOCK_SIZE
-    documented_block_size: int | None  # used (with a warning) when the config has no block size; None: refuse
-    # (family name, native name) templates, `{i}` = layer index; empty: native names on disk
-    names: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def default_mode(self) -> str:
-        return "packed" if self.attention == "block_causal" else "exact"
-
-
-LLADA_NAMES = (
-    ("model.transformer.wte.weight", "model.embed_tokens.weight"),
-    ("model.transformer.blocks.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-    ("model.transformer.blocks.{i}.q_proj.weight", "model.layers.{i}.self_attn.q_proj.weight"),
-    ("model.transformer.blocks.{i}.k_proj.weight", "model.layers.{i}.self_attn.k_proj.weight"),
-    ("model.transformer.blocks.{i}.v_proj.weight", "model.layers.{i}.self_attn.v_proj.weight"),
-    ("model.transformer.blocks.{i}.attn_out.weight", "model.layers.{i}.self_attn.o_proj.weight"),
-    ("model.transformer.blocks.{i}.ff_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-    ("model.transformer.blocks.{i}.ff_proj.weight", "model.layers.{i}.mlp.gate_proj.weight"),  # ff_proj is the gate
-    ("model.transformer.blocks.{i}.up_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
-    ("model.transformer.blocks.{i}.ff_out.weight", "model.layers.{i}.mlp.down_proj.weight"),
-    ("model.transformer.ln_f.weight", "model.norm.weight"),
-    ("model.transformer.ff_out.weight", "lm_head.weight"),  # the untied output head
-)
-
-FAMILIES = {
-    "llada": Family(
-        "llada",
-        "llada",
-        "llama",
-        ("LLaDAModelLM",),
-        {
-            "AutoConfig": "configuration_llada.LLaDAConfig",
-            "AutoModel": "modeling_llada.LLaDAModelLM",
-            "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
-        },
-        "<|mdm_mask|>",
-        126336,
-        True,
-        False,
-        "full",
-        "full",
-        None,
-        None,
-        LLADA_NAMES,
-    ),
-    "dream": Family(
-        "dream",
-        "Dream",
-        "qwen2",
-        ("DreamModel",),
-        {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
-        "<|mask|>",
-        151666,
-        True,
-        True,
-        "full",
-        "full",
-        None,
-        None,
-    ),
-    "sdar": Family(
-        "sdar",
-        "sdar",
-        "qwen3",
-        ("SDARForCausalLM",),
-        {
-            "AutoConfig": "configuration_sdar.SDARConfig",
-            "AutoModel": "modeling_sdar.SDARModel",
-            "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM",
-        },
-        "<|MASK|>",
-        151669,
-        False,
-        False,
-        "block_causal",
-        "block_causal",
-        "block_size",
-        None,  # SDAR/TraDo configs that carry it say 4, but SDAR-4B-Chat carries none: never guessed
-    ),
-    "fast_dllm_v2": Family(
-        "fast_dllm_v2",
-        "Fast_dLLM_Qwen",
-        "qwen2",
-        ("Fast_dLLM_QwenForCausalLM",),
-        {
-            "AutoConfig": "configuration.Fast_dLLM_QwenConfig",
-            "AutoModel": "modeling.Fast_dLLM_QwenModel",
-            "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM",
-        },
-        "|<MASK>|",
-        151665,
-        False,
-        True,
-        "block_causal",
-        "block_causal",
-        "bd_size",
-        32,  # Fast-dLLM v2's one documented block size
-    ),
-}
-
-# LLaDA's OLMo-style config keys and the Llama keys they become (one table, read both ways)
-LLADA_KEYS = {
-    "d_model": "hidden_size",
-    "n_heads": "num_attention_heads",
-    "n_kv_heads": "num_key_value_heads",
-    "n_layers": "num_hidden_layers",
-    "mlp_hidden_size": "intermediate_size",
-    "embedding_size": "vocab_size",
-    "max_sequence_length": "max_position_embeddings",
-    "rms_norm_eps": "rms_norm_eps",
-    "weight_tying": "tie_word_embeddings",
-    "eos_token_id": "eos_token_id",
-    "pad_token_id": "pad_token_id",
-    "bos_token_id": "bos_token_id",
-}
-# options of LLaDA's code that a Llama does not have: (key, value the Llama equivalence needs)
-LLADA_REQUIRED = (
-    ("block_type", "llama"),
-    ("activation_type", "silu"),
-    ("layer_norm_type", "rms"),
-    ("include_bias", False),
-    ("include_qkv_bias", False),
-    ("attention_layer_norm", False),
-    ("alibi", False),
-    ("rope", True),
-    ("scale_logits", False),
-    ("input_emb_norm", False),
-    ("clip_qkv", None),
-    ("layer_norm_with_affine", True),
-    ("multi_query_attention", None),
-)
-QWEN_CORE_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-)
-QWEN_OPTIONAL_KEYS = (
-    "head_dim",
-    "max_position_embeddings",
-    "attention_bias",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-)
+FAMILIES = {spec.name: spec for spec in (llada.SPEC, dream.SPEC, sdar.SPEC, fast_dllm_v2.SPEC)}
 
 
 # ----------------------------------------------------------------------------- detection
@@ -287,31 +76,7 @@ def rename(names: list[str], family: Family, to_native: bool) -> dict[str, str]:
 
 def native_config(config: dict, family: Family, attn_implementation: str = "sdpa"):
     """The transformers config of the native class equivalent to a family's config.json."""
-    cls = NATIVE_CLASSES[family.native][0]
-    if family.name != "llada":
-        # rope_scaling: null is the legacy spelling of "no scaling", deprecated in transformers 5
-        kwargs = {k: v for k, v in config.items() if k not in META_KEYS and (k, v) != ("rope_scaling", None)}
-        return cls(**kwargs, attn_implementation=attn_implementation)
-    for key, want in LLADA_REQUIRED:  # LLaDA's code has options a Llama lacks: refuse them by name
-        if config.get(key, want) != want:
-            raise ValueError(
-                f"LLaDA config {key}={config[key]!r} has no Llama equivalent (needs {want!r}); not supported"
-            )
-    kw = {native: config[key] for key, native in LLADA_KEYS.items() if config.get(key) is not None}
-    kw.setdefault("vocab_size", config.get("vocab_size"))  # embedding_size absent: the vocabulary itself
-    kw.setdefault("num_key_value_heads", config["n_heads"])
-    kw.setdefault("intermediate_size", config.get("mlp_ratio", 4) * config["d_model"])
-    kw.setdefault("tie_word_embeddings", False)
-    kw.setdefault("bos_token_id", None)
-    return cls(
-        **kw,
-        rope_theta=config.get("rope_theta", 10000.0),
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        head_dim=config["d_model"] // config["n_heads"],
-        attn_implementation=attn_implementation,
-    )
+    return family.to_native_config(config, family, attn_implementation)
 
 
 def family_config(model_config, family: Family, adapter: ModelAdapter) -> dict:
@@ -327,24 +92,7 @@ def family_config(model_config, family: Family, adapter: ModelAdapter) -> dict:
         }
     )
     rope_theta = (getattr(model_config, "rope_parameters", None) or {}).get("rope_theta")
-    if family.name == "llada":
-        for key, native in LLADA_KEYS.items():
-            if key in out or native in (
-                "hidden_size",
-                "num_attention_heads",
-                "num_hidden_layers",
-                "vocab_size",
-                "tie_word_embeddings",
-            ):
-                out[key] = getattr(model_config, native)
-        out["n_kv_heads"] = model_config.num_key_value_heads
-        out["mlp_hidden_size"] = model_config.intermediate_size
-        if out.get("vocab_size", out["embedding_size"] + 1) > out["embedding_size"]:
-            out["vocab_size"] = out["embedding_size"]  # the tokenizer vocabulary never exceeds the embedding rows
-    else:
-        for key in QWEN_CORE_KEYS + QWEN_OPTIONAL_KEYS:
-            if key in QWEN_CORE_KEYS or key in out or (key == "head_dim" and family.native == "qwen3"):
-                out[key] = getattr(model_config, key)
+    family.update_family_config(out, model_config, family)
     if rope_theta is not None:
         out["rope_theta"] = rope_theta
     if family.config_has_mask_id or "mask_token_id" in out:
