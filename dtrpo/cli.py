@@ -449,13 +449,13 @@ class PairArgs:
 @command("pairs", "sample responses, score them with the task's verifier, write preference pairs (JSONL)")
 def pairs_main(argv: list[str]) -> None:
     from dtrpo.evaluate import SamplingArgs
-    from dtrpo.pairs import build_pairs, write_jsonl
+    from dtrpo.pairs import run_pairs
 
     t, p, s = parse([TaskArgs, PairArgs, SamplingArgs], argv, "dtrpo pairs", COMMANDS["pairs"][1])
     require(t, "output")
     task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
     rows = task.prompts(t.split or "train", t.n, seed=s.seed)
-    pairs, stats = build_pairs(
+    stats = run_pairs(
         model,
         tokenizer,
         adapter,
@@ -465,16 +465,15 @@ def pairs_main(argv: list[str]) -> None:
         s,
         p.pairing,
         p.max_pairs_per_prompt,
-        model_name=t.model_name_or_path,
+        t.model_name_or_path,
+        t.output,
         desc="pairs",
-        keep_items=True,
     )
-    items = Path(t.output).with_suffix(".samples.jsonl")
-    write_jsonl(stats.pop("items"), items)
-    write_jsonl(pairs, t.output)
+    if not stats:  # a rank other than 0 of a sharded run: rank 0 writes the pairs
+        return
     print(json.dumps(stats, indent=2))
-    print(f"wrote {len(pairs)} pairs to {t.output}, and every prompt's samples and scores to {items}")
-    if not pairs:
+    print(f"wrote {stats['pairs']} pairs to {t.output}, and every prompt's samples and scores to {stats['items_file']}")
+    if not stats["pairs"]:
         print("warning: no prompt had responses of different scores, so there is nothing to train on", file=sys.stderr)
 
 

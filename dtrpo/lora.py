@@ -17,6 +17,7 @@ from dtrpo.models import ModelAdapter
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+
 def lora_targets(model: torch.nn.Module, adapter: ModelAdapter, target_modules: list[str] | None) -> list[str]:
     """Native module names for PEFT: the defaults, or `target_modules` translated from the family's names."""
     names = list(DEFAULT_TARGETS if target_modules is None else target_modules)

@@ -305,7 +305,10 @@ def test_pairs_keep_every_prompt_with_its_id(setup, prompts, monkeypatch, capsys
     assert [i["id"] for i in items] == [f"q{i}" for i in range(12)]  # every prompt, with or without pairs
     assert all(len(i["responses"]) == len(i["scores"]) == 3 for i in items)
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(pairs) == sum(i["pairs"] for i in items) and {p["id"] for p in pairs} <= {i["id"] for i in items}
+    for item in items:  # best_worst: one pair exactly when the non-empty responses' scores differ
+        scores = [sc for t, sc in zip(item["responses"], item["scores"], strict=True) if t.strip()]
+        want = int(bool(scores) and max(scores) > min(scores))
+        assert sum(p["id"] == item["id"] for p in pairs) == want, item
     assert f"wrote {len(pairs)} pairs to {out}" in res.stdout
 
 

@@ -1,5 +1,6 @@
 """Pair forming and the evaluation interval, against hand-written expectations."""
 
+import json
 import random
 
 import pytest
@@ -33,3 +34,76 @@ def test_wilson_interval_by_hand():
     assert low == 0.0 and 0 < high < 0.2
     low, high = interval95([0.0, 0.5, 1.0])  # not 0/1: the normal interval of the mean, 0.5 +- 1.96 * 0.5 / sqrt 3
     assert abs(low - (0.5 - 1.96 * 0.5 / 3**0.5)) < 1e-9
+
+
+# ----------------------------------------------------------------------------- resumable and sharded runs
+
+
+@pytest.fixture(scope="module")
+def pair_setup(tmp_path_factory):
+    from dtrpo.families import load_model
+    from dtrpo.models import init_tiny
+    from dtrpo.tasks import Arithmetic
+
+    root = tmp_path_factory.mktemp("pairs")
+    model, tokenizer, adapter = load_model(init_tiny(root / "tiny", block_size=8, hidden_size=32))
+    task = Arithmetic(digits=1)
+    rows = task.prompts("train", 10, seed=0)
+    return root, (model, tokenizer, adapter, task, rows)
+
+
+def run(pair_setup, output, **env):
+    from dtrpo.evaluate import SamplingArgs
+    from dtrpo.pairs import run_pairs
+
+    _, (model, tokenizer, adapter, task, rows) = pair_setup
+    s = SamplingArgs(gen_length=8, temperature=1.0, batch_size=6)  # 3 prompts x 2 samples per chunk: 4 chunks
+    return run_pairs(model, tokenizer, adapter, task, rows, 2, s, "best_worst", None, "tiny", output, None)
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_an_interrupted_run_resumes_to_the_same_pairs(pair_setup, tmp_path, monkeypatch):
+    import dtrpo.pairs
+
+    full = run(pair_setup, tmp_path / "full.jsonl")
+    assert full["prompts"] == 10
+    calls = {"n": 0}
+    real = dtrpo.pairs.sample_chunk
+
+    def dies_on_the_third_chunk(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(dtrpo.pairs, "sample_chunk", dies_on_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run(pair_setup, tmp_path / "cut.jsonl")
+    items = tmp_path / "cut.samples.jsonl"
+    assert len(lines(items)) == 6  # chunks 0 and 1 (3 prompts each) were written before the kill
+    with items.open("a") as f:
+        f.write('{"id": "half a line')  # a kill in the middle of a write
+    resumed = []
+    monkeypatch.setattr(dtrpo.pairs, "sample_chunk", lambda *a: (resumed.append(a[-1]), real(*a))[1])
+    run(pair_setup, tmp_path / "cut.jsonl")
+    assert resumed == [2, 3]  # only the chunks not done were sampled
+    got, want = lines(items), lines(tmp_path / "full.samples.jsonl")
+    assert sorted(x["id"] for x in got) == sorted(x["id"] for x in want) and len(got) == 10  # none lost or twice
+    assert sorted(got, key=lambda x: x["id"]) == sorted(want, key=lambda x: x["id"])  # the same samples
+    assert lines(tmp_path / "cut.jsonl") == lines(tmp_path / "full.jsonl")  # the same pairs, in prompt order
+
+
+def test_two_ranks_split_the_chunks_and_rank_0_writes_the_pairs(pair_setup, tmp_path, monkeypatch):
+    full = run(pair_setup, tmp_path / "full.jsonl")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert run(pair_setup, tmp_path / "two.jsonl") == {}  # rank 1: its chunks 1 and 3, no pairs file
+    assert not (tmp_path / "two.jsonl").exists()
+    monkeypatch.setenv("RANK", "0")
+    stats = run(pair_setup, tmp_path / "two.jsonl")
+    assert stats["pairs"] == full["pairs"] and lines(tmp_path / "two.jsonl") == lines(tmp_path / "full.jsonl")
+    ranks = [lines(tmp_path / f"two.samples.rank{r}.jsonl") for r in (0, 1)]
+    assert {x["chunk"] for x in ranks[0]} == {0, 2} and {x["chunk"] for x in ranks[1]} == {1, 3}
