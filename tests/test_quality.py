@@ -84,13 +84,21 @@ def built(tmp_path_factory):
     return out
 
 
+def _argv(out, *extra) -> list[str]:
+    paths = ["--output_dir", str(out), "--results_dir", str(out / "results"), "--report", str(out / "benchmarks.md")]
+    return [*paths, *TINY, *extra]
+
+
 def _args(out, *extra):
     from dtrpo.cli import parse
     from dtrpo.quality import QualityArgs
 
-    argv = ["--output_dir", str(out), "--results_dir", str(out / "results"), "--report", str(out / "benchmarks.md")]
-    (args,) = parse([QualityArgs], [*argv, *TINY, *extra], "test", "")
+    (args,) = parse([QualityArgs], _argv(out, *extra), "test", "")
     return args
+
+
+def _cli(out, *extra) -> None:
+    main(["bench", "quality", *_argv(out, *extra)])
 
 
 def test_every_arm_trains_from_the_shared_start(built):
@@ -105,8 +113,7 @@ def test_every_arm_trains_from_the_shared_start(built):
 
 def test_study_resumes_and_writes_a_well_formed_report(built):
     arms = ["dtrpo", "vrpo8", "sft", "rft"]
-    main(["bench", "quality", "--output_dir", str(built), "--results_dir", str(built / "results"), "--report", str(built / "benchmarks.md"),
-          *TINY, "--arms", ",".join(arms), "--diagnostics", ""])  # fmt: skip
+    _cli(built, "--arms", ",".join(arms), "--diagnostics", "")
     results = built / "results" / "noisy_arithmetic"
     for name in arms:
         assert len(list((results / name).glob("*_s1.json"))) == 1, name  # seed 1 at the setting chosen on seed 0
@@ -119,15 +126,13 @@ def test_study_resumes_and_writes_a_well_formed_report(built):
     diff = summary["arms"]["dtrpo"]["diff_to_best_control"]
     assert diff["low"] <= diff["mean"] <= diff["high"] and len(diff["per_seed"]) == 2
     before = {p: p.stat().st_mtime for p in results.rglob("*.json")}
-    main(["bench", "quality", "--output_dir", str(built), "--results_dir", str(built / "results"),
-          "--report", str(built / "benchmarks.md"), *TINY, "--arms", ",".join(arms), "--diagnostics", ""])  # fmt: skip
+    _cli(built, "--arms", ",".join(arms), "--diagnostics", "")
     assert all(p.stat().st_mtime == t for p, t in before.items())  # a rerun trains nothing
 
 
 @pytest.mark.slow
 def test_diagnostics_are_reported(built):
-    main(["bench", "quality", "--output_dir", str(built), "--results_dir", str(built / "results"),
-          "--report", str(built / "benchmarks.md"), *TINY, "--arms", "dtrpo,sft"])  # fmt: skip
+    _cli(built, "--arms", "dtrpo,sft")
     report = (built / "benchmarks.md").read_text()
     assert "trajectory (exact)" in report and "| remasked |" in report
     path = built / "results" / "noisy_arithmetic" / "diagnostics_block_causal.json"
