@@ -519,13 +519,16 @@ def work(args: QualityArgs, log=print) -> None:
 
 def run_study(args: QualityArgs, argv: list[str], log=print) -> None:
     """Launch `workers` processes (or work here), then write the report."""
-    if not args.report_only and args.worker < 0:  # the launcher clears claims left by an interrupted run
-        for claim in Path(args.results_dir).rglob("*.claim"):
+    if args.worker >= 0:  # one of the launcher's workers
+        work(args, log)
+        return
+    if not args.report_only:
+        for claim in Path(args.results_dir).rglob("*.claim"):  # left by an interrupted run
             claim.unlink()
         for claim in Path(args.output_dir).glob("*/build.claim"):
             if not (claim.parent / "build.json").exists():
                 claim.unlink()
-        if args.workers > 1 and args.worker < 0:
+        if args.workers > 1:
             base = [sys.executable, "-m", "dtrpo.cli", "bench", "quality", *argv]
             procs = [subprocess.Popen([*base, "--worker", str(k)]) for k in range(args.workers)]
             codes = [p.wait() for p in procs]
@@ -533,8 +536,6 @@ def run_study(args: QualityArgs, argv: list[str], log=print) -> None:
                 raise RuntimeError(f"quality workers exited with {codes}")
         else:
             work(args, log)
-    if args.worker >= 0:
-        return
     from dtrpo.quality_diagnostics import run_diagnostics
 
     for part in filter(None, args.diagnostics.split(",")):
