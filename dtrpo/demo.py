@@ -65,7 +65,13 @@ class DemoArgs:
     samples: int = field(default=8, metadata={"help": "Samples per prompt for pairs."})
     dtrpo_steps: int = field(default=200, metadata={"help": "dTRPO optimizer steps (and the controls')."})
     beta: float = field(default=0.1, metadata={"help": "beta of the dTRPO loss."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "dTRPO learning rate."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "dTRPO learning rate (docs/benchmarks.md)."})
+    targets: str = field(
+        default="all_masked_weighted", metadata={"help": "Positions read per state (docs/benchmarks.md)."}
+    )
+    rpo_alpha: float = field(
+        default=1.0, metadata={"help": "Weight of the chosen response's NLL beside the dTRPO loss (0: pure dTRPO)."}
+    )
     control: bool = field(
         default=True,
         metadata={
@@ -73,7 +79,9 @@ class DemoArgs:
             "chosen responses of the same pairs (rejection-sampling fine-tuning)."
         },
     )
-    control_learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the controls."})
+    control_learning_rate: float = field(
+        default=1e-3, metadata={"help": "Learning rate of the controls (the best of the study's grid for both)."}
+    )
 
     def __post_init__(self) -> None:
         if self.quick:
@@ -193,6 +201,8 @@ def run_demo(a: DemoArgs, log=print) -> dict:
         "cosine",
         beta=a.beta,
         steps_per_block=a.block_size,
+        targets=a.targets,
+        rpo_alpha=a.rpo_alpha,
     )
     trainer = DTRPOTrainer(
         model=model, args=args, adapter=adapter, processing_class=tok, train_dataset=str(run / "pairs.jsonl")

@@ -167,23 +167,25 @@ def task_section(args: QualityArgs, t: int, runs: dict, figures: Path) -> tuple[
         text.append(f"| {name} | " + "; ".join(cells) + " |")
     text += [
         "",
-        "### What happened in training (seed 0, chosen setting; first -> last logged window of 10 steps)",
+        "### What happened in training (seed 0, every grid point; first -> last logged window of 10 steps)",
         "",
         "Log-probability estimates are each estimator's own (trajectory, ELBO or mean-field), so compare them within "
-        "an arm; a collapse is both falling while the margin grows.",
+        "an arm; a collapse is both falling while the margin grows, and held-out accuracy falling with them.",
         "",
-        "| arm | reward margin | reward accuracy | log p chosen | log p rejected | rpo NLL |",
-        "|---|---|---|---|---|---|",
+        "| arm | lr / beta | held-out (final) | reward margin | reward accuracy | log p chosen | log p rejected "
+        "| rpo NLL |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
-        if r["seeds"][0]["kind"] != "preference":
-            continue
-        s0 = r["seeds"][0]
-        text.append(
-            f"| {name} | {_history_change(s0, 'rewards/margins')} | {_history_change(s0, 'rewards/accuracies')} "
-            f"| {_history_change(s0, 'logps/chosen')} | {_history_change(s0, 'logps/rejected')} "
-            f"| {_history_change(s0, 'rpo/nll')} |"
-        )
+        for (lr, beta), res in r["grid"].items():
+            if res["kind"] != "preference":
+                continue
+            text.append(
+                f"| {name} | {lr:g} / {_g(beta)} | {res['curve'][-1]['accuracy']:.3f} "
+                f"| {_history_change(res, 'rewards/margins')} | {_history_change(res, 'rewards/accuracies')} "
+                f"| {_history_change(res, 'logps/chosen')} | {_history_change(res, 'logps/rejected')} "
+                f"| {_history_change(res, 'rpo/nll')} |"
+            )
     text += ["", f"![training curves]({figures.name}/{slug}_training.png)", ""]
     plot_accuracy(summary, sft["mean"], figures / f"{slug}_accuracy.png", spec)
     plot_training(runs, figures / f"{slug}_training.png", spec)
