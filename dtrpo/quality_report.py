@@ -313,14 +313,16 @@ def diagnostics_section(args: QualityArgs) -> str:
     if fa.get("training"):
         text += [
             "",
-            "Training with each mode (one seed, lr 2e-4, beta 0.1):",
+            f"Training with each mode from that SFT model ({fa['sft_heldout_accuracy']:.3f}; one seed, lr 2e-4, "
+            "beta 0.1, the study's pairs):",
             "",
-            "| mode | held-out | train s |",
-            "|---|---|---|",
+            "| loss | mode | held-out | train s |",
+            "|---|---|---|---|",
         ]
         for r in fa["training"]:
             text.append(
-                f"| {r['mode']} | {r['heldout_accuracy']:.3f} (steps {r['steps']}) | {r['train_seconds']:.0f} |"
+                f"| {r.get('loss', 'dTRPO')} | {r['mode']} | {r['heldout_accuracy']:.3f} (steps {r['steps']}) "
+                f"| {r['train_seconds']:.0f} |"
             )
     return "\n".join(text) + "\n"
 
