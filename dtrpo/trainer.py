@@ -79,7 +79,13 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
         default=None, metadata={"help": "Denoising steps T_B per block (uniform step size B / T_B); default: B."}
     )
     reveal_order: str = field(default="random", metadata={"help": f"Re-masking reveal order: one of {REVEAL_ORDERS}."})
-    targets: str = field(default="newly_unmasked", metadata={"help": f"Positions read per state: one of {TARGETS}."})
+    targets: str = field(
+        default="all_masked_weighted",
+        metadata={
+            "help": f"Positions read per state: one of {TARGETS}; the default has the lower variance at the same cost "
+            "(docs/benchmarks.md)."
+        },
+    )
     scale: str = field(
         default="unbiased", metadata={"help": "Per-block scale c of the dTRPO estimate: 'unbiased' (T_B) or 'one'."}
     )
