@@ -14,9 +14,9 @@ neither for SFT nor for pairs); the chosen setting then runs on the other seeds.
 measured along training, with the optimizer steps, sequence forward passes and training seconds spent
 so far, so arms compare at equal steps and at equal compute.
 
-Every run writes its own JSON under `results/`, so an interrupted study resumes where it stopped, and
-`--workers 2` runs two processes that claim runs in order. `report.py`-style aggregation lives in
-`quality_report.py`; `dtrpo bench quality` runs what is missing, then writes the report.
+Every run writes its own JSON under `results_dir`, so an interrupted study resumes where it stopped, and
+`--workers 2` runs two processes that claim runs in order. `dtrpo bench quality` runs what is missing,
+then the diagnostics (`quality_diagnostics.py`), then writes the report (`quality_report.py`).
 """
 
 from __future__ import annotations
