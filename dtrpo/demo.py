@@ -39,7 +39,7 @@ from dtrpo.tasks import demonstration, load_task
 @dataclass
 class DemoArgs:
     output_dir: str = field(default="runs/demo", metadata={"help": "Run folder; every stage's output is kept here."})
-    quick: bool = field(default=False, metadata={"help": "A smaller run (about 2 minutes on 2 cores)."})
+    quick: bool = field(default=False, metadata={"help": "A smaller run (about 3 minutes on 2 cores)."})
     task: str = field(
         default="noisy_arithmetic:digits=2",
         metadata={
@@ -52,6 +52,7 @@ class DemoArgs:
     block_size: int = field(default=8, metadata={"help": "Block size of the tiny model."})
     sft_examples: int = field(default=3000, metadata={"help": "Train-split problems with worked answers for SFT."})
     sft_steps: int = field(default=1500, metadata={"help": "Most SFT optimizer steps."})
+    sft_learning_rate: float = field(default=2e-3, metadata={"help": "SFT learning rate (constant after warm-up)."})
     sft_target: float = field(
         default=0.5,
         metadata={
@@ -162,7 +163,7 @@ def run_demo(a: DemoArgs, log=print) -> dict:
         f"[1/5] SFT on {len(sft_rows)} worked answers until validation accuracy >= {a.sft_target}"
         f" (at most {a.sft_steps} steps)"
     )
-    sft_args = _train_args(DiffusionSFTConfig, run / "sft", a.sft_steps, 2e-3, a.seed, 32, "constant_with_warmup")
+    sft_args = _train_args(DiffusionSFTConfig, run / "sft", a.sft_steps, a.sft_learning_rate, a.seed, 32, "constant_with_warmup")
     DiffusionSFTTrainer(
         model=model,
         args=sft_args,

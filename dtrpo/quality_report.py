@@ -186,7 +186,7 @@ def task_section(args: QualityArgs, t: int, runs: dict, figures: Path) -> tuple[
                 f"| {_history_change(res, 'logps/chosen')} | {_history_change(res, 'logps/rejected')} "
                 f"| {_history_change(res, 'rpo/nll')} |"
             )
-    text += ["", f"![training curves]({figures.name}/{slug}_training.png)", ""]
+    text += ["", f"![training curves, every grid point]({figures.name}/{slug}_training.png)", ""]
     plot_accuracy(summary, sft["mean"], figures / f"{slug}_accuracy.png", spec)
     plot_training(runs, figures / f"{slug}_training.png", spec)
     return "\n".join(text), {"sft": sft, "best_control": best, "arms": summary}
@@ -212,12 +212,12 @@ def plot_accuracy(summary: dict, sft: float, path: Path, title: str) -> None:
         ("optimizer steps", "sequence forward passes", "training seconds (1 core)"),
         strict=True,
     ):
-        for name, s in summary.items():
+        for i, (name, s) in enumerate(summary.items()):
             xs, ys = _mean_curve(s["runs"], key)
             style = (
                 "--" if name in CONTROLS else ("-." if name.startswith(("vrpo", "trajectory", "meanfield")) else "-")
             )
-            ax.plot(xs, ys, style, marker="o", ms=3, label=name)
+            ax.plot(xs, ys, style, marker="o", ms=3, label=name, color=plt.cm.tab20(i % 20))
         ax.axhline(sft, color="grey", lw=1, ls=":", label="SFT start")
         ax.set_xlabel(label)
         ax.set_ylabel("held-out accuracy (mean over seeds)")
@@ -232,6 +232,8 @@ def plot_accuracy(summary: dict, sft: float, path: Path, title: str) -> None:
 
 
 def plot_training(runs: dict, path: Path, title: str) -> None:
+    """One row per grid point of seed 0 (so the collapsed runs show beside the chosen ones): reward margin,
+    chosen and rejected log-probability estimates, reward accuracy, held-out accuracy over steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,23 +241,28 @@ def plot_training(runs: dict, path: Path, title: str) -> None:
 
     keys = ("rewards/margins", "logps/chosen", "logps/rejected", "rewards/accuracies")
     prefs = {n: r for n, r in runs.items() if r["seeds"][0]["kind"] == "preference"}
-    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(22, 4.5))
-    for name, r in prefs.items():
-        h = r["seeds"][0]["history"]
-        for ax, key in zip(axes, keys, strict=False):
-            ax.plot([x["step"] for x in h if key in x], [x[key] for x in h if key in x], label=name)
-            ax.set_title(key)
-            ax.set_xlabel("step")
-        xs, ys = _mean_curve(r["seeds"][:1], "step")
-        axes[-1].plot(xs, ys, marker="o", ms=3, label=name)
-    axes[1].set_yscale("symlog")
-    axes[2].set_yscale("symlog")
-    axes[-1].set_title("held-out accuracy (seed 0)")
-    axes[-1].set_xlabel("step")
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(title + " - seed 0, chosen setting")
+    points = list(dict.fromkeys(p for r in prefs.values() for p in r["grid"]))
+    fig, grid_axes = plt.subplots(len(points), len(keys) + 1, figsize=(22, 4.2 * len(points)), squeeze=False)
+    for axes, point in zip(grid_axes, points, strict=True):
+        for i, (name, r) in enumerate(prefs.items()):
+            if point not in r["grid"]:
+                continue
+            res, color = r["grid"][point], plt.cm.tab20(i % 20)
+            h = res["history"]
+            for ax, key in zip(axes, keys, strict=False):
+                ax.plot([x["step"] for x in h if key in x], [x[key] for x in h if key in x], label=name, color=color)
+                ax.set_title(f"{key}  (lr {point[0]:g}, beta {_g(point[1])})")
+                ax.set_xlabel("step")
+            xs, ys = _mean_curve([res], "step")
+            axes[-1].plot(xs, ys, marker="o", ms=3, label=name, color=color)
+        axes[1].set_yscale("symlog")
+        axes[2].set_yscale("symlog")
+        axes[-1].set_title(f"held-out accuracy  (lr {point[0]:g})")
+        axes[-1].set_xlabel("step")
+    grid_axes[0][0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title + " - seed 0, every grid point")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
