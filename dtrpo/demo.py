@@ -163,7 +163,9 @@ def run_demo(a: DemoArgs, log=print) -> dict:
         f"[1/5] SFT on {len(sft_rows)} worked answers until validation accuracy >= {a.sft_target}"
         f" (at most {a.sft_steps} steps)"
     )
-    sft_args = _train_args(DiffusionSFTConfig, run / "sft", a.sft_steps, a.sft_learning_rate, a.seed, 32, "constant_with_warmup")
+    sft_args = _train_args(
+        DiffusionSFTConfig, run / "sft", a.sft_steps, a.sft_learning_rate, a.seed, 32, "constant_with_warmup"
+    )
     DiffusionSFTTrainer(
         model=model,
         args=sft_args,
