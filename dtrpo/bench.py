@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from dtrpo.estimators import Batch, EstimatorConfig, draw, score
-from dtrpo.losses import preference_loss
 from dtrpo.models import adapter_from_config, make_char_tokenizer, make_tiny_model
 
 
@@ -34,32 +33,50 @@ class BenchArgs:
     draws: int = field(default=256, metadata={"help": "Seeds per estimator for the bias and variance statistics."})
 
 
-def _step(adapter, policy, ref, batch, cfg, seeds, n) -> int:
-    states = draw(adapter, batch, seeds, cfg)
-    pol, passes = score(adapter, policy, batch, states)
-    with torch.no_grad():
-        rf, _ = score(adapter, ref, batch, states)
-    lr = pol - rf
-    loss, _ = preference_loss(lr[:n], lr[n:], beta=0.1)
-    loss.mean().backward()
-    return passes
+def _trainer(policy, ref, adapter, tokenizer, pairs: int):
+    """A `DTRPOTrainer` whose `pair_losses` (the training loss code itself) is what gets timed."""
+    import tempfile
+
+    from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
+
+    args = DTRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="dtrpo-bench-"),
+        per_device_train_batch_size=pairs,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=[],
+        block_size=adapter.block_size,
+    )
+    return DTRPOTrainer(model=policy, ref_model=ref, args=args, adapter=adapter, processing_class=tokenizer)
+
+
+def _step(trainer, inputs, cfg) -> int:
+    """One training step's loss and backward through `DTRPOTrainer.pair_losses`; returns forward passes per pair."""
+    trainer.estimator_config = cfg
+    losses, metrics = trainer.pair_losses(trainer.model, inputs)
+    losses.mean().backward()
+    return int(metrics["estimator/forward_passes_per_pair"])
 
 
 def estimator_costs(args: BenchArgs) -> dict:
-    """Median seconds per pair of one training step (policy forward+backward, reference forward)."""
+    """Median seconds per pair of one training step (policy forward+backward, reference forward), timed
+    through the trainer's own loss code."""
     tok = make_char_tokenizer()
     policy = make_tiny_model(tok, args.block_size, args.hidden_size, args.num_layers, seed=0).train()
     ref = make_tiny_model(tok, args.block_size, args.hidden_size, args.num_layers, seed=1)
     adapter = adapter_from_config(policy.config, tok)
+    trainer = _trainer(policy, ref, adapter, tok, args.pairs)
     g = torch.Generator().manual_seed(0)
     n, P, R = args.pairs, args.prompt_length, args.response_length
-    prompt = torch.randint(4, 99, (n, P), generator=g).repeat(2, 1)
-    batch = Batch(
-        prompt,
-        torch.ones_like(prompt, dtype=torch.bool),
-        torch.randint(4, 99, (2 * n, R), generator=g),
-        torch.ones(2 * n, R, dtype=torch.bool),
-    )
+    inputs = {
+        "prompt_ids": torch.randint(4, 99, (n, P), generator=g),
+        "prompt_mask": torch.ones(n, P, dtype=torch.bool),
+        "chosen_ids": torch.randint(4, 99, (n, R), generator=g),
+        "chosen_mask": torch.ones(n, R, dtype=torch.bool),
+        "rejected_ids": torch.randint(4, 99, (n, R), generator=g),
+        "rejected_mask": torch.ones(n, R, dtype=torch.bool),
+        "index": torch.arange(n),
+    }
+    inputs = trainer._prepare_inputs(inputs)
     names = args.estimators.split(",")
     cfgs = {
         e: EstimatorConfig(estimator=e, steps_per_block=args.steps_per_block, vrpo_samples=args.vrpo_samples)
@@ -70,14 +87,14 @@ def estimator_costs(args: BenchArgs) -> dict:
         for e in names:
             policy.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            passes[e] = _step(adapter, policy, ref, batch, cfgs[e], list(range(2 * n)), n)
+            passes[e] = _step(trainer, inputs, cfgs[e])
             if rep:  # the first round warms up
                 times[e].append((time.perf_counter() - start) / n)
     base = statistics.median(times[names[0]])
     rows = {
         e: {
             "seconds_per_pair": statistics.median(times[e]),
-            "forward_passes_per_pair": 4 * passes[e],  # policy and reference, chosen and rejected
+            "forward_passes_per_pair": passes[e],  # policy and reference, chosen and rejected
             "ratio_to_" + names[0]: statistics.median(times[e]) / base,
         }
         for e in names
@@ -171,8 +188,8 @@ def sampler_throughput(args: BenchArgs) -> dict:
 def grid_costs(args: BenchArgs) -> dict:
     """Per-pair step time of packed dTRPO on the absolute block grid (SDAR/Fast-dLLM v2: block-causal
     prompt, the prompt tail copied into the noisy half) against the response grid (blocks starting at
-    the response), side by side on the same tiny model and batch. Prompt lengths mix every remainder
-    P % B, so the tail copy is as wide as it gets (B - 1 columns)."""
+    the response), side by side on the same tiny model and batch, through `DTRPOTrainer.pair_losses`.
+    Prompt lengths mix every remainder P % B, so the tail copy is as wide as it gets (B - 1 columns)."""
     tok = make_char_tokenizer()
     policy = make_tiny_model(tok, args.block_size, args.hidden_size, args.num_layers, seed=0).train()
     ref = make_tiny_model(tok, args.block_size, args.hidden_size, args.num_layers, seed=1)
@@ -181,26 +198,33 @@ def grid_costs(args: BenchArgs) -> dict:
         "response_grid": response_grid,
         "absolute_grid": replace(response_grid, prompt_attention="block_causal"),
     }
+    trainers = {name: _trainer(policy, ref, a, tok, args.pairs) for name, a in adapters.items()}
+    for trainer in trainers.values():
+        trainer.args.share_prompt = False  # the packed layout itself: [x | clean | tail | noisy]
     g = torch.Generator().manual_seed(3)
     n, P, R, bs = args.pairs, args.prompt_length, args.response_length, args.block_size
-    lengths = [P - i % bs for i in range(n)] * 2  # chosen and rejected share their prompt
-    prompt_valid = torch.tensor([[False] * (P - m) + [True] * m for m in lengths])
-    batch = Batch(
-        torch.randint(4, 99, (2 * n, P), generator=g),
-        prompt_valid,
-        torch.randint(4, 99, (2 * n, R), generator=g),
-        torch.ones(2 * n, R, dtype=torch.bool),
+    lengths = [P - i % bs for i in range(n)]
+    inputs = trainer._prepare_inputs(
+        {
+            "prompt_ids": torch.randint(4, 99, (n, P), generator=g),
+            "prompt_mask": torch.tensor([[False] * (P - m) + [True] * m for m in lengths]),
+            "chosen_ids": torch.randint(4, 99, (n, R), generator=g),
+            "chosen_mask": torch.ones(n, R, dtype=torch.bool),
+            "rejected_ids": torch.randint(4, 99, (n, R), generator=g),
+            "rejected_mask": torch.ones(n, R, dtype=torch.bool),
+            "index": torch.arange(n),
+        }
     )
     cfg = EstimatorConfig(steps_per_block=args.steps_per_block)
     times = {name: [] for name in adapters}
     for rep in range(args.repeats + 1):
-        for name, adapter in adapters.items():
+        for name, trainer in trainers.items():
             policy.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            _step(adapter, policy, ref, batch, cfg, list(range(2 * n)), n)
+            _step(trainer, inputs, cfg)
             if rep:  # the first round warms up
                 times[name].append((time.perf_counter() - start) / n)
-    tail = int(adapters["absolute_grid"].tail(prompt_valid).max())
+    tail = int(max(m % bs for m in lengths))
     base = statistics.median(times["response_grid"])
     return {
         name: {

@@ -554,9 +554,16 @@ def demo_main(argv: list[str]) -> None:
     print(f"report: {args.output_dir}/report.json   plot: {args.output_dir}/curves.png")
 
 
-@command("bench", "time a training step of each estimator side by side; writes JSON")
+@command("bench", "time a training step of each estimator side by side; `bench quality`: the quality study")
 def bench_main(argv: list[str]) -> None:
     from dtrpo.bench import BenchArgs, estimator_costs, estimator_statistics, grid_costs, sampler_throughput
+
+    if argv[:1] == ["quality"]:
+        from dtrpo.quality import QualityArgs, run_study
+
+        (args,) = parse([QualityArgs], argv[1:], "dtrpo bench quality", "every arm from one SFT checkpoint; report")
+        run_study(args, argv[1:])
+        return
 
     (args,) = parse([BenchArgs], argv, "dtrpo bench", COMMANDS["bench"][1])
     report = estimator_costs(args)

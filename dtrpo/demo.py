@@ -1,14 +1,21 @@
-"""`dtrpo demo`: the whole loop on a CPU, on the built-in tiny model and the arithmetic task.
+"""`dtrpo demo`: the whole loop on a CPU, on the built-in tiny model and the noisy-teacher arithmetic task.
+
+The default task is the one where preference signal should win (`tasks.NoisyArithmetic`): the SFT data
+come from a teacher who forgets the carry in 60% of the carry problems, so SFT learns the error and
+more SFT cannot remove it, while the SFT model's own samples still hold right answers for the verifier
+to pick. The two controls run from the same checkpoint for as many steps: continued SFT on the same
+data, and SFT on the chosen responses of the same pairs (rejection-sampling fine-tuning).
 
 Stages, each writing its output into the run folder so any stage can be rerun alone with the CLI:
 
     model/            dtrpo init-tiny
-    sft_data.jsonl    worked answers to train-split problems
+    sft_data.jsonl    the teacher's worked answers to train-split problems
     sft/              dtrpo sft         (block-diffusion SFT to a middling accuracy)
     eval_sft.json     dtrpo eval        (held-out accuracy with a 95% interval)
     pairs.jsonl       dtrpo pairs       (the SFT model's own samples, scored by the verifier)
     dtrpo/            dtrpo train       (dTRPO on those pairs)
     eval_dtrpo.json   dtrpo eval
+    sft_control/, rft/, eval_control.json, eval_rft.json    the two controls (--control true, the default)
     report.json, curves.png
 """
 
@@ -26,44 +33,67 @@ from dtrpo.evaluate import SamplingArgs, evaluate
 from dtrpo.families import load_model
 from dtrpo.models import init_tiny
 from dtrpo.pairs import build_pairs, write_jsonl
-from dtrpo.tasks import load_task
+from dtrpo.tasks import demonstration, load_task
 
 
 @dataclass
 class DemoArgs:
     output_dir: str = field(default="runs/demo", metadata={"help": "Run folder; every stage's output is kept here."})
     quick: bool = field(default=False, metadata={"help": "A smaller run (about 3 minutes on 2 cores)."})
-    task: str = field(default="arithmetic:digits=2", metadata={"help": "Built-in task spec or prompts file."})
+    task: str = field(
+        default="noisy_arithmetic:digits=2",
+        metadata={
+            "help": "Built-in task spec or prompts file ('arithmetic:digits=2' with --sft_target 0.3: the old demo)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of every stage."})
     hidden_size: int = field(default=96, metadata={"help": "Width of the tiny model."})
     num_layers: int = field(default=3, metadata={"help": "Layers of the tiny model."})
     block_size: int = field(default=8, metadata={"help": "Block size of the tiny model."})
     sft_examples: int = field(default=3000, metadata={"help": "Train-split problems with worked answers for SFT."})
     sft_steps: int = field(default=1500, metadata={"help": "Most SFT optimizer steps."})
+    sft_learning_rate: float = field(default=2e-3, metadata={"help": "SFT learning rate (constant after warm-up)."})
     sft_target: float = field(
-        default=0.3, metadata={"help": "SFT stops once greedy accuracy on train-split validation prompts reaches this."}
+        default=0.5,
+        metadata={
+            "help": "SFT stops once greedy accuracy on train-split validation prompts reaches this (the noisy "
+            "teacher's own greedy ceiling is about 0.56)."
+        },
     )
     sft_check_every: int = field(default=50, metadata={"help": "SFT steps between validation checks."})
     heldout: int = field(default=500, metadata={"help": "Held-out prompts evaluated before and after dTRPO."})
     pair_prompts: int = field(default=800, metadata={"help": "Train prompts sampled to build preference pairs."})
     samples: int = field(default=8, metadata={"help": "Samples per prompt for pairs."})
-    dtrpo_steps: int = field(default=300, metadata={"help": "dTRPO optimizer steps."})
+    dtrpo_steps: int = field(default=200, metadata={"help": "dTRPO optimizer steps (and the controls')."})
     beta: float = field(default=0.1, metadata={"help": "beta of the dTRPO loss."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "dTRPO learning rate."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "dTRPO learning rate (docs/benchmarks.md)."})
+    targets: str = field(
+        default="all_masked_weighted", metadata={"help": "Positions read per state (docs/benchmarks.md)."}
+    )
+    rpo_alpha: float = field(
+        default=1.0, metadata={"help": "Weight of the chosen response's NLL beside the dTRPO loss (0: pure dTRPO)."}
+    )
     control: bool = field(
-        default=False,
-        metadata={"help": "Also continue SFT from the same checkpoint for as many steps as dTRPO (a baseline)."},
+        default=True,
+        metadata={
+            "help": "Also run the controls from the same checkpoint for as many steps: continued SFT, and SFT on the "
+            "chosen responses of the same pairs (rejection-sampling fine-tuning)."
+        },
+    )
+    control_learning_rate: float = field(
+        default=1e-3, metadata={"help": "Learning rate of the controls (the best of the study's grid for both)."}
     )
 
     def __post_init__(self) -> None:
         if self.quick:
-            self.heldout, self.pair_prompts, self.dtrpo_steps = 200, 300, 120
+            self.heldout, self.pair_prompts, self.dtrpo_steps, self.sft_target = 200, 300, 100, 0.4
 
 
 STAGES = [
     ("SFT", "sft", "#999999"),
     ("SFT + dTRPO", "dtrpo", "#3b7dd8"),
     ("SFT continued (control)", "control", "#d8a03b"),
+    ("SFT on chosen (RFT control)", "rft", "#5aa469"),
 ]
 
 
@@ -120,7 +150,8 @@ def run_demo(a: DemoArgs, log=print) -> dict:
 
     init_tiny(run / "model", a.block_size, a.hidden_size, a.num_layers, a.seed)
     sft_rows = task.prompts("train", a.sft_examples, seed=a.seed)
-    write_jsonl([{"prompt": r["prompt"], "completion": r["answer"]} for r in sft_rows], run / "sft_data.jsonl")
+    sft_data = [{"prompt": r["prompt"], "completion": demonstration(r)} for r in sft_rows]
+    write_jsonl(sft_data, run / "sft_data.jsonl")
     model, tok, adapter = load_model(run / "model")
     answer_len = len(tok(sft_rows[0]["answer"], add_special_tokens=False)["input_ids"]) + 1  # + EOS
     gen_length = -(-answer_len // a.block_size) * a.block_size
@@ -133,7 +164,9 @@ def run_demo(a: DemoArgs, log=print) -> dict:
         f"[1/5] SFT on {len(sft_rows)} worked answers until validation accuracy >= {a.sft_target}"
         f" (at most {a.sft_steps} steps)"
     )
-    sft_args = _train_args(DiffusionSFTConfig, run / "sft", a.sft_steps, 2e-3, a.seed, 32, "constant_with_warmup")
+    sft_args = _train_args(
+        DiffusionSFTConfig, run / "sft", a.sft_steps, a.sft_learning_rate, a.seed, 32, "constant_with_warmup"
+    )
     DiffusionSFTTrainer(
         model=model,
         args=sft_args,
@@ -172,6 +205,8 @@ def run_demo(a: DemoArgs, log=print) -> dict:
         "cosine",
         beta=a.beta,
         steps_per_block=a.block_size,
+        targets=a.targets,
+        rpo_alpha=a.rpo_alpha,
     )
     trainer = DTRPOTrainer(
         model=model, args=args, adapter=adapter, processing_class=tok, train_dataset=str(run / "pairs.jsonl")
@@ -185,20 +220,24 @@ def run_demo(a: DemoArgs, log=print) -> dict:
     (run / "eval_dtrpo.json").write_text(json.dumps(after, indent=2))
     lap("eval_dtrpo")
 
-    control = None
+    controls = {}
     if a.control:
-        log(f"[control] continuing SFT from the same checkpoint for {a.dtrpo_steps} steps")
-        model, tok, adapter = load_model(run / "sft")
-        args = _train_args(
-            DiffusionSFTConfig, run / "sft_control", a.dtrpo_steps, a.learning_rate, a.seed, 16, "cosine"
-        )
-        DiffusionSFTTrainer(
-            model=model, args=args, adapter=adapter, processing_class=tok, train_dataset=str(run / "sft_data.jsonl")
-        ).train()
-        model.save_pretrained(run / "sft_control")
-        control = evaluate(model, tok, adapter, task, heldout, greedy, desc="eval control")
-        (run / "eval_control.json").write_text(json.dumps(control, indent=2))
-        lap("control")
+        write_jsonl([{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs], run / "chosen.jsonl")
+        for key, data, what in (
+            ("control", "sft_data.jsonl", "continuing SFT on the same data"),
+            ("rft", "chosen.jsonl", "SFT on the chosen responses of the pairs (rejection-sampling FT)"),
+        ):
+            log(f"[control] {what}, from the same checkpoint, {a.dtrpo_steps} steps")
+            model, tok, adapter = load_model(run / "sft")
+            out = run / ("sft_control" if key == "control" else "rft")
+            args = _train_args(DiffusionSFTConfig, out, a.dtrpo_steps, a.control_learning_rate, a.seed, 16, "cosine")
+            DiffusionSFTTrainer(
+                model=model, args=args, adapter=adapter, processing_class=tok, train_dataset=str(run / data)
+            ).train()
+            model.save_pretrained(out)
+            controls[key] = evaluate(model, tok, adapter, task, heldout, greedy, desc=f"eval {key}")
+            (run / f"eval_{key}.json").write_text(json.dumps(controls[key], indent=2))
+            lap(key)
 
     history = [h for h in trainer.state.log_history if "loss" in h]
     report = {
@@ -206,7 +245,10 @@ def run_demo(a: DemoArgs, log=print) -> dict:
         "sft": {k: before[k] for k in ("accuracy", "ci95", "n", "nfe_per_batch", "tokens_per_second")},
         "dtrpo": {k: after[k] for k in ("accuracy", "ci95", "n", "nfe_per_batch", "tokens_per_second")},
         "gain": after["accuracy"] - before["accuracy"],
-        "control": control and {k: control[k] for k in ("accuracy", "ci95", "n", "nfe_per_batch", "tokens_per_second")},
+        **{
+            key: {k: r[k] for k in ("accuracy", "ci95", "n", "nfe_per_batch", "tokens_per_second")}
+            for key, r in controls.items()
+        },
         "pairs": pair_stats,
         "sft_curve": stop.curve,
         "seconds": timings,

@@ -69,13 +69,16 @@ _COLUMN = {
 }
 
 
-def worked_answer(a: int, op: str, b: int, digits: int) -> str:
-    """The answer text of `a op b` in the format of `Arithmetic` (requires a >= b for "-")."""
+def worked_answer(a: int, op: str, b: int, digits: int, forget_carry: bool = False) -> str:
+    """The answer text of `a op b` in the format of `Arithmetic` (requires a >= b for "-").
+
+    `forget_carry` writes the work of a pupil who never adds the carry into the next column (each column
+    still shows its own carry): 47+85 -> "12,12=122" instead of "12,13=132"."""
     xs = str(a).zfill(digits)[::-1]
     ys = str(b) * digits if op == "*" else str(b).zfill(digits)[::-1]
     carry, entries, written = 0, [], []
     for x, y in zip(xs, ys, strict=True):
-        carry, digit = _COLUMN[op](int(x), int(y), carry)
+        carry, digit = _COLUMN[op](int(x), int(y), 0 if forget_carry else carry)
         entries.append(f"{carry}{digit}")
         written.append(str(digit))
     return ",".join(entries) + "=" + str(carry) + "".join(reversed(written))
@@ -157,7 +160,46 @@ class Arithmetic:
         return float(got is not None and got == read_result(row["answer"]))
 
 
-TASKS = {"arithmetic": Arithmetic}
+@dataclass(frozen=True)
+class NoisyArithmetic(Arithmetic):
+    """`Arithmetic` taught by a noisy teacher: the task where preference signal is the right tool.
+
+    Prompts, answers, splits and the verifier are those of `Arithmetic`; train rows also carry a
+    `demonstration`, the teacher's worked answer, which on a problem with a carry forgets the carry
+    (`worked_answer(..., forget_carry=True)`, wrong result, consistent work) with probability `drop`,
+    drawn per problem and seed. With `drop > 0.5` the wrong answer is the *mode* of the SFT data on carry
+    problems, so an SFT model that fits its data decodes it greedily, and more SFT only sharpens it; yet
+    about `1 - drop` of its samples at temperature 1 are right, so the verifier finds pairs whose chosen
+    side holds exactly what the SFT data lacks. Problems without a carry are always taught right.
+    """
+
+    drop: float = 0.6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.drop <= 1:
+            raise ValueError(f"noisy_arithmetic: drop must be in [0, 1], got {self.drop}")
+
+    @property
+    def name(self) -> str:
+        return f"noisy_arithmetic:digits={self.digits},ops={self.ops},drop={self.drop}"
+
+    def prompts(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
+        rows = super().prompts(split, n, seed)
+        for row in rows:
+            a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", row["id"]).groups()
+            wrong = worked_answer(int(a), op, int(b), self.digits, forget_carry=True)
+            forget = wrong != row["answer"] and random.Random(f"teacher:{row['id']}:{seed}").random() < self.drop
+            row["demonstration"] = wrong if forget else row["answer"]
+        return rows
+
+
+def demonstration(row: dict) -> str:
+    """The SFT target of a task row: its teacher's `demonstration` when it has one, else its answer."""
+    return row.get("demonstration", row["answer"])
+
+
+TASKS = {"arithmetic": Arithmetic, "noisy_arithmetic": NoisyArithmetic}
 
 
 def _parse_options(cls: type, text: str) -> dict:

@@ -141,11 +141,24 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
         default=None, metadata={"help": "Denoising steps T_B per block (uniform step size B / T_B); default: B."}
     )
     reveal_order: str = field(default="random", metadata={"help": f"Re-masking reveal order: one of {REVEAL_ORDERS}."})
-    targets: str = field(default="newly_unmasked", metadata={"help": f"Positions read per state: one of {TARGETS}."})
+    targets: str = field(
+        default="all_masked_weighted",
+        metadata={
+            "help": f"Positions read per state: one of {TARGETS}; the default has the lower variance at the same cost "
+            "(docs/benchmarks.md)."
+        },
+    )
     scale: str = field(
         default="unbiased", metadata={"help": "Per-block scale c of the dTRPO estimate: 'unbiased' (T_B) or 'one'."}
     )
     vrpo_samples: int = field(default=8, metadata={"help": "Monte Carlo samples n of the vrpo estimator."})
+    rpo_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a likelihood term on the chosen response (TRL's rpo_alpha): its per-token negative "
+            "log-likelihood estimate, read from the policy pass the estimator already makes. 0: off."
+        },
+    )
     loss_weights: list[float] | None = field(
         default=None,
         metadata={"help": "Weights of the losses when --loss_type lists several (TRL's form); default: all 1."},
@@ -197,6 +210,8 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
             )
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"--rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if self.steps_per_block is not None and self.steps_per_block <= 0:
             raise ValueError(f"--steps_per_block must be positive, got {self.steps_per_block}")
         if self.block_size is not None:  # otherwise T_B is checked against the model's block size at trainer start
@@ -378,6 +393,17 @@ def pad_id(tokenizer) -> int:
 
 def _frozen(model):
     return model.eval().requires_grad_(False)
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_valid: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of each chosen response, (n,), from the policy's own estimate of
+    its log-likelihood (the pass the estimator makes anyway): for `dtrpo` the trajectory log-probability,
+    whose expectation over random reveal orders is the block-diffusion ELBO that SFT maximises; for `vrpo`
+    the masked-diffusion ELBO; for `meanfield` the fully-masked log-probability.
+
+    chosen_logps = [-8, -2], valid tokens [4, 2]: [8 / 4, 2 / 2] = [2, 1].
+    """
+    return -chosen_logps / chosen_valid.sum(-1).clamp(min=1)
 
 
 def _is_peft(model) -> bool:
@@ -740,6 +766,10 @@ class DTRPOTrainer(DiffusionTrainer):
                 reference, _ = score(self.adapter, ref, batch, states)
         logratios = policy - reference  # (2n,)
         losses, metrics = self.preference_losses(logratios[:n], logratios[n:])
+        if self.args.rpo_alpha:
+            nll = chosen_nll(policy[:n], inputs["chosen_mask"])
+            losses = losses + self.args.rpo_alpha * nll
+            metrics["rpo/nll"] = nll.detach()
         targets = sum((s.weights != 0).sum(-1).float() for s in states)
         metrics.update(
             {
