@@ -471,6 +471,20 @@ def jobs_in_order(args: QualityArgs) -> list[tuple]:
     return out
 
 
+def complete(args: QualityArgs, task_index: int) -> bool:
+    """Whether every run (and, for the first task, every diagnostic) of a task has its result."""
+    from dtrpo.quality_diagnostics import diagnostics_path
+
+    for arm in selected_arms(args, task_index):
+        chosen = choose(args, task_index, arm)
+        if chosen is None or not all(
+            Job(task_index, arm.name, *chosen, s).path(args).exists() for s in range(args.seeds)
+        ):
+            return False
+    parts = filter(None, args.diagnostics.split(",")) if task_index == 0 else ()
+    return all(diagnostics_path(args, part).exists() for part in parts)
+
+
 def _claim(path: Path) -> bool:
     claim = path.with_suffix(".claim")
     claim.parent.mkdir(parents=True, exist_ok=True)
@@ -486,11 +500,12 @@ def work(args: QualityArgs, log=print) -> None:
     A final-seed job waits for its arm's tuning to finish (another worker may hold it)."""
     torch.set_num_threads(args.threads)
     n_tasks = len(args.task_list())
+    todo = [t for t in range(n_tasks) if not complete(args, t)]  # a finished task needs no checkpoint
     for t in range(n_tasks):  # worker k builds task k first, then the rest
         i = (t + max(args.worker, 0)) % n_tasks
-        if _claim(Path(args.output_dir) / task_slug(args.task_list()[i]) / "build"):
+        if i in todo and _claim(Path(args.output_dir) / task_slug(args.task_list()[i]) / "build"):
             build(args, i, log)
-    for t in range(n_tasks):
+    for t in todo:
         while not (Path(args.output_dir) / task_slug(args.task_list()[t]) / "build.json").exists():
             time.sleep(5)
     for stage, t, arm, point in jobs_in_order(args):
