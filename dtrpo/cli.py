@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from transformers import HfArgumentParser
@@ -442,7 +443,9 @@ def write_atomic(path: str | Path, text: str) -> None:
 @dataclass
 class PairArgs:
     samples: int = field(default=8, metadata={"help": "Responses sampled per prompt."})
-    pairing: str = field(default="best_worst", metadata={"help": "How pairs are formed: best_worst or all."})
+    pairing: Literal["best_worst", "all"] = field(
+        default="best_worst", metadata={"help": "How pairs are formed: best_worst or all."}
+    )
     max_pairs_per_prompt: int | None = field(default=None, metadata={"help": "At most this many pairs per prompt."})
 
 

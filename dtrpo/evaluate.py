@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from tqdm.auto import tqdm
 
@@ -31,7 +32,9 @@ class SamplingArgs:
         metadata={"help": "Block size; default: the model's own (required where its config.json has none)."},
     )
     steps_per_block: int | None = field(default=None, metadata={"help": "Denoising steps per block; default: B."})
-    remasking: str = field(default="low_confidence", metadata={"help": f"Which positions a step reveals: {REMASKING}."})
+    remasking: Literal["low_confidence", "random", "margin", "entropy"] = field(
+        default="low_confidence", metadata={"help": f"Which positions a step reveals: {REMASKING}."}
+    )
     threshold: float | None = field(default=None, metadata={"help": "Reveal every position above this confidence."})
     sub_block_size: int | None = field(
         default=None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import TrainingArguments
@@ -29,7 +30,7 @@ MIN_LEVEL = 1e-3  # t is drawn in [MIN_LEVEL, 1] so that 1/t stays bounded
 class DiffusionSFTConfig(DiffusionArguments, TrainingArguments):
     """Training arguments of `transformers.TrainingArguments` plus the diffusion SFT fields."""
 
-    objective: str | None = field(
+    objective: Literal["masked", "block"] | None = field(
         default=None,
         metadata={"help": f"SFT objective {OBJECTIVES}; default: 'block' for block-causal models, else 'masked'."},
     )

@@ -18,6 +18,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -53,7 +54,7 @@ class DiffusionArguments:
             "help": "Cap on prompt + completion: completions keep max_completion_length, prompts get what is left."
         },
     )
-    truncation: str = field(
+    truncation: Literal["truncate", "error"] = field(
         default="truncate",
         metadata={"help": "Over-long completions: 'truncate' (keep the first tokens, counted) or 'error' (refuse)."},
     )
@@ -133,22 +134,26 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
     label_smoothing: float = field(
         default=0.0, metadata={"help": "Label noise rate for 'sigmoid' (conservative DPO) and 'robust' losses."}
     )
-    estimator: str = field(default="dtrpo", metadata={"help": f"Log-ratio estimator: one of {sorted(ESTIMATORS)}."})
-    mode: str | None = field(
+    estimator: Literal["dtrpo", "vrpo", "meanfield", "trajectory"] = field(
+        default="dtrpo", metadata={"help": f"Log-ratio estimator: one of {sorted(ESTIMATORS)}."}
+    )
+    mode: Literal["packed", "exact", "remasked"] | None = field(
         default=None, metadata={"help": f"State evaluation mode {MODES}; default: the model family's own."}
     )
     steps_per_block: int | None = field(
         default=None, metadata={"help": "Denoising steps T_B per block (uniform step size B / T_B); default: B."}
     )
-    reveal_order: str = field(default="random", metadata={"help": f"Re-masking reveal order: one of {REVEAL_ORDERS}."})
-    targets: str = field(
+    reveal_order: Literal["random", "left_to_right", "confidence"] = field(
+        default="random", metadata={"help": f"Re-masking reveal order: one of {REVEAL_ORDERS}."}
+    )
+    targets: Literal["newly_unmasked", "all_masked_weighted"] = field(
         default="all_masked_weighted",
         metadata={
             "help": f"Positions read per state: one of {TARGETS}; the default has the lower variance at the same cost "
             "(docs/benchmarks.md)."
         },
     )
-    scale: str = field(
+    scale: Literal["unbiased", "one"] = field(
         default="unbiased", metadata={"help": "Per-block scale c of the dTRPO estimate: 'unbiased' (T_B) or 'one'."}
     )
     vrpo_samples: int = field(default=8, metadata={"help": "Monte Carlo samples n of the vrpo estimator."})
@@ -190,7 +195,7 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
     precompute_ref: bool | None = field(
         default=None, metadata={"help": "Deprecated: use --precompute_ref_log_probs (removed in the next release)."}
     )
-    trajectory_mode: str = field(
+    trajectory_mode: Literal["packed", "exact", "remasked"] = field(
         default="exact", metadata={"help": "State evaluation mode of the trajectory estimator (ground truth)."}
     )
 
