@@ -69,11 +69,11 @@ def estimator_costs(args: BenchArgs) -> dict:
     n, P, R = args.pairs, args.prompt_length, args.response_length
     inputs = {
         "prompt_ids": torch.randint(4, 99, (n, P), generator=g),
-        "prompt_mask": torch.ones(n, P, dtype=torch.bool),
+        "prompt_valid": torch.ones(n, P, dtype=torch.bool),
         "chosen_ids": torch.randint(4, 99, (n, R), generator=g),
-        "chosen_mask": torch.ones(n, R, dtype=torch.bool),
+        "chosen_valid": torch.ones(n, R, dtype=torch.bool),
         "rejected_ids": torch.randint(4, 99, (n, R), generator=g),
-        "rejected_mask": torch.ones(n, R, dtype=torch.bool),
+        "rejected_valid": torch.ones(n, R, dtype=torch.bool),
         "index": torch.arange(n),
     }
     inputs = trainer._prepare_inputs(inputs)
@@ -207,11 +207,11 @@ def grid_costs(args: BenchArgs) -> dict:
     inputs = trainer._prepare_inputs(
         {
             "prompt_ids": torch.randint(4, 99, (n, P), generator=g),
-            "prompt_mask": torch.tensor([[False] * (P - m) + [True] * m for m in lengths]),
+            "prompt_valid": torch.tensor([[False] * (P - m) + [True] * m for m in lengths]),
             "chosen_ids": torch.randint(4, 99, (n, R), generator=g),
-            "chosen_mask": torch.ones(n, R, dtype=torch.bool),
+            "chosen_valid": torch.ones(n, R, dtype=torch.bool),
             "rejected_ids": torch.randint(4, 99, (n, R), generator=g),
-            "rejected_mask": torch.ones(n, R, dtype=torch.bool),
+            "rejected_valid": torch.ones(n, R, dtype=torch.bool),
             "index": torch.arange(n),
         }
     )

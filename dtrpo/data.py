@@ -42,7 +42,7 @@ Tokenization and limits:
   largest grid-aligned width within `max_response_length` (`max_response_length - P % B` when P % B
   is not 0): a longer one is cut there (no EOS) or refused, never left off the grid.
 
-Collators pad prompts LEFT and responses RIGHT with the pad token; the masks are True on real
+Collators pad prompts LEFT and responses RIGHT with the pad token; the `*_valid` tensors are True on real
 tokens, EOS padding included.
 """
 
@@ -543,14 +543,14 @@ def build_sft_dataset(
 
 
 def _pad(seqs: list, pad_token_id: int, width: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, width) ids filled with pad_token_id around each sequence, and the (B, width) mask of real tokens."""
+    """(B, width) ids filled with pad_token_id around each sequence, and (B, width) validity: real tokens."""
     ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
     for row, seq in enumerate(seqs):
         cols = slice(width - len(seq), width) if left else slice(0, len(seq))
         ids[row, cols] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, cols] = True
-    return ids, mask
+        valid[row, cols] = True
+    return ids, valid
 
 
 def _index(features: list[dict]) -> torch.Tensor:
@@ -578,8 +578,8 @@ def _responses(features: list[dict], key: str, block_size: int, absolute: bool) 
 
 def _prompts(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     seqs = [f["prompt_ids"] for f in features]
-    ids, mask = _pad(seqs, pad_token_id, max(map(len, seqs)), left=True)
-    return {"prompt_ids": ids, "prompt_mask": mask}  # (B, P)
+    ids, valid = _pad(seqs, pad_token_id, max(map(len, seqs)), left=True)
+    return {"prompt_ids": ids, "prompt_valid": valid}  # (B, P)
 
 
 @dataclass
@@ -595,8 +595,8 @@ class PreferenceCollator:
         rejected = _responses(features, "rejected_ids", self.block_size, self.absolute)
         width = max(map(len, chosen + rejected))  # R, shared so that chosen and rejected stack
         out = _prompts(features, self.pad_token_id)
-        out["chosen_ids"], out["chosen_mask"] = _pad(chosen, self.pad_token_id, width, left=False)  # (B, R)
-        out["rejected_ids"], out["rejected_mask"] = _pad(rejected, self.pad_token_id, width, left=False)  # (B, R)
+        out["chosen_ids"], out["chosen_valid"] = _pad(chosen, self.pad_token_id, width, left=False)  # (B, R)
+        out["rejected_ids"], out["rejected_valid"] = _pad(rejected, self.pad_token_id, width, left=False)  # (B, R)
         out["index"] = _index(features)
         return out
 
@@ -612,6 +612,6 @@ class SFTCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         responses = _responses(features, "response_ids", self.block_size, self.absolute)
         out = _prompts(features, self.pad_token_id)
-        out["response_ids"], out["response_mask"] = _pad(responses, self.pad_token_id, max(map(len, responses)), False)
+        out["response_ids"], out["response_valid"] = _pad(responses, self.pad_token_id, max(map(len, responses)), False)
         out["index"] = _index(features)
         return out

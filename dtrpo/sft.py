@@ -121,9 +121,9 @@ class DiffusionSFTTrainer(DiffusionTrainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = Batch(inputs["prompt_ids"], inputs["prompt_mask"], inputs["response_ids"], inputs["response_mask"])
+        batch = Batch(inputs["prompt_ids"], inputs["prompt_valid"], inputs["response_ids"], inputs["response_valid"])
         if model.training:
-            self.count_tokens(inputs["prompt_mask"], inputs["response_mask"])
+            self.count_tokens(inputs["prompt_valid"], inputs["response_valid"])
         epoch = int(self.state.epoch or 0)
         seeds = [example_seed(self.args.seed, i, epoch, "sft") for i in inputs["index"].tolist()]
         loss = sft_loss(self.adapter, model, batch, seeds, self.objective)

@@ -661,9 +661,9 @@ class DTRPOTrainer(DiffusionTrainer):
         lets the packed mode lay each pair out as one row with the prompt once)."""
         return Batch(
             prompt_ids=inputs["prompt_ids"].repeat(2, 1),
-            prompt_valid=inputs["prompt_mask"].repeat(2, 1),
+            prompt_valid=inputs["prompt_valid"].repeat(2, 1),
             response_ids=torch.cat([inputs["chosen_ids"], inputs["rejected_ids"]]),
-            response_valid=torch.cat([inputs["chosen_mask"], inputs["rejected_mask"]]),
+            response_valid=torch.cat([inputs["chosen_valid"], inputs["rejected_valid"]]),
             pairs=self.args.share_prompt,
         )
 
@@ -737,7 +737,7 @@ class DTRPOTrainer(DiffusionTrainer):
         losses, metrics = self.pair_losses(model, inputs)
         split = "train" if model.training else "eval"
         if model.training:
-            self.count_tokens(inputs["prompt_mask"], inputs["chosen_mask"], inputs["rejected_mask"])
+            self.count_tokens(inputs["prompt_valid"], inputs["chosen_valid"], inputs["rejected_valid"])
         self.store_metrics(metrics, split)
         loss = losses.mean()
         return (loss, {"losses": losses}) if return_outputs else loss
@@ -772,7 +772,7 @@ class DTRPOTrainer(DiffusionTrainer):
         logratios = policy - reference  # (2n,)
         losses, metrics = self.preference_losses(logratios[:n], logratios[n:])
         if self.args.rpo_alpha:
-            nll = chosen_nll(policy[:n], inputs["chosen_mask"])
+            nll = chosen_nll(policy[:n], inputs["chosen_valid"])
             losses = losses + self.args.rpo_alpha * nll
             metrics["rpo/nll"] = nll.detach()
         targets = sum((s.weights != 0).sum(-1).float() for s in states)

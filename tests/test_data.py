@@ -47,15 +47,15 @@ def test_preference_collator_pads_prompts_left_and_responses_right_to_one_length
     ]
     out = PreferenceCollator(pad_token_id=PAD, block_size=2)(features)
     assert out["prompt_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert out["prompt_mask"].tolist() == [[True, True, True], [False, False, True]]
+    assert out["prompt_valid"].tolist() == [[True, True, True], [False, False, True]]
     # R = 6: the longest of chosen and rejected over the batch
     assert out["chosen_ids"].tolist() == [[10, 1, 0, 0, 0, 0], [15, 16, 17, 18, 19, 1]]
-    assert out["chosen_mask"].tolist() == [[True, True, False, False, False, False], [True] * 6]
+    assert out["chosen_valid"].tolist() == [[True, True, False, False, False, False], [True] * 6]
     assert out["rejected_ids"].tolist() == [[12, 13, 14, 1, 0, 0], [20, 1, 0, 0, 0, 0]]
-    assert out["rejected_mask"].tolist() == [[True] * 4 + [False] * 2, [True] * 2 + [False] * 4]
+    assert out["rejected_valid"].tolist() == [[True] * 4 + [False] * 2, [True] * 2 + [False] * 4]
     assert out["index"].tolist() == [4, 9]
     assert out["index"].dtype == torch.long and out["prompt_ids"].dtype == torch.long
-    assert out["prompt_mask"].dtype == torch.bool
+    assert out["prompt_valid"].dtype == torch.bool
 
 
 def test_sft_collator_pads_exactly():
@@ -65,9 +65,9 @@ def test_sft_collator_pads_exactly():
     ]
     out = SFTCollator(pad_token_id=PAD, block_size=2)(features)
     assert out["prompt_ids"].tolist() == [[0, 5], [6, 7]]
-    assert out["prompt_mask"].tolist() == [[False, True], [True, True]]
+    assert out["prompt_valid"].tolist() == [[False, True], [True, True]]
     assert out["response_ids"].tolist() == [[10, 11, 1, 1], [12, 1, 0, 0]]
-    assert out["response_mask"].tolist() == [[True, True, True, True], [True, True, False, False]]
+    assert out["response_valid"].tolist() == [[True, True, True, True], [True, True, False, False]]
     assert out["index"].tolist() == [0, 3]
 
 

@@ -58,7 +58,7 @@ def test_rpo_alpha_adds_the_chosen_nll_from_the_same_pass(tmp_path, tokenizer):
         trainer = DTRPOTrainer(model=model, args=args, adapter=adapter, processing_class=tokenizer, train_dataset=rows)
         inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
         losses[alpha], metrics = trainer.pair_losses(model, inputs)
-    nll = chosen_nll(metrics["logps/chosen"], inputs["chosen_mask"])
+    nll = chosen_nll(metrics["logps/chosen"], inputs["chosen_valid"])
     assert torch.allclose(metrics["rpo/nll"], nll) and (nll > 0).all()
     assert torch.allclose(losses[0.5] - losses[0.0], 0.5 * nll, atol=1e-5)
     with pytest.raises(ValueError, match="--rpo_alpha"):
