@@ -252,7 +252,7 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     naming each newer incomplete one it skips. A path is checked by the trainer."""
     if value is None or value.lower() not in ("last", "true"):
         return value
-    from dtrpo.trainer import last_checkpoint
+    from dtrpo.base import last_checkpoint
 
     last, skipped = last_checkpoint(output_dir)
     for path, problem in skipped:

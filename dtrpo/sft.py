@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 from transformers import TrainingArguments
 
+from dtrpo.base import DiffusionArguments, DiffusionTrainer, pad_id, resolve_model, source_names, tokenized
 from dtrpo.estimators import Batch, position_logprobs
 from dtrpo.masking import example_seed, response_blocks
-from dtrpo.trainer import DiffusionArguments, DiffusionTrainer, pad_id, resolve_model, source_names, tokenized
 
 OBJECTIVES = ("masked", "block")
 MIN_LEVEL = 1e-3  # t is drawn in [MIN_LEVEL, 1] so that 1/t stays bounded

@@ -10,114 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
-import os
-import shutil
-import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import Trainer, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers import TrainingArguments
 
+from dtrpo.base import (
+    DiffusionArguments,
+    DiffusionTrainer,
+    _deprecated,
+    _frozen,
+    _is_peft,
+    pad_id,
+    resolve_model,
+    source_names,
+    tokenized,
+)
 from dtrpo.estimators import ESTIMATORS, Batch, EstimatorConfig, draw, score
-from dtrpo.families import safetensors_problem
 from dtrpo.losses import LOSSES, preference_loss
 from dtrpo.masking import REVEAL_ORDERS, TARGETS, example_seed
 from dtrpo.models import MODES, ModelAdapter
 
 logger = logging.getLogger(__name__)
-CONFIG_FILE = "dtrpo_config.json"
-
-
-@dataclass
-class DiffusionArguments:
-    """Fields shared by every dtrpo trainer (preference and supervised): data limits and block layout."""
-
-    block_size: int | None = field(
-        default=None, metadata={"help": "Block size B of the response; default: the model's own (config block_size)."}
-    )
-    max_prompt_length: int | None = field(
-        default=512, metadata={"help": "Prompts longer than this keep their last tokens (left truncation)."}
-    )
-    max_completion_length: int | None = field(
-        default=256, metadata={"help": "Longest completion in tokens, EOS included; a multiple of the block size."}
-    )
-    max_length: int | None = field(
-        default=None,
-        metadata={
-            "help": "Cap on prompt + completion: completions keep max_completion_length, prompts get what is left."
-        },
-    )
-    truncation: Literal["truncate", "error"] = field(
-        default="truncate",
-        metadata={"help": "Over-long completions: 'truncate' (keep the first tokens, counted) or 'error' (refuse)."},
-    )
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "Set every dropout probability of the model (and reference) to 0, as TRL."}
-    )
-    max_response_length: int | None = field(
-        default=None, metadata={"help": "Deprecated: use --max_completion_length (removed in the next release)."}
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Delete the earlier run in output_dir (its checkpoints and files) before training; without "
-            "it, an output_dir holding an earlier run is refused unless the run resumes from a checkpoint."
-        },
-    )
-
-    # defaults that differ from TrainingArguments
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads token ids."})
-    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU; 140x slower on these CPUs)."})
-
-    def _validate_diffusion(self) -> None:
-        _deprecated(self, "max_response_length", "max_completion_length")
-        if self.block_size is not None and self.block_size <= 0:
-            raise ValueError(f"--block_size must be positive, got {self.block_size}")
-        for name in ("max_prompt_length", "max_completion_length", "max_length"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name} must be positive, got {value}")
-        if self.max_length is not None and self.max_length <= (self.max_completion_length or 0):
-            raise ValueError(
-                f"--max_length={self.max_length} leaves no room for a prompt after "
-                f"--max_completion_length={self.max_completion_length}"
-            )
-        if self.truncation not in ("truncate", "error"):
-            raise ValueError(f"--truncation must be 'truncate' or 'error', got {self.truncation!r}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}: the run would train nothing")
-        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
-            raise ValueError(
-                f"--max_steps={self.max_steps} with --num_train_epochs={self.num_train_epochs}: "
-                "the run would train nothing"
-            )
-
-
-def _deprecated(config, old: str, new: str) -> None:
-    """An old field name still works for one release: its value moves to the new field, with a warning."""
-    value = getattr(config, old)
-    if value is None or value is False:
-        return
-    warnings.warn(f"--{old} is deprecated; use --{new} (it will be removed in the next release)", FutureWarning, 2)
-    setattr(config, new, value)
-    setattr(config, old, None)
-
-
-def prompt_limit(args: DiffusionArguments) -> int | None:
-    """The prompt budget: max_prompt_length, lowered so that prompt + completion fits max_length."""
-    limits = [args.max_prompt_length]
-    if args.max_length is not None:
-        limits.append(args.max_length - (args.max_completion_length or 0))
-    limits = [m for m in limits if m is not None]
-    return min(limits) if limits else None
 
 
 @dataclass
@@ -246,135 +163,6 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
         )
 
 
-def tokenized(builder, data, tokenizer, args: DiffusionArguments, adapter: ModelAdapter):
-    """`data` (a path, rows or a Dataset) tokenized by `builder` under the configured limits on the
-    adapter's block grid, with the truncation and dropped-row counts logged; an already tokenized
-    Dataset passes through."""
-    if data is None or "prompt_ids" in getattr(data, "column_names", []):
-        return data
-    ds, stats = builder(
-        data,
-        tokenizer,
-        adapter.block_size,
-        prompt_limit(args),
-        args.max_completion_length,
-        args.truncation,
-        adapter.absolute_grid,
-    )
-    logger.info("data %s: %s", data if isinstance(data, (str, Path)) else "<memory>", stats)
-    if any(v for k, v in stats.items() if k.endswith("truncated")):
-        logger.warning("data: truncated to the configured limits: %s", stats)
-    return ds
-
-
-STAGING = ".partial-"  # prefix of a checkpoint folder being written
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` is not a complete checkpoint, or None: it needs a readable trainer_state.json, model
-    weights whose every file is whole (safetensors sizes checked against their headers), and the
-    optimizer state."""
-    if not path.is_dir():
-        return "no such folder"
-    try:
-        json.loads((path / TRAINER_STATE_NAME).read_text())
-    except FileNotFoundError:
-        return f"no {TRAINER_STATE_NAME}"
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return f"{TRAINER_STATE_NAME} is not valid JSON"
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights and not any(path.glob("*.bin")):
-        return "no model weights"
-    for file in weights:
-        problem = safetensors_problem(file)
-        if problem:
-            return problem
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        missing = sorted({f for f in json.loads(index.read_text())["weight_map"].values() if not (path / f).is_file()})
-        if missing:
-            return f"weight shards missing: {missing[:3]}"
-    if not any(path.glob("optimizer*")) and not any(path.glob("global_step*")):
-        return "no optimizer state"
-    return None
-
-
-def last_checkpoint(output_dir: str | Path) -> tuple[str | None, list[tuple[str, str]]]:
-    """The newest complete `checkpoint-N` of a folder (None if there is none), and the (path, problem)
-    of each newer one that was skipped because it is incomplete."""
-    folder, skipped = Path(output_dir), []
-    steps = sorted(
-        (int(p.name.rpartition("-")[2]), p)
-        for p in (folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else [])
-        if p.is_dir() and p.name.rpartition("-")[2].isdigit()
-    )
-    for _, path in reversed(steps):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return str(path), skipped
-        skipped.append((str(path), problem))
-    return None, skipped
-
-
-# settings that may differ between a run and its resumption without changing what is trained
-RESUME_FREE = {"output_dir", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir", "disable_tqdm"}
-
-
-def changed_settings(checkpoint: Path, args: TrainingArguments) -> list[str]:
-    """Each training setting of this run that differs from the one the checkpoint was written with (read
-    from its dtrpo_config.json), as "field: checkpoint's value -> this run's value"."""
-    try:
-        saved = json.loads((checkpoint / CONFIG_FILE).read_text())["args"]
-    except (OSError, ValueError, KeyError):
-        return []
-    now = json.loads(args.to_json_string())
-    return [
-        f"{k}: {saved[k]!r} -> {now[k]!r}"
-        for k in sorted(saved.keys() & now.keys() - RESUME_FREE)
-        if saved[k] != now[k]
-    ]
-
-
-# the files a run saves beside its checkpoints (model, tokenizer, config, state); weights are *.safetensors / *.bin
-RUN_FILES = (
-    *("config.json", "generation_config.json", CONFIG_FILE, TRAINER_STATE_NAME, "model.safetensors.index.json"),
-    *("adapter_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
-    *("added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt"),
-)
-
-
-def earlier_run(output_dir: str | Path) -> list[Path]:
-    """What an earlier run left in `output_dir`: its checkpoint and staging folders and the files a run
-    saves (other files, such as data the user keeps there, are not part of it). Empty when none."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
-    entries = sorted(folder.iterdir())
-    folders = [p for p in entries if p.is_dir() and p.name.startswith((f"{PREFIX_CHECKPOINT_DIR}-", STAGING))]
-    files = [p for p in entries if p.is_file() and (p.name in RUN_FILES or p.suffix in (".safetensors", ".bin"))]
-    return folders + files
-
-
-def claim_output_dir(args: TrainingArguments) -> None:
-    """Refuse an output folder holding an earlier run, or with `overwrite_output_dir` delete that run."""
-    found = earlier_run(args.output_dir)
-    if not found:
-        return
-    if not getattr(args, "overwrite_output_dir", False):
-        names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
-        raise ValueError(
-            f"--output_dir {args.output_dir} holds an earlier run ({names}); pass --overwrite_output_dir true to "
-            "delete it and start afresh, or --resume_from_checkpoint last to continue it"
-        )
-    if args.should_save:
-        logger.warning("overwrite_output_dir: deleting the earlier run in %s (%d entries)", args.output_dir, len(found))
-        for path in found:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-
-
 @dataclass
 class WithReference:
     """A collator that also passes the precomputed reference scores through, as (B, epochs) float tensors."""
@@ -388,18 +176,6 @@ class WithReference:
         return out
 
 
-def pad_id(tokenizer) -> int:
-    """The id that fills padding. It is never attended nor read, so EOS serves for tokenizers without a pad token."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad token nor an EOS token")
-    return pad
-
-
-def _frozen(model):
-    return model.eval().requires_grad_(False)
-
-
 def chosen_nll(chosen_logps: torch.Tensor, chosen_valid: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood of each chosen response, (n,), from the policy's own estimate of
     its log-likelihood (the pass the estimator makes anyway): for `dtrpo` the trajectory log-probability,
@@ -409,191 +185,6 @@ def chosen_nll(chosen_logps: torch.Tensor, chosen_valid: torch.Tensor) -> torch.
     chosen_logps = [-8, -2], valid tokens [4, 2]: [8 / 4, 2 / 2] = [2, 1].
     """
     return -chosen_logps / chosen_valid.sum(-1).clamp(min=1)
-
-
-def _is_peft(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-def source_names(model, train_dataset) -> tuple[str | None, str | None]:
-    """(base model, dataset) as the model card names them: the paths given, else the model's own record."""
-    if isinstance(model, (str, Path)):
-        base = str(model)
-    else:
-        config = getattr(getattr(model, "base_model", model), "config", None)
-        base = getattr(config, "_name_or_path", None) or None
-    return base, str(train_dataset) if isinstance(train_dataset, (str, Path)) else None
-
-
-def resolve_model(model, processing_class, adapter: ModelAdapter | None, args: DiffusionArguments, peft_config=None):
-    """(model, tokenizer, adapter) from what a trainer was given: a model folder is loaded with the family
-    loaders (its tokenizer serves unless one is given); an adapter not given is read from the model's
-    config (every model `load_model` returns carries it); `peft_config` wraps the model with PEFT (LoRA
-    targets written with a family's own names are translated); dropout is switched off when asked."""
-    from dtrpo.models import adapter_from_config
-
-    if isinstance(model, (str, Path)):
-        from dtrpo.families import load_model
-
-        model, tokenizer, loaded = load_model(model, block_size=args.block_size)
-        processing_class, adapter = processing_class or tokenizer, adapter or loaded
-    if processing_class is None:
-        raise ValueError("processing_class (the tokenizer) is needed when the model is not given as a folder path")
-    if adapter is None:
-        config = getattr(getattr(model, "base_model", model), "config", None) or model.config
-        adapter = adapter_from_config(config, processing_class)
-    adapter = adapter.with_block_size(args.block_size)
-    if peft_config is not None:
-        from peft import get_peft_model
-
-        from dtrpo.lora import lora_targets
-
-        targets = peft_config.target_modules
-        if targets is not None and not isinstance(targets, str):
-            peft_config.target_modules = lora_targets(model, adapter, list(targets))
-        model = get_peft_model(model, peft_config)
-    if args.disable_dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-    return model, processing_class, adapter
-
-
-class DiffusionTrainer(Trainer):
-    """Shared base: the adapter, a collator that pads prompts left and responses right, metric storage
-    averaged over each logging window, and the resolved config written beside every checkpoint."""
-
-    method = "dtrpo"  # the model card's method
-    base_model_name: str | None = None  # set by the trainers: the model folder or the config's _name_or_path
-    dataset_name: str | None = None  # set by the trainers: the training data path, when it is one
-
-    def __init__(self, model, args, adapter: ModelAdapter, processing_class, **kwargs):
-        self.adapter = adapter.with_block_size(args.block_size)
-        self._stored = defaultdict(lambda: defaultdict(list))
-        self._num_tokens = 0  # prompt and completion tokens trained on so far, all processes (TRL's num_tokens)
-        super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
-        # compute_loss returns a per-batch mean, not a sum over num_items_in_batch: let the Trainer divide
-        # it by the gradient-accumulation steps whatever the model's forward accepts
-        self.model_accepts_loss_kwargs = False
-
-    def store_metrics(self, metrics: dict[str, torch.Tensor], split: str = "train") -> None:
-        for key, value in metrics.items():
-            value = self.accelerator.gather_for_metrics(value.detach().float().reshape(-1))
-            self._stored[split][key].append(value.mean().item())
-
-    def count_tokens(self, *valid: torch.Tensor) -> None:
-        """Add a training batch's real tokens (summed over processes) to `num_tokens`."""
-        n = sum(v.sum() for v in valid).reshape(1).float()
-        self._num_tokens += int(self.accelerator.gather_for_metrics(n).sum().item())
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if split == "eval" else ""
-        for key, values in self._stored[split].items():
-            logs[prefix + key] = sum(values) / len(values)
-        self._stored[split].clear()
-        if split == "train" and "loss" in logs:
-            logs["num_tokens"] = self._num_tokens
-        super().log(logs, *args, **kwargs)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`, after checking what the run reads and writes: a checkpoint to resume from must
-        be complete (`True` picks the newest complete one in the output folder, logging those skipped),
-        and a fresh run refuses an output folder that holds an earlier run unless `overwrite_output_dir`
-        (which deletes that run first), so that nothing stale is mixed in or resumed from later."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint, skipped = last_checkpoint(self.args.output_dir)
-            for path, problem in skipped:
-                logger.warning("skipping incomplete checkpoint %s (%s)", path, problem)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"{self.args.output_dir}: no complete checkpoint to resume from")
-        elif resume_from_checkpoint:
-            problem = checkpoint_problem(Path(resume_from_checkpoint))
-            if problem:
-                raise ValueError(f"{resume_from_checkpoint}: not a complete checkpoint ({problem})")
-        else:
-            claim_output_dir(self.args)
-        if resume_from_checkpoint:
-            for line in changed_settings(Path(resume_from_checkpoint), self.args):
-                logger.warning("resuming %s with a different setting: %s", resume_from_checkpoint, line)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """`checkpoint-N` written whole or not at all: the Trainer writes it inside a staging folder
-        (`.partial-checkpoint-N`), which is renamed into place once every file is there. A run killed
-        mid-save leaves only the staging folder, which no resume reads."""
-        run_dir = Path(super()._get_output_dir(trial))
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = run_dir / f"{STAGING}{name}"
-        if self.args.should_save and staging.exists():
-            shutil.rmtree(staging)
-        self.accelerator.wait_for_everyone()
-        self._staging = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging = None
-        self.accelerator.wait_for_everyone()
-        final = run_dir / name
-        if self.state.best_global_step:  # the Trainer looked for the best checkpoint in the staging folder
-            best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
-            if best == final or best.exists():
-                self.state.best_model_checkpoint = str(best)
-                if self.args.should_save:
-                    self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
-        if not self.args.should_save:
-            return
-        if final.exists():  # an incomplete leftover of that step: replaced
-            shutil.rmtree(final)
-        os.replace(staging / name, final)
-        shutil.rmtree(staging)
-        rotate_checkpoints(
-            output_dir=str(run_dir),
-            save_total_limit=self.args.save_total_limit,
-            best_model_checkpoint=self.state.best_model_checkpoint,
-        )
-
-    def _get_output_dir(self, trial) -> str:
-        return str(getattr(self, "_staging", None) or super()._get_output_dir(trial))
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        if not self.args.should_save:  # only the main process writes files
-            return
-        self.write_run_files(Path(output_dir or self.args.output_dir))
-
-    def write_run_files(self, out: Path) -> None:
-        """The resolved config (`dtrpo_config.json`) and the model card (README.md) beside a saved model."""
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = {"args": json.loads(self.args.to_json_string()), "adapter": vars(self.adapter)}
-        (out / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
-        self.write_model_card(out)
-
-    def write_model_card(self, folder: Path, model_name: str | None = None, tags=None) -> None:
-        """README.md in `folder`: base model, data, method, resolved config, the last logged metrics."""
-        from dtrpo.modelcard import model_card
-
-        steps = [h for h in self.state.log_history if "loss" in h]  # the last logged step's metrics ...
-        summary = [h for h in self.state.log_history if "train_loss" in h]  # ... and the run's summary
-        metrics = {**(steps[-1] if steps else {}), **(summary[-1] if summary else {})}
-        metrics = {k: v for k, v in metrics.items() if k not in ("epoch", "step")}
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        text = model_card(
-            self.method,
-            model_name or Path(self.args.hub_model_id or folder).name,
-            self.base_model_name,
-            self.dataset_name,
-            json.loads(self.args.to_json_string()),
-            vars(self.adapter),
-            metrics,
-            tags,
-        )
-        (Path(folder) / "README.md").write_text(text)
-
-    def create_model_card(self, model_name: str | None = None, tags=None, **kwargs) -> None:
-        """The dtrpo model card in the output folder (what `push_to_hub` uploads), from the main process."""
-        if self.is_world_process_zero():
-            self.write_model_card(Path(self.args.output_dir), model_name, tags)
 
 
 class DTRPOTrainer(DiffusionTrainer):

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dtrpo.base import DiffusionTrainer
 from dtrpo.cli import main
 from dtrpo.models import init_tiny
 from dtrpo.tasks import load_task
-from dtrpo.trainer import DiffusionTrainer
 from tests.test_demo import cli
 from tests.test_trainer import PAIRS
 

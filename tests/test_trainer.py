@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from dtrpo.base import CONFIG_FILE
 from dtrpo.families import load_model
 from dtrpo.models import init_tiny, make_tiny_model
-from dtrpo.trainer import CONFIG_FILE, DTRPOConfig, DTRPOTrainer
+from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
 
 PAIRS = [{"prompt": f"{i}+{i}=", "chosen": "a" * (3 + i % 4), "rejected": "zz" * (1 + i % 3)} for i in range(8)]
 
