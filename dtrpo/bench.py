@@ -204,7 +204,7 @@ def grid_costs(args: BenchArgs) -> dict:
     g = torch.Generator().manual_seed(3)
     n, P, R, bs = args.pairs, args.prompt_length, args.response_length, args.block_size
     lengths = [P - i % bs for i in range(n)]
-    inputs = trainer._prepare_inputs(
+    inputs = trainers["response_grid"]._prepare_inputs(
         {
             "prompt_ids": torch.randint(4, 99, (n, P), generator=g),
             "prompt_valid": torch.tensor([[False] * (P - m) + [True] * m for m in lengths]),

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from dtrpo.demo import StopAtAccuracy
 from dtrpo.evaluate import SamplingArgs, sample_texts
 from dtrpo.families import load_model
 from dtrpo.models import init_tiny
@@ -226,20 +227,6 @@ def task_data(args: QualityArgs, spec: str) -> TaskData:
     return TaskData(spec, root, task, task.prompts("heldout", args.heldout, seed=0), validation, gen_length)
 
 
-class StopAt(TrainerCallback):
-    """Records validation accuracy every `every` steps; stops SFT once it reaches `target`."""
-
-    def __init__(self, check, every: int, target: float):
-        self.check, self.every, self.target, self.curve = check, every, target, []
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0:
-            accuracy = self.check(model)
-            model.train()
-            self.curve.append({"step": state.global_step, "validation_accuracy": accuracy})
-            control.should_training_stop = accuracy >= self.target
-
-
 def build(args: QualityArgs, index: int, log=print) -> Path:
     """SFT checkpoint, SFT data and verifier pairs of task `index`, made once (skipped when present)."""
     from dtrpo.sft import DiffusionSFTConfig, DiffusionSFTTrainer
@@ -255,7 +242,7 @@ def build(args: QualityArgs, index: int, log=print) -> Path:
     sft_rows = d.task.prompts("train", args.sft_examples, seed=0)
     write_jsonl([{"prompt": r["prompt"], "completion": demonstration(r)} for r in sft_rows], d.root / "sft_data.jsonl")
     model, tok, adapter = load_model(d.root / "model")
-    stop = StopAt(
+    stop = StopAtAccuracy(
         lambda m: sum(greedy_scores(m, tok, adapter, d.task, d.validation, d.gen_length)) / len(d.validation),
         50 if args.per_task(args.sft_targets, float)[index] < 1 else 250,
         args.per_task(args.sft_targets, float)[index],

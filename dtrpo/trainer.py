@@ -88,8 +88,8 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={
-            "help": "Score the reference once per pair before training, with masks fixed per pair (the same "
-            "draw every epoch); each step then runs the policy only (2 passes per pair, not 4)."
+            "help": "Score the reference before training, one draw per planned epoch (the masks a live reference "
+            "would see); each step then runs the policy only (2 passes per pair, not 4)."
         },
     )
     precompute_ref_batch_size: int | None = field(

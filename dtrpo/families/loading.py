@@ -9,7 +9,6 @@ import logging
 import pickle
 import re
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -308,10 +307,7 @@ def load_native_folder(
     )
     if block_size is not None:
         model.config.block_size = block_size
-    adapter = adapter_from_config(model.config, tokenizer)
-    if fam is not None:  # a family exported natively keeps its name and its default mode
-        adapter = replace(adapter, family=fam.name, default_mode=fam.default_mode)
-    return model.eval(), tokenizer, adapter
+    return model.eval(), tokenizer, adapter_from_config(model.config, tokenizer)  # the family's name is on the config
 
 
 LOADERS = {
