@@ -66,7 +66,7 @@ class DiffusionArguments:
 
     # defaults that differ from TrainingArguments
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads token ids."})
-    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps (TRL's default)."})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU; 140x slower on these CPUs)."})
 
     def _validate_diffusion(self) -> None:

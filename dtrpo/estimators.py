@@ -14,11 +14,20 @@ cancel (ratio reduction) and the masks are shared by construction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Literal
 
 import torch
 
-from dtrpo.masking import draw_block_states, packed_layout, pair_layout, response_blocks, single_layout
+from dtrpo.masking import (
+    REVEAL_ORDERS,
+    TARGETS,
+    draw_block_states,
+    packed_layout,
+    pair_layout,
+    response_blocks,
+    single_layout,
+)
 from dtrpo.models import MODES, ModelAdapter
 
 
@@ -42,26 +51,65 @@ class State:
 
 @dataclass
 class EstimatorConfig:
-    estimator: str = "dtrpo"
-    mode: str | None = None  # None: the adapter's default for this family
-    steps_per_block: int = 4
-    reveal_order: str = "random"
-    targets: str = "newly_unmasked"
-    scale: str = "unbiased"  # "unbiased" (c = T_B) or "one" (c = 1)
-    vrpo_samples: int = 8
-    trajectory_mode: str = "exact"
+    """The estimator options, declared once: `DTRPOConfig` inherits them (so they are CLI flags with these
+    help lines), and the draws read them from either."""
+
+    estimator: Literal["dtrpo", "vrpo", "meanfield", "trajectory"] = field(
+        default="dtrpo", metadata={"help": "Log-ratio estimator: dtrpo, vrpo, meanfield or trajectory."}
+    )
+    mode: Literal["packed", "exact", "remasked"] | None = field(
+        default=None, metadata={"help": f"State evaluation mode {MODES}; default: the model family's own."}
+    )
+    steps_per_block: int | None = field(
+        default=None, metadata={"help": "Denoising steps T_B per block (uniform step size B / T_B); default: B."}
+    )
+    reveal_order: Literal["random", "left_to_right", "confidence"] = field(
+        default="random", metadata={"help": f"Re-masking reveal order: one of {REVEAL_ORDERS}."}
+    )
+    targets: Literal["newly_unmasked", "all_masked_weighted"] = field(
+        default="all_masked_weighted",
+        metadata={
+            "help": f"Positions read per state: one of {TARGETS}; the default has the lower variance at the same cost "
+            "(docs/benchmarks.md)."
+        },
+    )
+    scale: Literal["unbiased", "one"] = field(
+        default="unbiased", metadata={"help": "Per-block scale c of the dTRPO estimate: 'unbiased' (T_B) or 'one'."}
+    )
+    vrpo_samples: int = field(default=8, metadata={"help": "Monte Carlo samples n of the vrpo estimator."})
+    trajectory_mode: Literal["packed", "exact", "remasked"] = field(
+        default="exact", metadata={"help": "State evaluation mode of the trajectory estimator (ground truth)."}
+    )
 
     def __post_init__(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
-        for name in ("mode", "trajectory_mode"):
-            value = getattr(self, name)
-            if value is not None and value not in MODES:
-                raise ValueError(f"{name} must be one of {MODES}, got {value!r}")
-        if self.scale not in ("unbiased", "one"):
-            raise ValueError(f"scale must be 'unbiased' (c = T_B) or 'one' (c = 1), got {self.scale!r}")
+        self.validate_estimator()
+        parent = getattr(super(), "__post_init__", None)  # the next config in a subclass's MRO
+        if parent is not None:
+            parent()
+
+    def validate_estimator(self, block_size: int | None = None) -> None:
+        """Every option checked, with the flag named; T_B against `block_size` when it is known."""
+        choices = {"estimator": tuple(ESTIMATORS), "reveal_order": REVEAL_ORDERS, "targets": TARGETS,
+                   "scale": ("unbiased", "one"), "mode": (None, *MODES), "trajectory_mode": MODES}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.vrpo_samples <= 0:
-            raise ValueError(f"vrpo_samples must be positive, got {self.vrpo_samples}")
+            raise ValueError(f"--vrpo_samples must be positive, got {self.vrpo_samples}")
+        steps = self.steps_per_block
+        if steps is not None and steps <= 0:
+            raise ValueError(f"--steps_per_block must be positive, got {steps}")
+        if steps is not None and block_size is not None and block_size % steps:
+            raise ValueError(f"--steps_per_block={steps} must divide the block size {block_size} (uniform steps)")
+
+    def estimator_options(self) -> EstimatorConfig:
+        """These options alone (a plain `EstimatorConfig`, also when called on a `DTRPOConfig`)."""
+        return EstimatorConfig(**{f.name: getattr(self, f.name) for f in fields(EstimatorConfig)})
+
+    def steps(self, block_size: int) -> int:
+        """T_B for a block of `block_size` (the block size itself when unset: one token per step)."""
+        self.validate_estimator(block_size)
+        return self.steps_per_block or block_size
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -191,7 +239,7 @@ def _block_states(adapter, batch, seeds, cfg, confidence=None, t_fixed=None, tar
         seeds,
         adapter.mask_token_id,
         adapter.block_size,
-        cfg.steps_per_block,
+        cfg.steps(adapter.block_size),
         cfg.reveal_order,
         targets or cfg.targets,
         scale=scale if scale is not None else (None if cfg.scale == "unbiased" else 1),
@@ -221,7 +269,7 @@ def draw_trajectory(adapter, batch, seeds, cfg, ref_model=None) -> list[State]:
     """Every step of every block under the sampled reveal order (same keys as `dtrpo` for the same seeds)."""
     conf = reference_confidence(adapter, ref_model, batch) if cfg.reveal_order == "confidence" else None
     states = []
-    for t in range(cfg.steps_per_block, 0, -1):
+    for t in range(cfg.steps(adapter.block_size), 0, -1):
         st = _block_states(adapter, batch, seeds, cfg, conf, t_fixed=t, targets="newly_unmasked", scale=1)
         states.append(State(st.noisy_ids, st.weights, cfg.trajectory_mode))
     return states

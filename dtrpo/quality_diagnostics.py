@@ -101,7 +101,7 @@ def block_causal(args: QualityArgs, draws: int, log=print) -> dict:
     rows = []
     truths = {}
     for T in dict.fromkeys((B, B // 2, B // 4, 1)):
-        base = EstimatorConfig(steps_per_block=T)
+        base = EstimatorConfig(steps_per_block=T, targets="newly_unmasked")
         truth_cfg = replace(base, estimator="trajectory", trajectory_mode="packed")
         truths[T] = _draws(trainer, inputs, truth_cfg, draws)
         tr, tg, ts = truths[T]

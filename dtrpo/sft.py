@@ -34,6 +34,7 @@ class DiffusionSFTConfig(DiffusionArguments, TrainingArguments):
         default=None,
         metadata={"help": f"SFT objective {OBJECTIVES}; default: 'block' for block-causal models, else 'masked'."},
     )
+    learning_rate: float = field(default=2e-5, metadata={"help": "Initial AdamW learning rate (TRL's SFT default)."})
 
     def __post_init__(self) -> None:
         self._validate_diffusion()

@@ -13,7 +13,6 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import TrainingArguments
@@ -29,18 +28,21 @@ from dtrpo.base import (
     source_names,
     tokenized,
 )
-from dtrpo.estimators import ESTIMATORS, Batch, EstimatorConfig, draw, score
+from dtrpo.estimators import Batch, EstimatorConfig, draw, score
 from dtrpo.losses import LOSSES, preference_loss
-from dtrpo.masking import REVEAL_ORDERS, TARGETS, example_seed
-from dtrpo.models import MODES, ModelAdapter
+from dtrpo.masking import example_seed
+from dtrpo.models import ModelAdapter
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DTRPOConfig(DiffusionArguments, TrainingArguments):
-    """Training arguments of `transformers.TrainingArguments` plus the dTRPO fields (method.md)."""
+class DTRPOConfig(DiffusionArguments, EstimatorConfig, TrainingArguments):
+    """Training arguments of `transformers.TrainingArguments`, the estimator options (`EstimatorConfig`, declared
+    there once) and the preference-loss fields (method.md). Defaults are TRL's `DPOConfig` where the field means
+    the same (learning rate 1e-6, logging every 10 steps)."""
 
+    learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate (TRL's DPO default)."})
     beta: float = field(default=0.1, metadata={"help": "KL strength beta of the preference loss."})
     loss_type: list[str] = field(
         default_factory=lambda: ["sigmoid"],
@@ -51,29 +53,6 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
     label_smoothing: float = field(
         default=0.0, metadata={"help": "Label noise rate for 'sigmoid' (conservative DPO) and 'robust' losses."}
     )
-    estimator: Literal["dtrpo", "vrpo", "meanfield", "trajectory"] = field(
-        default="dtrpo", metadata={"help": f"Log-ratio estimator: one of {sorted(ESTIMATORS)}."}
-    )
-    mode: Literal["packed", "exact", "remasked"] | None = field(
-        default=None, metadata={"help": f"State evaluation mode {MODES}; default: the model family's own."}
-    )
-    steps_per_block: int | None = field(
-        default=None, metadata={"help": "Denoising steps T_B per block (uniform step size B / T_B); default: B."}
-    )
-    reveal_order: Literal["random", "left_to_right", "confidence"] = field(
-        default="random", metadata={"help": f"Re-masking reveal order: one of {REVEAL_ORDERS}."}
-    )
-    targets: Literal["newly_unmasked", "all_masked_weighted"] = field(
-        default="all_masked_weighted",
-        metadata={
-            "help": f"Positions read per state: one of {TARGETS}; the default has the lower variance at the same cost "
-            "(docs/benchmarks.md)."
-        },
-    )
-    scale: Literal["unbiased", "one"] = field(
-        default="unbiased", metadata={"help": "Per-block scale c of the dTRPO estimate: 'unbiased' (T_B) or 'one'."}
-    )
-    vrpo_samples: int = field(default=8, metadata={"help": "Monte Carlo samples n of the vrpo estimator."})
     rpo_alpha: float = field(
         default=0.0,
         metadata={
@@ -112,9 +91,6 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
     precompute_ref: bool | None = field(
         default=None, metadata={"help": "Deprecated: use --precompute_ref_log_probs (removed in the next release)."}
     )
-    trajectory_mode: Literal["packed", "exact", "remasked"] = field(
-        default="exact", metadata={"help": "State evaluation mode of the trajectory estimator (ground truth)."}
-    )
 
     def __post_init__(self) -> None:
         self._validate_diffusion()
@@ -134,33 +110,8 @@ class DTRPOConfig(DiffusionArguments, TrainingArguments):
             raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.rpo_alpha < 0:
             raise ValueError(f"--rpo_alpha must be >= 0, got {self.rpo_alpha}")
-        if self.steps_per_block is not None and self.steps_per_block <= 0:
-            raise ValueError(f"--steps_per_block must be positive, got {self.steps_per_block}")
-        if self.block_size is not None:  # otherwise T_B is checked against the model's block size at trainer start
-            self.estimator_config(self.block_size)
-        else:  # the options that do not depend on the block size
-            self.estimator_config(self.steps_per_block or 1)
+        self.validate_estimator(self.block_size)  # T_B against the model's block size again at trainer start
         super().__post_init__()
-
-    def estimator_config(self, block_size: int) -> EstimatorConfig:
-        """The estimator options, with T_B resolved against the block size actually used."""
-        steps = self.steps_per_block or block_size
-        if block_size % steps:
-            raise ValueError(f"--steps_per_block={steps} must divide the block size {block_size} (uniform steps)")
-        if self.reveal_order not in REVEAL_ORDERS:
-            raise ValueError(f"--reveal_order must be one of {REVEAL_ORDERS}, got {self.reveal_order!r}")
-        if self.targets not in TARGETS:
-            raise ValueError(f"--targets must be one of {TARGETS}, got {self.targets!r}")
-        return EstimatorConfig(
-            estimator=self.estimator,
-            mode=self.mode,
-            steps_per_block=steps,
-            reveal_order=self.reveal_order,
-            targets=self.targets,
-            scale=self.scale,
-            vrpo_samples=self.vrpo_samples,
-            trajectory_mode=self.trajectory_mode,
-        )
 
 
 @dataclass
@@ -220,7 +171,8 @@ class DTRPOTrainer(DiffusionTrainer):
             args = DTRPOConfig(output_dir=f"{name}-dTRPO")
         self.base_model_name, self.dataset_name = source_names(model, train_dataset)
         model, processing_class, adapter = resolve_model(model, processing_class, adapter, args, peft_config)
-        self.estimator_config = args.estimator_config(adapter.block_size)
+        args.validate_estimator(adapter.block_size)
+        self.estimator_config = args.estimator_options()
         collator = data_collator or PreferenceCollator(
             pad_id(processing_class), adapter.block_size, adapter.absolute_grid
         )

@@ -30,6 +30,7 @@ def args(tmp_path, **kw):
         save_strategy="no",
         disable_tqdm=True,
         report_to=[],
+        logging_steps=1,
     )
     return DTRPOConfig(**{**base, **kw})
 

@@ -135,7 +135,7 @@ def test_dtrpo_averaged_over_steps_equals_trajectory_exactly(tiny, tokenizer, st
     policy, ref, adapter = tiny
     batch, prompts, responses = make_batch(tokenizer, prompt_lens=(4, 2), response_lens=(12, 8))
     seeds = [11, 12]
-    cfg = EstimatorConfig(steps_per_block=steps)
+    cfg = EstimatorConfig(steps_per_block=steps, targets="newly_unmasked")
     with torch.no_grad():
         mean = 0.0
         for t in range(1, steps + 1):  # blocks are independent and additive: one common t covers every block
@@ -227,7 +227,7 @@ def test_every_estimator_shares_draws_and_counts_passes(tiny, tokenizer):
 def test_confidence_order_reveals_the_references_most_confident_token_first(tiny, tokenizer):
     policy, ref, adapter = tiny
     batch, prompts, responses = make_batch(tokenizer)
-    cfg = EstimatorConfig(steps_per_block=BS, reveal_order="confidence")
+    cfg = EstimatorConfig(steps_per_block=BS, reveal_order="confidence", targets="newly_unmasked")
     with torch.no_grad():
         (state,) = draw_dtrpo(adapter, batch, [1, 2, 3], cfg, ref_model=ref, t_fixed=BS)  # the first step
         for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):

@@ -644,6 +644,7 @@ def two_steps(model, tokenizer, adapter, tmp_path):
         steps_per_block=2,
         block_size=4,
         max_completion_length=8,
+        logging_steps=1,
     )
     trainer = DTRPOTrainer(model=model, args=args, adapter=adapter, processing_class=tokenizer, train_dataset=PAIRS)
     trainer.train()

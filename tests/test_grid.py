@@ -197,7 +197,7 @@ def test_sum_over_steps_is_the_trajectory_on_the_grid(family_models):
     model, _, adapter = family_models["sdar"]
     batch, *_ = grid_batch((5, 7, 4), (2, 3, 2), adapter.mask_token_id)
     seeds = [3, 4, 5]
-    cfg = EstimatorConfig(steps_per_block=2, scale="one", mode="exact")
+    cfg = EstimatorConfig(steps_per_block=2, scale="one", mode="exact", targets="newly_unmasked")
     with torch.no_grad():
         total = sum(score(adapter, model, batch, draw_forced(adapter, batch, seeds, cfg, t))[0] for t in range(1, 3))
         traj, _ = score(

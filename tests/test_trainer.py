@@ -31,6 +31,7 @@ def make_args(tmp_path, **kw):
         save_strategy="no",
         disable_tqdm=True,
         steps_per_block=2,
+        logging_steps=1,
     )
     return DTRPOConfig(**{**base, **kw})
 
@@ -217,6 +218,8 @@ def test_two_processes_data_parallel_on_gloo(tmp_path):
         "2",
         "--save_steps",
         "2",
+        "--logging_steps",
+        "1",
         "--steps_per_block",
         "2",
         "--disable_tqdm",
