@@ -40,6 +40,7 @@ class Batch:
     response_ids: torch.Tensor  # (B, R)
     response_valid: torch.Tensor  # (B, R) bool
     pairs: bool = False  # rows i and B/2 + i are a pair with one prompt: packed mode shares it (`pair_layout`)
+    pack: bool = False  # with `pairs`: several pairs per row, no padding between them (padding-free)
 
 
 @dataclass
@@ -115,15 +116,37 @@ class EstimatorConfig:
 # ----------------------------------------------------------------------------- scoring
 
 
+@dataclass
+class Cost:
+    """What scoring took: forward passes over the batch, and the columns of those passes (rows x width) of
+    which `tokens` hold real tokens; the rest is padding."""
+
+    passes: int = 0
+    columns: int = 0
+    tokens: int = 0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.passes + other.passes, self.columns + other.columns, self.tokens + other.tokens)
+
+    @staticmethod
+    def of(layout) -> Cost:
+        """One pass over `layout`."""
+        return Cost(1, layout.valid.numel(), int(layout.valid.sum()))
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1 - self.tokens / self.columns if self.columns else 0.0
+
+
 def position_logprobs(
     adapter: ModelAdapter, model: torch.nn.Module, batch: Batch, noisy_ids: torch.Tensor, read: torch.Tensor, mode: str
-) -> tuple[torch.Tensor, int]:
-    """log mu(y_j | state) at the `read` positions (zeros elsewhere), (B, R), and the forward passes used."""
+) -> tuple[torch.Tensor, Cost]:
+    """log mu(y_j | state) at the `read` positions (zeros elsewhere), (B, R), and what the passes cost."""
     if mode == "exact":
         return _exact_logprobs(adapter, model, batch, noisy_ids, read)
     grid = (adapter.block_size, adapter.absolute_grid)
     if mode == "packed" and batch.pairs:
-        return _pair_logprobs(adapter, model, batch, noisy_ids, read), 1
+        return _pair_logprobs(adapter, model, batch, noisy_ids, read)
     if mode == "packed":
         layout = packed_layout(
             batch.prompt_ids, batch.prompt_valid, batch.response_ids, batch.response_valid, noisy_ids, *grid
@@ -132,7 +155,7 @@ def position_logprobs(
         layout = single_layout(batch.prompt_ids, batch.prompt_valid, noisy_ids, batch.response_valid, *grid)
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return _layout_logprobs(adapter, model, layout, batch.response_ids, read), 1
+    return _layout_logprobs(adapter, model, layout, batch.response_ids, read), Cost.of(layout)
 
 
 def _layout_logprobs(adapter, model, layout, targets, read) -> torch.Tensor:
@@ -153,11 +176,12 @@ def _layout_logprobs(adapter, model, layout, targets, read) -> torch.Tensor:
     return out.index_put((rows, slot_at[keep]), logp)
 
 
-def _pair_logprobs(adapter, model, batch, noisy_ids, read) -> torch.Tensor:
-    """Packed-mode log-probs with one row per pair (the prompt once, `pair_layout`). (B, R)"""
+def _pair_logprobs(adapter, model, batch, noisy_ids, read) -> tuple[torch.Tensor, Cost]:
+    """Packed-mode log-probs with one row per pair (the prompt once, `pair_layout`), or several pairs per
+    row with `batch.pack`. (B, R)"""
     B, R = batch.response_ids.shape
     if not read.any():
-        return torch.zeros(B, R, device=read.device)
+        return torch.zeros(B, R, device=read.device), Cost()
     n = B // 2
     pl = pair_layout(
         batch.prompt_ids[:n],
@@ -168,10 +192,11 @@ def _pair_logprobs(adapter, model, batch, noisy_ids, read) -> torch.Tensor:
         adapter.block_size,
         adapter.absolute_grid,
         adapter.shifted,
+        pack=batch.pack,
     )
-    layout, S = pl.layout, pl.layout.input_ids.shape[1]
-    rows = (torch.arange(B, device=read.device) % n)[:, None].expand(B, R)  # (B, R) the pair's row
-    keep = torch.zeros(n, S, dtype=torch.bool, device=read.device)
+    layout, (N, S) = pl.layout, pl.layout.input_ids.shape
+    rows = pl.rows.to(read.device)[:, None].expand(B, R)  # (B, R) the row holding each sequence
+    keep = torch.zeros(N, S, dtype=torch.bool, device=read.device)
     keep[rows[read], pl.reads[read]] = True  # chosen and rejected may share a column (a shifted first token)
     slot = keep.flatten().cumsum(0) - 1  # position of each kept column in the logits' rows
     mask = adapter.attention_mask(model, layout)
@@ -179,10 +204,10 @@ def _pair_logprobs(adapter, model, batch, noisy_ids, read) -> torch.Tensor:
     logp = torch.log_softmax(logits, -1)
     at = slot[rows * S + pl.reads]  # (B, R)
     out = logp[at.clamp(min=0), batch.response_ids]  # (B, R)
-    return torch.where(read, out, torch.zeros_like(out))
+    return torch.where(read, out, torch.zeros_like(out)), Cost.of(layout)
 
 
-def _exact_logprobs(adapter, model, batch, noisy_ids, read) -> tuple[torch.Tensor, int]:
+def _exact_logprobs(adapter, model, batch, noisy_ids, read) -> tuple[torch.Tensor, Cost]:
     """One forward per block state with the model's inference attention: clean blocks before b, the
     state of block b, and [MASK] after it (cut off for block-causal models, which never attend it).
     Blocks follow the adapter's grid, so on the absolute grid block 0 holds the prompt tail too."""
@@ -192,7 +217,7 @@ def _exact_logprobs(adapter, model, batch, noisy_ids, read) -> tuple[torch.Tenso
     out = torch.zeros(B, R, device=dev)
     tail = adapter.tail(batch.prompt_valid)
     block, _ = response_blocks(tail, R, bs)  # (B, R)
-    passes = 0
+    cost = Cost()
     for b in range(int(block.max()) + 1 if R else 0):
         read_b = read & (block == b)
         if not read_b.any():
@@ -209,18 +234,18 @@ def _exact_logprobs(adapter, model, batch, noisy_ids, read) -> tuple[torch.Tenso
         )
         logp = _layout_logprobs(adapter, model, layout, batch.response_ids[:, :width], read_b[:, :width])
         out = out + torch.nn.functional.pad(logp, (0, R - width))
-        passes += 1
-    return out, passes
+        cost = cost + Cost.of(layout)
+    return out, cost
 
 
-def score(adapter: ModelAdapter, model: torch.nn.Module, batch: Batch, draw: list[State]) -> tuple[torch.Tensor, int]:
-    """Per-sequence estimate `sum_states sum_j w_j log mu(y_j | state)` (B,), and forward passes used."""
-    total, passes = 0.0, 0
+def score(adapter: ModelAdapter, model: torch.nn.Module, batch: Batch, draw: list[State]) -> tuple[torch.Tensor, Cost]:
+    """Per-sequence estimate `sum_states sum_j w_j log mu(y_j | state)` (B,), and what its passes cost."""
+    total, cost = 0.0, Cost()
     for s in draw:
-        logp, n = position_logprobs(adapter, model, batch, s.noisy_ids, s.weights != 0, s.mode)
+        logp, c = position_logprobs(adapter, model, batch, s.noisy_ids, s.weights != 0, s.mode)
         total = total + (logp * s.weights).sum(-1)
-        passes += n
-    return total, passes
+        cost = cost + c
+    return total, cost
 
 
 # ----------------------------------------------------------------------------- draws

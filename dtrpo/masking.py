@@ -47,6 +47,13 @@ def allowed(q_kind, q_block, q_idx, k_kind, k_block, k_idx, prompt_causal: bool,
     return key_prompt | key_clean | key_noisy
 
 
+def same_pair(q_segment, k_segment):
+    """The pair layout's extra rule, on segments `3 * pair + side`: a query sees keys of its own pair only,
+    and of those the shared prompt (side 0) and its own response (the same side). Packed rows hold several
+    pairs; an unpacked row holds pair 0 only."""
+    return (q_segment // 3 == k_segment // 3) & ((k_segment % 3 == 0) | (k_segment == q_segment))
+
+
 def tail_lengths(prompt_valid: torch.Tensor, block_size: int, absolute: bool) -> torch.Tensor:
     """(B,) prompt tokens that share the first response block: `P % B` on the absolute grid, else 0."""
     n = prompt_valid.long().sum(-1)
@@ -67,7 +74,7 @@ class Layout:
     response_len: int  # R
     block_size: int
     tail: torch.Tensor  # (B,) prompt tokens in the first response block (tail_lengths)
-    segment: torch.Tensor | None = None  # (B, S) pair layout: 0 shared prompt, 1 chosen, 2 rejected
+    segment: torch.Tensor | None = None  # (B, S) pair layout: 3 * pair + side (0 shared prompt, 1 chosen, 2 rejected)
 
     def dense_mask(self, prompt_causal: bool, full: bool) -> torch.Tensor:
         """(B, 1, S, S) bool mask for SDPA, True = may attend. Padded keys are never attended; a row
@@ -86,7 +93,7 @@ class Layout:
         )  # (B, S, S)
         ok = ok & self.valid[:, None, :] & self.valid[:, :, None]
         if self.segment is not None:
-            ok = ok & ((self.segment[:, None, :] == 0) | (self.segment[:, None, :] == self.segment[:, :, None]))
+            ok = ok & same_pair(self.segment[:, :, None], self.segment[:, None, :])
         ok = ok | torch.eye(S, dtype=torch.bool, device=ok.device)
         return ok[:, None]
 
@@ -99,7 +106,7 @@ class Layout:
 
         def mask_mod(b, h, q, k):
             ok = allowed(kind[b, q], block[b, q], q, kind[b, k], block[b, k], k, prompt_causal, full)
-            ok = ok & ((seg[b, k] == 0) | (seg[b, k] == seg[b, q]))
+            ok = ok & same_pair(seg[b, q], seg[b, k])
             return (ok & valid[b, q] & valid[b, k]) | (q == k)
 
         B, S = self.input_ids.shape
@@ -318,7 +325,8 @@ class PairLayout:
     """One row per preference pair (`pair_layout`) and where each response token is read."""
 
     layout: Layout
-    reads: torch.Tensor  # (2n, R) column whose logits predict token j of sequence i (rows: i % n)
+    reads: torch.Tensor  # (2n, R) column whose logits predict token j of sequence i, in its row
+    rows: torch.Tensor  # (2n,) the layout row that holds sequence i (i % n unless packed)
 
 
 def _segment(prompt, tail_len, response, noisy, n_valid, block_size, absolute, shifted, seg, start):
@@ -350,8 +358,26 @@ def _segment(prompt, tail_len, response, noisy, n_valid, block_size, absolute, s
     return ids, pos, blocks, kind, torch.full_like(ids, seg), reads
 
 
+def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: items (by index) into bins of at most `capacity` (an item longer than that gets
+    a bin of its own). Deterministic: longer items first, then lower index.
+
+    lengths [5, 3, 4, 2], capacity 6: 5 -> bin 0, 4 -> bin 1, 3 -> bin 2, 2 -> bin 1 (4 + 2 = 6):
+    [[0], [2, 3], [1]].
+    """
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        b = next((b for b, r in enumerate(room) if lengths[i] <= r), None)
+        if b is None:
+            bins.append([]), room.append(capacity)
+            b = len(bins) - 1
+        bins[b].append(i)
+        room[b] -= lengths[i]
+    return bins
+
+
 def pair_layout(
-    prompt_ids, prompt_valid, responses, responses_valid, noisy, block_size, absolute, shifted
+    prompt_ids, prompt_valid, responses, responses_valid, noisy, block_size, absolute, shifted, pack: bool = False
 ) -> PairLayout:
     """`[x | C_w N_w | C_l N_l]`, one row per pair, for the packed mode: the prompt once (its whole blocks;
     on the absolute grid each response carries its own copy of the prompt tail, whose clean state depends
@@ -361,6 +387,9 @@ def pair_layout(
 
     `responses`, `responses_valid` and `noisy` are (2n, R): chosen rows first, then rejected rows, with
     the n prompts of `prompt_ids` (n, P) shared by row i and row n + i.
+
+    `pack` (padding-free): pairs are packed whole into rows no wider than the longest pair (`pack_bins`), each
+    with its own position ids and segments, so no query sees another pair; fewer rows, less padding.
     """
     n, Pw = prompt_ids.shape
     R = responses.shape[1]
@@ -376,7 +405,7 @@ def pair_layout(
         else:
             parts = [(shared, pos, torch.full_like(pos, -1), torch.full_like(pos, PROMPT), torch.zeros_like(pos))]
         start = P - r
-        for side, row in ((1, i), (2, n + i)):
+        for side, row in ((3 * i + 1, i), (3 * i + 2, n + i)):
             n_valid = int(responses_valid[row].sum())
             *cols, read = _segment(
                 prompt, r, responses[row], noisy[row], n_valid, block_size, absolute, shifted, side, start
@@ -386,7 +415,20 @@ def pair_layout(
             reads[row, :n_valid] = read
             parts.append(tuple(cols))
             start += len(cols[0])
+        parts[0] = (*parts[0][:4], torch.full_like(pos, 3 * i))
         rows.append([torch.cat(x) for x in zip(*parts, strict=True)])
+    row_of = torch.arange(2 * n, device=responses.device) % max(n, 1)
+    if pack and n:
+        bins = pack_bins([len(r[0]) for r in rows], max(len(r[0]) for r in rows))
+        packed = []
+        for b, members in enumerate(bins):
+            offset = 0
+            for i in members:
+                reads[[i, n + i]] += offset
+                row_of[[i, n + i]] = b
+                offset += len(rows[i][0])
+            packed.append([torch.cat(x) for x in zip(*(rows[i] for i in members), strict=True)])
+        rows = packed
     S = max(len(r[0]) for r in rows)
 
     def stack(k, fill):
@@ -406,4 +448,4 @@ def pair_layout(
         tail=tails,
         segment=stack(4, 0),
     )
-    return PairLayout(layout, reads)
+    return PairLayout(layout, reads, row_of)

@@ -87,7 +87,7 @@ def test_packed_logprobs_equal_separate_forwards(tiny, tokenizer, shifted):
                 read = len(p) + j - 1 if shifted else len(p) + j  # shifted: position i-1 predicts token i
                 want = F.log_softmax(logits[read], -1)[r[j]]
                 assert abs(got[i, j].item() - want.item()) < 1e-5
-    assert passes == 1
+    assert passes.passes == 1
     assert (got[~batch.response_valid] == 0).all()
 
 
@@ -108,7 +108,7 @@ def test_exact_and_remasked_modes_against_separate_forwards(tiny, tokenizer, mod
                     logits = remasked
                 want = F.log_softmax(logits[len(p) + j], -1)[r[j]]
                 assert abs(got[i, j].item() - want.item()) < 1e-5
-    assert passes == (3 if mode == "exact" else 1)
+    assert passes.passes == (3 if mode == "exact" else 1)
 
 
 def brute_force_trajectory(policy, ref, prompt, response, order_keys, steps, mask_id):
@@ -220,7 +220,7 @@ def test_every_estimator_shares_draws_and_counts_passes(tiny, tokenizer):
         )
         with torch.no_grad():
             value, n = score(adapter, policy, batch, a)
-        assert n == passes, name
+        assert n.passes == passes, name
         assert torch.isfinite(value).all()
 
 

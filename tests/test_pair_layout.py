@@ -1,6 +1,6 @@
 """One row per pair (the prompt once, chosen and rejected behind it, each response's last clean block
 dropped) gives the packed layout's log-probabilities, on every grid and shift, with mixed prompt and
-response lengths in one batch."""
+response lengths in one batch; so do several pairs packed into one row (padding-free)."""
 
 from dataclasses import replace
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dtrpo.estimators import Batch, EstimatorConfig, draw, position_logprobs, score
-from dtrpo.masking import pair_layout
+from dtrpo import masking
+from dtrpo.masking import pack_bins, pair_layout
 from tests.test_grid import FAMILIES, family_models  # noqa: F401  (fixture)
 
 
@@ -38,26 +39,50 @@ def pairs_batch(prompt_lens, chosen_lens, rejected_lens, mask_id, bs, absolute, 
 CASES = [(5, 2, 3), (8, 1, 2), (7, 3, 1), (3, 2, 2)]  # prompt length, chosen blocks, rejected blocks
 
 
-def check(adapter, model, absolute):
-    p, c, r = zip(*CASES, strict=True)
+def check(adapter, model, absolute, pack=False, cases=CASES):
+    p, c, r = zip(*cases, strict=True)
     batch, noisy = pairs_batch(p, c, r, adapter.mask_token_id, adapter.block_size, absolute)
+    shared = replace(batch, pairs=True, pack=pack)
     with torch.no_grad():
         want, _ = position_logprobs(adapter, model, batch, noisy, batch.response_valid, "packed")
-        got, _ = position_logprobs(adapter, model, replace(batch, pairs=True), noisy, batch.response_valid, "packed")
+        got, cost = position_logprobs(adapter, model, shared, noisy, batch.response_valid, "packed")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    return batch, noisy
+    return cost
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("shifted", [False, True])
-def test_response_grid_tiny_model(tiny, shifted):
+def test_response_grid_tiny_model(tiny, shifted, pack):
     policy, _, adapter = tiny
-    check(replace(adapter, shifted=shifted), policy, absolute=False)
+    check(replace(adapter, shifted=shifted), policy, absolute=False, pack=pack)
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_absolute_grid_families(family_models, family):  # noqa: F811
+def test_absolute_grid_families(family_models, family, pack):  # noqa: F811
     model, _, adapter = family_models[family]
-    check(adapter, model, absolute=True)
+    check(adapter, model, absolute=True, pack=pack)
+
+
+def test_pack_bins_first_fit_decreasing():
+    """[5, 3, 4, 2] into 6: 5 opens bin 0, 4 opens bin 1, 3 fits neither (1 and 2 left) and opens bin 2,
+    2 goes to bin 1 (2 left); [7] alone is wider than the capacity and gets its own bin."""
+    assert pack_bins([5, 3, 4, 2], 6) == [[0], [2, 3], [1]]
+    assert pack_bins([7, 1], 6) == [[0], [1]]
+    assert pack_bins([2, 2, 2], 6) == [[0, 1, 2]]
+
+
+def test_packing_fills_rows_and_keeps_pairs_apart(tiny, monkeypatch):
+    """Packing puts the 4 pairs in fewer rows with less padding, and the estimates hold only because no
+    query sees another pair: with the pair part of the rule removed they change."""
+    policy, _, adapter = tiny
+    cases = [(5, 4, 4), (3, 1, 1), (4, 1, 2), (2, 1, 1)]  # one long pair, three short ones
+    unpacked, packed = check(adapter, policy, False, cases=cases), check(adapter, policy, False, True, cases)
+    assert packed.columns < unpacked.columns and packed.tokens == unpacked.tokens
+    assert packed.padding_fraction < unpacked.padding_fraction
+    monkeypatch.setattr(masking, "same_pair", lambda q, k: (k % 3 == 0) | (k == q))  # any pair's prompt
+    with pytest.raises(AssertionError):
+        check(adapter, policy, False, True, cases)
 
 
 def test_fewer_columns_and_the_same_dtrpo_estimate(tiny):
@@ -75,3 +100,30 @@ def test_fewer_columns_and_the_same_dtrpo_estimate(tiny):
         a, _ = score(adapter, policy, batch, states)
         b, _ = score(adapter, policy, replace(batch, pairs=True), states)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_padding_free_training_gives_the_same_losses(tmp_path, tokenizer):
+    """Two steps over 8 pairs, 2 long and 6 short: packing changes the padding, not the losses or rewards."""
+    import copy
+
+    from dtrpo.models import make_tiny_model
+    from tests.test_trainer import make_args, train
+
+    data = [
+        {"prompt": f"{i}+{i}=", "chosen": "a" * (2 + 24 * (i % 4 == 0)), "rejected": "z" * (1 + i % 3)}
+        for i in range(8)
+    ]
+    init = make_tiny_model(tokenizer, block_size=4)
+    runs = [
+        train(
+            copy.deepcopy(init),
+            tokenizer,
+            make_args(tmp_path / str(p), max_steps=2, padding_free=p, per_device_train_batch_size=8),
+            data,
+        )
+        for p in (False, True)
+    ]
+    (a, b) = ([h for h in r.state.log_history if "loss" in h] for r in runs)
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["rewards/margins"] - y["rewards/margins"]) < 1e-5
+        assert 0 <= y["padding_fraction"] < x["padding_fraction"]
