@@ -547,7 +547,7 @@ def export_main(argv: list[str]) -> None:
 
 @command("demo", "the whole loop on CPU: tiny model, SFT, eval, pairs, dTRPO, eval; table, JSON and plot")
 def demo_main(argv: list[str]) -> None:
-    from dtrpo.demo import DemoArgs, format_table, run_demo
+    from dtrpo.apps.demo import DemoArgs, format_table, run_demo
 
     (args,) = parse([DemoArgs], argv, "dtrpo demo", COMMANDS["demo"][1])
     report = run_demo(args)
@@ -559,10 +559,10 @@ def demo_main(argv: list[str]) -> None:
 
 @command("bench", "time a training step of each estimator side by side; `bench quality`: the quality study")
 def bench_main(argv: list[str]) -> None:
-    from dtrpo.bench import BenchArgs, estimator_costs, estimator_statistics, grid_costs, sampler_throughput
+    from dtrpo.apps.bench import BenchArgs, estimator_costs, estimator_statistics, grid_costs, sampler_throughput
 
     if argv[:1] == ["quality"]:
-        from dtrpo.quality import QualityArgs, run_study
+        from dtrpo.apps.quality import QualityArgs, run_study
 
         (args,) = parse([QualityArgs], argv[1:], "dtrpo bench quality", "every arm from one SFT checkpoint; report")
         run_study(args, argv[1:])

@@ -266,7 +266,7 @@ def test_sdar_without_block_size_is_refused_and_fast_dllm_v2_warns(tmp_path, cap
 
 
 def test_bench_times_both_grids_side_by_side():
-    from dtrpo.bench import BenchArgs, grid_costs
+    from dtrpo.apps.bench import BenchArgs, grid_costs
 
     rows = grid_costs(BenchArgs(pairs=4, prompt_length=9, response_length=8, block_size=4, repeats=1))
     assert rows["response_grid"]["ratio_to_response_grid"] == 1.0
