@@ -1,7 +1,7 @@
-"""The CLI commands of the whole loop, end to end on the tiny model, and `dtrpo demo --quick`."""
+"""The CLI commands of the whole loop, end to end on the tiny model: init-tiny, sft, eval, pairs, generate,
+train with LoRA, export."""
 
 import json
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -111,28 +111,6 @@ def test_bad_sampler_settings_are_clear_errors(sft_model, capsys):
     assert out.returncode != 0 and "error:" in out.stderr and "Traceback" not in out.stderr
     out = cli("eval", "--model_name_or_path", sft_model / "sft", "--task", "nope.jsonl", ok=False, capsys=capsys)
     assert out.returncode != 0 and "nope.jsonl" in out.stderr
-
-
-@pytest.mark.slow
-def test_demo_quick(tmp_path):
-    """The README's first command, as a user runs it (in a fresh process), in its --quick form."""
-    cmd = [sys.executable, "-m", "dtrpo.cli", "demo", "--quick", "--output_dir", str(tmp_path / "demo")]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "SFT + dTRPO" in out.stdout
-    report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert report["pairs"]["pairs"] > 0 and report["history"]
-    for name in (
-        "model",
-        "sft",
-        "dtrpo",
-        "sft_data.jsonl",
-        "pairs.jsonl",
-        "eval_sft.json",
-        "eval_dtrpo.json",
-        "curves.png",
-    ):
-        assert (tmp_path / "demo" / name).exists(), name
 
 
 def test_lora_train_then_export(sft_model, capsys):
