@@ -158,3 +158,22 @@ def test_lora_train_then_export(sft_model, capsys):
     again, _, adapter2 = load_model(tmp / "exported")
     assert adapter2 == adapter
     assert all(torch.equal(p, merged.state_dict()[n]) for n, p in again.named_parameters())
+
+
+def test_old_output_flag_of_train_warns_and_fills_output_dir(tmp_path, capsys):
+    """`--output` where the folder is `--output_dir` works for one release; eval keeps its own `--output` file."""
+    from dtrpo.models import init_tiny
+    from tests.test_trainer import PAIRS
+
+    init_tiny(tmp_path / "tiny", block_size=4)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    flags = ["--max_steps", 1, "--per_device_train_batch_size", 4, "--use_cpu", "true", "--report_to", "none"]
+    data = ["--model_name_or_path", tmp_path / "tiny", "--dataset_name", tmp_path / "pairs.jsonl"]
+    res = cli("train", *data, "--output", tmp_path / "out", *flags, capsys=capsys)
+    assert "warning: --output is deprecated; use --output_dir" in res.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    res = cli("train", *data, f"--output_dir={tmp_path / 'new'}", *flags, capsys=capsys)
+    assert "deprecated" not in res.stderr and (tmp_path / "new" / "model.safetensors").is_file()
+    res = cli("eval", "--model_name_or_path", tmp_path / "out", "--task", "arithmetic:digits=1", "--n", 2,
+              "--gen_length", 4, "--output", tmp_path / "eval.json", capsys=capsys)  # fmt: skip
+    assert "deprecated" not in res.stderr and (tmp_path / "eval.json").is_file()
