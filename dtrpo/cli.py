@@ -47,11 +47,19 @@ def load_preset(path: str | Path, dataclass_types) -> dict:
     return preset
 
 
+class OldOutputFlag(argparse.Action):
+    """`--output` where the folder is `--output_dir`: still works for one release, with a warning. An exact
+    option string wins over argparse's prefix matching, which finds `--output` ambiguous between the
+    `--output_dir` and `--output-dir` that HfArgumentParser registers."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        print("warning: --output is deprecated; use --output_dir (removed in the next release)", file=sys.stderr)
+        setattr(namespace, self.dest, value)
+
+
 def parse(dataclass_types, argv: list[str], prog: str, description: str):
     """Dataclasses from `--config preset.yaml` plus command-line flags (flags win)."""
     names = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
-    if "output_dir" in names and "output" not in names:  # `--output` is the short form of `--output_dir`
-        argv = ["--output_dir" if a == "--output" else a.replace("--output=", "--output_dir=", 1) for a in argv]
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
@@ -59,6 +67,10 @@ def parse(dataclass_types, argv: list[str], prog: str, description: str):
     parser.add_argument("--config", help="YAML preset whose keys override the defaults below.")
     if known.config:
         parser.set_defaults(**load_preset(known.config, dataclass_types))
+    if "output_dir" in names and "output" not in names:  # eval, pairs, bench and export keep their own --output
+        parser.add_argument(
+            "--output", dest="output_dir", action=OldOutputFlag, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     try:
         *parsed, _, unknown = parser.parse_args_into_dataclasses(
             rest + (["--config", known.config] if known.config else []), return_remaining_strings=True
@@ -72,7 +84,7 @@ def parse(dataclass_types, argv: list[str], prog: str, description: str):
 
 def refuse_unknown(unknown: list[str], names: set[str], prog: str) -> None:
     """An error for the first argument no dataclass takes, with the closest flag when one is close."""
-    flags = sorted({f"--{n}" for n in names} | {"--config"} | ({"--output"} if "output_dir" in names else set()))
+    flags = sorted({f"--{n}" for n in names} | {"--config"})
     word = unknown[0].split("=")[0]
     if not word.startswith("-"):
         raise SystemExit(f"error: {prog}: unexpected argument {word!r} (flags take the form --name value)")
@@ -547,7 +559,7 @@ def export_main(argv: list[str]) -> None:
 
 @command("demo", "the whole loop on CPU: tiny model, SFT, eval, pairs, dTRPO, eval; table, JSON and plot")
 def demo_main(argv: list[str]) -> None:
-    from dtrpo.demo import DemoArgs, format_table, run_demo
+    from dtrpo.apps.demo import DemoArgs, format_table, run_demo
 
     (args,) = parse([DemoArgs], argv, "dtrpo demo", COMMANDS["demo"][1])
     report = run_demo(args)
@@ -559,10 +571,10 @@ def demo_main(argv: list[str]) -> None:
 
 @command("bench", "time a training step of each estimator side by side; `bench quality`: the quality study")
 def bench_main(argv: list[str]) -> None:
-    from dtrpo.bench import BenchArgs, estimator_costs, estimator_statistics, grid_costs, sampler_throughput
+    from dtrpo.apps.bench import BenchArgs, estimator_costs, estimator_statistics, grid_costs, sampler_throughput
 
     if argv[:1] == ["quality"]:
-        from dtrpo.quality import QualityArgs, run_study
+        from dtrpo.apps.quality import QualityArgs, run_study
 
         (args,) = parse([QualityArgs], argv[1:], "dtrpo bench quality", "every arm from one SFT checkpoint; report")
         run_study(args, argv[1:])

@@ -332,7 +332,9 @@ class DTRPOTrainer(DiffusionTrainer):
                 "logps/chosen": policy[:n].detach(),
                 "logps/rejected": policy[n:].detach(),
                 "estimator/targets_per_seq": targets,
-                "estimator/forward_passes_per_pair": torch.tensor((2.0 if "ref_chosen" in inputs else 4.0) * cost.passes),
+                "estimator/forward_passes_per_pair": torch.tensor(
+                    (2.0 if "ref_chosen" in inputs else 4.0) * cost.passes
+                ),
                 "padding_fraction": torch.tensor(cost.padding_fraction),
             }
         )

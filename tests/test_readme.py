@@ -73,7 +73,7 @@ def test_readme_recipe_runs_at_small_scale(tmp_path, monkeypatch, capsys):
     pairs of a worked answer against the model's own sample, written here in the pairs format."""
     from dtrpo.pairs import write_jsonl
     from dtrpo.tasks import load_task
-    from tests.test_demo import cli
+    from tests.test_cli import cli
 
     monkeypatch.chdir(tmp_path)
     rows = load_task("arithmetic:digits=2").prompts("train", 200, seed=0)  # as `dtrpo demo` writes it

@@ -21,7 +21,7 @@ from dtrpo.estimators import Batch, EstimatorConfig, draw, position_logprobs, sc
 from dtrpo.families import load_model
 from dtrpo.masking import draw_block_states
 from dtrpo.sampler import generate
-from tests.test_families import write_fast_dllm, write_sdar
+from tests.families.test_loading import write_fast_dllm, write_sdar
 
 BS = 4
 PROMPT_LENS = (4, 5, 6, 7, 3)  # every remainder P % 4, and a prompt shorter than one block
@@ -263,16 +263,6 @@ def test_sdar_without_block_size_is_refused_and_fast_dllm_v2_warns(tmp_path, cap
     with caplog.at_level("WARNING"):
         _, _, adapter = load_model(fast)
     assert adapter.block_size == 32 and "documented block size 32" in caplog.text
-
-
-def test_bench_times_both_grids_side_by_side():
-    from dtrpo.bench import BenchArgs, grid_costs
-
-    rows = grid_costs(BenchArgs(pairs=4, prompt_length=9, response_length=8, block_size=4, repeats=1))
-    assert rows["response_grid"]["ratio_to_response_grid"] == 1.0
-    # prompts of 9, 8, 7, 6 tokens: tails 1, 0, 3, 2; the tail copy is 3 columns wide
-    assert rows["absolute_grid"]["packed_columns"] - rows["response_grid"]["packed_columns"] == 3
-    assert all(r["seconds_per_pair"] > 0 for r in rows.values())
 
 
 def test_sampling_prompts_cut_as_training_cuts_them(family_models, tokenizer):

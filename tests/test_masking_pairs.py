@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dtrpo.estimators import Batch, EstimatorConfig, draw, position_logprobs, score
 from dtrpo import masking
+from dtrpo.estimators import Batch, EstimatorConfig, draw, position_logprobs, score
 from dtrpo.masking import pack_bins, pair_layout
-from tests.test_grid import FAMILIES, family_models  # noqa: F401  (fixture)
+from tests.families.test_grid import FAMILIES, family_models  # noqa: F401  (fixture)
 
 
 def pairs_batch(prompt_lens, chosen_lens, rejected_lens, mask_id, bs, absolute, seed=0):

@@ -1,6 +1,6 @@
-"""Faults and bad input: a kill or a write error while saving, corrupt checkpoints, a reused output
-folder, hostile model folders and bad user input. Each test asserts the one-line message and that no
-data was lost, mixed in or read stale."""
+"""Faults and bad input. First the trainer base's checkpoints (base.py): a kill or a write error while
+saving, corrupt checkpoints, a reused output folder; then hostile model folders and bad user input through
+every command. Each test asserts the one-line message and that no data was lost, mixed in or read stale."""
 
 import json
 import shutil
@@ -16,7 +16,7 @@ from dtrpo.base import DiffusionTrainer
 from dtrpo.cli import main
 from dtrpo.models import init_tiny
 from dtrpo.tasks import load_task
-from tests.test_demo import cli
+from tests.test_cli import cli
 from tests.test_trainer import PAIRS
 
 
@@ -223,7 +223,7 @@ def test_meaningless_or_misspelled_training_flags(setup, flags, message, capsys)
 
 def test_loading_never_executes_code_from_the_model_folder(setup, tmp_path, capsys):
     from dtrpo.families import load_model
-    from tests.test_families import write_sdar
+    from tests.families.test_loading import write_sdar
 
     marker = tmp_path / "code_ran"
     code = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\nclass X: pass\n"

@@ -76,7 +76,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """The tiny study's shared start (SFT checkpoint and pairs), built once for the module."""
-    from dtrpo.quality import build
+    from dtrpo.apps.quality import build
 
     out = tmp_path_factory.mktemp("quality")
     args = _args(out, "--arms", "dtrpo")
@@ -90,8 +90,8 @@ def _argv(out, *extra) -> list[str]:
 
 
 def _args(out, *extra):
+    from dtrpo.apps.quality import QualityArgs
     from dtrpo.cli import parse
-    from dtrpo.quality import QualityArgs
 
     (args,) = parse([QualityArgs], _argv(out, *extra), "test", "")
     return args
@@ -102,7 +102,7 @@ def _cli(out, *extra) -> None:
 
 
 def test_every_arm_trains_from_the_shared_start(built):
-    from dtrpo.quality import Job, arm_table, run_job
+    from dtrpo.apps.quality import Job, arm_table, run_job
 
     args = _args(built, "--arms", "all")
     for name, arm in arm_table(8, 1.0).items():

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from dtrpo.demo import StopAtAccuracy
+from dtrpo.apps.demo import StopAtAccuracy
 from dtrpo.evaluate import SamplingArgs, sample_texts
 from dtrpo.families import load_model
 from dtrpo.models import init_tiny
@@ -460,7 +460,7 @@ def jobs_in_order(args: QualityArgs) -> list[tuple]:
 
 def complete(args: QualityArgs, task_index: int) -> bool:
     """Whether every run (and, for the first task, every diagnostic) of a task has its result."""
-    from dtrpo.quality_diagnostics import diagnostics_path
+    from dtrpo.apps.quality_diagnostics import diagnostics_path
 
     for arm in selected_arms(args, task_index):
         chosen = choose(args, task_index, arm)
@@ -497,7 +497,7 @@ def work(args: QualityArgs, log=print) -> None:
             time.sleep(5)
     for stage, t, arm, point in jobs_in_order(args):
         if stage == "diagnostics":
-            from dtrpo.quality_diagnostics import diagnostics_path, run_diagnostics
+            from dtrpo.apps.quality_diagnostics import diagnostics_path, run_diagnostics
 
             if not diagnostics_path(args, point).exists() and _claim(diagnostics_path(args, point)):
                 run_diagnostics(args, point, log)
@@ -538,12 +538,12 @@ def run_study(args: QualityArgs, argv: list[str], log=print) -> None:
                 raise RuntimeError(f"quality workers exited with {codes}")
         else:
             work(args, log)
-    from dtrpo.quality_diagnostics import run_diagnostics
+    from dtrpo.apps.quality_diagnostics import run_diagnostics
 
     for part in filter(None, args.diagnostics.split(",")):
         run_diagnostics(args, part, log)
     if args.report:
-        from dtrpo.quality_report import write_report
+        from dtrpo.apps.quality_report import write_report
 
         write_report(args)
         log(f"wrote {args.report}")

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
+from dtrpo.apps.quality import QualityArgs, _train_args, greedy_scores, task_data, task_slug
 from dtrpo.estimators import EstimatorConfig
 from dtrpo.families import load_model
 from dtrpo.models import init_tiny
 from dtrpo.pairs import write_jsonl
-from dtrpo.quality import QualityArgs, _train_args, greedy_scores, task_data, task_slug
 from dtrpo.tasks import demonstration
 
 # the losses the full-attention model trains with, one seed each, lr 2e-4, beta 0.1

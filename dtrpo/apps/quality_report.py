@@ -12,8 +12,8 @@ import random
 import statistics
 from pathlib import Path
 
+from dtrpo.apps.quality import QualityArgs, choose, grid, selected_arms, task_slug
 from dtrpo.evaluate import interval95
-from dtrpo.quality import QualityArgs, choose, grid, selected_arms, task_slug
 
 CONTROLS = ("sft", "rft")
 NOTES = "benchmarks_notes.md"  # the hand-written reading, next to the report, included verbatim
@@ -21,7 +21,7 @@ NOTES = "benchmarks_notes.md"  # the hand-written reading, next to the report, i
 
 def load_runs(args: QualityArgs, task_index: int) -> dict:
     """{arm: {"chosen": (lr, beta), "grid": {(lr, beta): result}, "seeds": [result per seed]}} for finished arms."""
-    from dtrpo.quality import Job
+    from dtrpo.apps.quality import Job
 
     out = {}
     for arm in selected_arms(args, task_index):
@@ -271,7 +271,7 @@ def _ms(row: dict) -> str:
 
 
 def diagnostics_section(args: QualityArgs) -> str:
-    from dtrpo.quality_diagnostics import diagnostics_path
+    from dtrpo.apps.quality_diagnostics import diagnostics_path
 
     paths = {part: diagnostics_path(args, part) for part in ("block_causal", "full_attention")}
     d = {part: json.loads(p.read_text()) for part, p in paths.items() if p.exists()}

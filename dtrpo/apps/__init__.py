@@ -1,0 +1,1 @@
+"""Applications built on the library: the demo and the benchmarks; the core never imports them."""

@@ -1,0 +1,48 @@
+"""The demo and the benchmarks are applications of the library: no core module imports `dtrpo.apps`, except
+the CLI, which imports each application inside its command so that `import dtrpo.cli` loads none."""
+
+import ast
+from pathlib import Path
+
+import dtrpo
+
+PACKAGE = Path(dtrpo.__file__).parent
+CORE = sorted(p for p in PACKAGE.rglob("*.py") if "apps" not in p.relative_to(PACKAGE).parts)
+
+
+def imported_modules(nodes) -> list[str]:
+    """Every module an `import` or `from ... import` among `nodes` names, relative ones resolved to `dtrpo.*`."""
+    names = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # `from . import apps` or `from .apps import demo`
+                base = "dtrpo." + base if base else "dtrpo"
+            names += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return names
+
+
+def is_apps(name: str) -> bool:
+    return name == "dtrpo.apps" or name.startswith("dtrpo.apps.")
+
+
+def test_the_core_is_found():
+    assert {"masking.py", "trainer.py", "cli.py", "spec.py"} <= {p.name for p in CORE}
+
+
+def test_no_core_module_imports_the_apps():
+    for path in CORE:
+        if path.name == "cli.py":
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        found = [name for name in imported_modules(ast.walk(tree)) if is_apps(name)]
+        assert not found, f"{path.relative_to(PACKAGE.parent)} imports {found}"
+
+
+def test_the_cli_imports_the_apps_only_inside_commands():
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    top_level = [name for name in imported_modules(tree.body) if is_apps(name)]
+    assert not top_level, f"dtrpo/cli.py imports {top_level} at module level"
+    assert any(is_apps(name) for name in imported_modules(ast.walk(tree)))  # the demo and bench commands
