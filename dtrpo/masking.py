@@ -97,10 +97,8 @@ class Layout:
         ok = ok | torch.eye(S, dtype=torch.bool, device=ok.device)
         return ok[:, None]
 
-    def flex_mask(self, prompt_causal: bool, full: bool):
-        """The same rule as a flex-attention `BlockMask` (GPU only: flex has no CPU backward)."""
-        from torch.nn.attention.flex_attention import create_block_mask
-
+    def mask_mod(self, prompt_causal: bool, full: bool):
+        """The rule of `dense_mask` as a flex-attention `mask_mod(b, h, q, k)`."""
         kind, block, valid = self.kind, self.block, self.valid
         seg = self.segment if self.segment is not None else torch.zeros_like(kind)
 
@@ -109,8 +107,14 @@ class Layout:
             ok = ok & same_pair(seg[b, q], seg[b, k])
             return (ok & valid[b, q] & valid[b, k]) | (q == k)
 
+        return mask_mod
+
+    def flex_mask(self, prompt_causal: bool, full: bool):
+        """The same rule as a flex-attention `BlockMask` (GPU only: flex has no CPU backward)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
         B, S = self.input_ids.shape
-        return create_block_mask(mask_mod, B, None, S, S, device=self.input_ids.device)
+        return create_block_mask(self.mask_mod(prompt_causal, full), B, None, S, S, device=self.input_ids.device)
 
     def read_columns(self, shifted: bool) -> torch.Tensor:
         """(B, R) column whose logits predict response token j.

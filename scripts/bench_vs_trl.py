@@ -1,5 +1,5 @@
-"""Per-pair training-step cost of dTRPO (with and without prompt sharing) against TRL's DPOTrainer on
-an autoregressive model of the same size, side by side, on GSM8K's real question/answer lengths.
+"""Per-pair training-step cost of dTRPO (with and without prompt sharing and padding-free packing) against
+TRL's DPOTrainer on an autoregressive model of the same size, side by side, on GSM8K's real lengths.
 
     python scripts/bench_vs_trl.py --output docs/results/vs_trl.json      # needs `pip install trl`
 
@@ -36,7 +36,7 @@ def pairs(n: int) -> list[dict]:
     ]
 
 
-def dtrpo_trainer(model, data, share_prompt: bool, out: Path, batch: int, block: int):
+def dtrpo_trainer(model, data, share_prompt: bool, out: Path, batch: int, block: int, padding_free: bool = False):
     args = DTRPOConfig(
         output_dir=str(out),
         per_device_train_batch_size=batch,
@@ -44,6 +44,7 @@ def dtrpo_trainer(model, data, share_prompt: bool, out: Path, batch: int, block:
         report_to=[],
         disable_tqdm=True,
         share_prompt=share_prompt,
+        padding_free=padding_free,
         max_prompt_length=None,
         max_completion_length=-(-1024 // block) * block,
         overwrite_output_dir=True,
@@ -86,7 +87,15 @@ def tokens(name: str, inputs: dict, trainer) -> tuple[int, int]:
     if b.pairs:
         n = b.prompt_ids.shape[0] // 2
         lay = pair_layout(
-            b.prompt_ids[:n], b.prompt_valid[:n], b.response_ids, b.response_valid, b.response_ids, bs, absolute, False
+            b.prompt_ids[:n],
+            b.prompt_valid[:n],
+            b.response_ids,
+            b.response_valid,
+            b.response_ids,
+            bs,
+            absolute,
+            False,
+            pack=b.pack,
         ).layout
     else:
         lay = packed_layout(
@@ -114,6 +123,7 @@ def main() -> None:
     arms = {
         "dtrpo_packed": dtrpo_trainer(copy.deepcopy(base), data, False, out / "a", a.pairs, a.block_size),
         "dtrpo_shared_prompt": dtrpo_trainer(copy.deepcopy(base), data, True, out / "b", a.pairs, a.block_size),
+        "dtrpo_padding_free": dtrpo_trainer(copy.deepcopy(base), data, True, out / "d", a.pairs, a.block_size, True),
         "trl_dpo": trl_trainer(ar, data, out / "c", a.pairs),
     }
     inputs = {name: batches(t, a.steps) for name, t in arms.items()}

@@ -127,3 +127,23 @@ def test_padding_free_training_gives_the_same_losses(tmp_path, tokenizer):
     for x, y in zip(a, b, strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["rewards/margins"] - y["rewards/margins"]) < 1e-5
         assert 0 <= y["padding_fraction"] < x["padding_fraction"]
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_flex_rule_equals_the_dense_mask_on_packed_pairs(absolute):
+    """The flex `mask_mod` (evaluated densely by torch's own `create_mask`) and the dense SDPA mask agree
+    on every (query, key) of a padding-free batch, so the GPU path attends as the tested CPU path does."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    cases = [(5, 4, 4), (3, 1, 1), (4, 1, 2), (2, 1, 1)]
+    p, c, r = zip(*cases, strict=True)
+    batch, noisy = pairs_batch(p, c, r, 99, 4, absolute)
+    lay = pair_layout(
+        batch.prompt_ids[:4], batch.prompt_valid[:4], batch.response_ids, batch.response_valid, noisy, 4, absolute,
+        True, pack=True,
+    ).layout  # fmt: skip
+    assert lay.input_ids.shape[0] < 4  # pairs share rows
+    for causal in (False, True):
+        B, S = lay.input_ids.shape
+        flex = create_mask(lay.mask_mod(causal, False), B, 1, S, S, device="cpu")
+        assert torch.equal(flex, lay.dense_mask(causal, False))
