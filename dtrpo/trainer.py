@@ -9,7 +9,6 @@ all come from `transformers.Trainer`; this file only adds the config fields, the
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from dtrpo.base import (
     source_names,
     tokenized,
 )
+from dtrpo.distributed import prepare_reference, reference_copy
 from dtrpo.estimators import Batch, EstimatorConfig, draw, score
 from dtrpo.losses import LOSSES, preference_loss
 from dtrpo.masking import example_seed
@@ -194,7 +194,7 @@ class DTRPOTrainer(DiffusionTrainer):
             callbacks=callbacks,
             **kwargs,
         )
-        self.ref_model = None if ref_model is None else _frozen(ref_model).to(self.accelerator.device)
+        self.ref_model = None if ref_model is None else prepare_reference(_frozen(ref_model), self.accelerator)
         if args.precompute_ref_log_probs and self.train_dataset is not None:
             self.train_dataset = self.precompute_reference(self.train_dataset)
             self.data_collator = WithReference(self.data_collator)
@@ -203,8 +203,10 @@ class DTRPOTrainer(DiffusionTrainer):
 
     def _reference_copy(self):
         """A frozen copy of the starting model: the reference when none is given (PEFT models use their
-        base with adapters disabled instead)."""
-        return _frozen(copy.deepcopy(self.accelerator.unwrap_model(self.model)))
+        base with adapters disabled instead). Taken from the unwrapped policy before `train` prepares it
+        (gathered first if ZeRO-3 partitioned it at load), then sharded as the policy will be
+        (`distributed.prepare_reference`)."""
+        return prepare_reference(reference_copy(self.accelerator.unwrap_model(self.model)), self.accelerator)
 
     def _batch(self, inputs) -> Batch:
         """Chosen and rejected stacked into one batch of 2n sequences (the prompt repeated; `share_prompt`

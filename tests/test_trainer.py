@@ -185,7 +185,8 @@ def free_port() -> int:
 
 
 def test_two_processes_data_parallel_on_gloo(tmp_path):
-    """DDP through transformers/accelerate on CPU: two ranks split each global batch."""
+    """DDP through transformers/accelerate on CPU: two ranks split each global batch, and train with a live
+    reference exactly as one process at the same global batch (losses to 1e-5)."""
     init_tiny(tmp_path / "tiny", block_size=4)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
@@ -222,6 +223,8 @@ def test_two_processes_data_parallel_on_gloo(tmp_path):
         "1",
         "--steps_per_block",
         "2",
+        "--learning_rate",
+        "1e-2",
         "--disable_tqdm",
         "true",
     ]
@@ -233,6 +236,15 @@ def test_two_processes_data_parallel_on_gloo(tmp_path):
     assert state["log_history"][-1]["epoch"] == 1.0
     assert all("rewards/accuracies" in h for h in state["log_history"] if "loss" in h)
     load_model(tmp_path / "ddp")
+    one = DTRPOTrainer(
+        str(tmp_path / "tiny"),
+        args=make_args(tmp_path / "one", max_steps=2, learning_rate=1e-2, seed=42, data_seed=None),
+        train_dataset=str(data),
+    )
+    one.train()
+    want = [h["loss"] for h in one.state.log_history if "loss" in h]
+    got = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(want) == 2 and got == pytest.approx(want, abs=1e-5) and want[1] != pytest.approx(want[0], abs=1e-3)
 
 
 def test_precomputed_reference_gives_the_same_first_epoch(tmp_path, tokenizer):
