@@ -54,6 +54,24 @@ def fingerprint(reference: torch.nn.Module, dataset, estimator, adapter, seed: i
     }
 
 
+def rank_shard(dataset, world_size: int, rank: int):
+    """(shard, n_real): this rank's contiguous share of the pairs, padded with repeats of row 0 to the
+    largest share's length, so every rank runs the same number of reference forwards (a model sharded
+    with FSDP or ZeRO-3 needs every rank in every forward); only the first n_real rows are kept.
+
+    7 pairs on 2 ranks: rank 0 scores rows 0-3, rank 1 rows 4-6 and row 0 again (not kept).
+    """
+    from datasets import concatenate_datasets
+
+    shard = (
+        dataset.shard(num_shards=world_size, index=rank, contiguous=True) if rank < len(dataset) else dataset.select([])
+    )
+    n_real, longest = len(shard), math.ceil(len(dataset) / world_size)
+    if n_real < longest:
+        shard = concatenate_datasets([shard, dataset.select([0] * (longest - n_real))])
+    return shard, n_real
+
+
 def planned_epochs(max_steps: int, num_train_epochs: float, updates_per_epoch: int) -> int:
     """Epochs a run will start: from max_steps when set, else num_train_epochs (a fraction starts one)."""
     if max_steps and max_steps > 0:

@@ -239,7 +239,7 @@ class DTRPOTrainer(DiffusionTrainer):
         process writes the file."""
         from accelerate.utils import gather_object
 
-        from dtrpo.reference import fingerprint, load_scores, planned_epochs, save_scores
+        from dtrpo.reference import fingerprint, load_scores, planned_epochs, rank_shard, save_scores
 
         a = self.args
         updates = -(-len(self.get_train_dataloader()) // a.gradient_accumulation_steps)
@@ -255,10 +255,10 @@ class DTRPOTrainer(DiffusionTrainer):
         else:
             if self.ref_model is None and not _is_peft(self.model):
                 self.ref_model = self._reference_copy()
-            shard = dataset.shard(num_shards=a.world_size, index=a.process_index, contiguous=True)
+            shard, n_real = rank_shard(dataset, a.world_size, a.process_index)
             size = a.precompute_ref_batch_size or a.per_device_eval_batch_size
             loader = torch.utils.data.DataLoader(shard, batch_size=size, collate_fn=self.data_collator)
-            mine = {}
+            mine, seen = {}, 0
             for inputs in loader:
                 inputs = self._prepare_inputs(inputs)
                 batch, n = self._batch(inputs), inputs["index"].shape[0]
@@ -269,7 +269,9 @@ class DTRPOTrainer(DiffusionTrainer):
                         values, _ = score(self.adapter, ref, batch, states)
                     per_epoch.append(values.tolist())
                 for i, idx in enumerate(inputs["index"].tolist()):
-                    mine[idx] = [(v[i], v[n + i]) for v in per_epoch]
+                    if seen < n_real:  # the rows that even out the ranks come last and are not kept
+                        mine[idx] = [(v[i], v[n + i]) for v in per_epoch]
+                    seen += 1
             scores = {k: v for part in gather_object([mine]) for k, v in part.items()}
             if path and a.should_save:
                 save_scores(Path(path), want, epochs, scores)

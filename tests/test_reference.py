@@ -119,3 +119,18 @@ def test_two_gloo_processes_equal_one(setup, tmp_path):
     # the training losses the main process printed ({'loss': '0.6931', ...} per step)
     two = [float(ln.split("'loss': ")[1].split(",")[0].strip("'")) for ln in out.stdout.splitlines() if "'loss'" in ln]
     assert two == pytest.approx(losses(one), abs=1e-4)
+
+
+@pytest.mark.parametrize("n, world", [(7, 2), (8, 2), (1, 2), (10, 3)])
+def test_rank_shards_have_equal_lengths_and_cover_every_pair_once(n, world):
+    """Sharded models need every rank in every forward: equal shard lengths, and the kept rows of all
+    ranks are the pairs, each exactly once."""
+    import datasets
+
+    from dtrpo.reference import rank_shard
+
+    data = datasets.Dataset.from_dict({"index": list(range(n))})
+    shards = [rank_shard(data, world, r) for r in range(world)]
+    assert len({len(s) for s, _ in shards}) == 1
+    kept = [i for s, n_real in shards for i in s["index"][:n_real]]
+    assert sorted(kept) == list(range(n))
