@@ -237,7 +237,7 @@ class DTRPOTrainer(DiffusionTrainer):
         epoch's draw. Read from the scores file when its fingerprint matches (no reference model is then
         built); else each process scores its shard of the pairs, the shards are gathered, and the main
         process writes the file."""
-        from accelerate.utils import gather_object
+        from accelerate.utils import broadcast_object_list, gather_object
 
         from dtrpo.reference import fingerprint, load_scores, planned_epochs, rank_shard, save_scores
 
@@ -246,6 +246,8 @@ class DTRPOTrainer(DiffusionTrainer):
         epochs = planned_epochs(a.max_steps, a.num_train_epochs, updates)
         reference = self.ref_model or self.accelerator.unwrap_model(self.model)  # the base, for PEFT or a copy
         want = fingerprint(reference, dataset, self.estimator_config, self.adapter, a.seed)
+        if a.world_size > 1:  # a sharded reference hashes its own shard on each rank: rank 0's stands for all
+            want = broadcast_object_list([want])[0]
         path = a.ref_log_probs_file or (f"{self.dataset_name}.ref_logps.json" if self.dataset_name else None)
         scores = load_scores(Path(path), want, epochs) if path else None
         if scores is not None:
