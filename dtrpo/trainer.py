@@ -82,10 +82,11 @@ class DTRPOConfig(DiffusionArguments, EstimatorConfig, TrainingArguments):
         },
     )
     padding_free: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "With --share_prompt: pack whole pairs into rows no wider than the batch's longest pair, each "
-            "attending only itself (TRL's name); the same estimates, fewer rows and less padding."
+            "attending only itself (TRL's name; on by default here, as it needs no special attention kernel); the "
+            "same estimates, fewer rows and less padding."
         },
     )
     ref_log_probs_file: str | None = field(
