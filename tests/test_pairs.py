@@ -193,3 +193,51 @@ def test_a_prompts_file_is_streamed_a_chunk_at_a_time(pair_setup, prompts_file, 
         assert len(lines(tmp_path / "pairs.samples.jsonl")) == 40
     else:
         assert json.loads(out.read_text())["n"] == 40
+
+
+def torchrun(cwd, *args) -> None:
+    """`dtrpo ARGS` in two real processes under torch.distributed.run (each rank its own RANK, WORLD_SIZE)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_trainer import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "dtrpo.cli", *map(str, args)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def one_process(*args) -> None:
+    """`dtrpo ARGS` in this process on one thread, as each torchrun rank runs."""
+    import torch
+
+    from dtrpo.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_processes_write_the_pairs_of_one(pair_setup, prompts_file, tmp_path, monkeypatch):
+    """torchrun with 2 ranks on a prompts file (40 prompts, 14 chunks of 3, 7 per rank): the same pairs file,
+    byte for byte, as one process, and each rank's samples file holds only its own chunks. The reward is the
+    response's length, so that the untrained model's samples make pairs."""
+    root, _ = pair_setup
+    (tmp_path / "length_reward.py").write_text("def reward(prompt, response):\n    return float(len(response))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # torchrun's ranks run `python -m` in tmp_path, which finds it too
+    args = ["pairs", "--model_name_or_path", root / "tiny", "--task", prompts_file, "--reward", "length_reward:reward",
+            "--samples", 2, "--temperature", 1, "--gen_length", 8, "--batch_size", 6, "--split", "train"]  # fmt: skip
+    one_process(*args, "--output", tmp_path / "one.jsonl")
+    torchrun(tmp_path, *args, "--output", tmp_path / "two.jsonl")
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert len(lines(tmp_path / "one.jsonl")) > 10  # pairs to compare
+    for rank in (0, 1):
+        chunks = [x["chunk"] for x in lines(tmp_path / f"two.samples.rank{rank}.jsonl")]
+        assert sorted(set(chunks)) == list(range(rank, 14, 2))
+    assert not list(tmp_path.glob("*.done"))
