@@ -403,14 +403,20 @@ class CompareArgs:
 
 @command("eval", "accuracy on held-out prompts with a 95% interval, NFE and tokens/s; writes JSON")
 def eval_main(argv: list[str]) -> None:
-    from dtrpo.evaluate import SamplingArgs, evaluate
+    from dtrpo.evaluate import SamplingArgs, evaluate, run_eval
+    from dtrpo.tasks import stream_prompts
 
     t, s, c = parse([TaskArgs, SamplingArgs, CompareArgs], argv, "dtrpo eval", COMMANDS["eval"][1])
     if c.compare is not None:
         return compare_main(c.compare)
     task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
-    rows = task.prompts(t.split or "heldout", t.n, seed=s.seed)
-    report = evaluate(model, tokenizer, adapter, task, rows, s, desc="eval")
+    rows = stream_prompts(task, t.split or "heldout", t.n, seed=s.seed)
+    if t.output:  # streamed, resumable and sharded; the report is written by rank 0
+        report = run_eval(model, tokenizer, adapter, task, rows, s, t.output, desc="eval")
+        if not report:  # a rank other than 0 of a sharded run
+            return
+    else:
+        report = evaluate(model, tokenizer, adapter, task, list(rows), s, desc="eval")
     print(
         f"{task.name}: accuracy {report['accuracy']:.3f} (95% CI {report['ci95'][0]:.3f}-{report['ci95'][1]:.3f},"
         f" n={report['n']}), {report['nfe_per_batch']:.0f} NFE/batch, {report['tokens_per_second']:.0f} tokens/s"
@@ -419,7 +425,6 @@ def eval_main(argv: list[str]) -> None:
         cut = report["prompts_truncated"]
         print(f"{cut} prompts kept their last {s.max_prompt_length} tokens (--max_prompt_length)")
     if t.output:
-        write_atomic(t.output, json.dumps(report, indent=2))
         print(f"wrote {t.output}")
 
 
@@ -443,15 +448,6 @@ def compare_main(paths: list[str]) -> None:
     )
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to a sibling temporary file, then rename it over `path`: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @dataclass
 class PairArgs:
     samples: int = field(default=8, metadata={"help": "Responses sampled per prompt."})
@@ -465,11 +461,12 @@ class PairArgs:
 def pairs_main(argv: list[str]) -> None:
     from dtrpo.evaluate import SamplingArgs
     from dtrpo.pairs import run_pairs
+    from dtrpo.tasks import stream_prompts
 
     t, p, s = parse([TaskArgs, PairArgs, SamplingArgs], argv, "dtrpo pairs", COMMANDS["pairs"][1])
     require(t, "output")
     task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
-    rows = task.prompts(t.split or "train", t.n, seed=s.seed)
+    rows = stream_prompts(task, t.split or "train", t.n, seed=s.seed)
     stats = run_pairs(
         model,
         tokenizer,

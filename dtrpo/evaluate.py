@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import logging
 import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from tqdm.auto import tqdm
@@ -116,22 +123,60 @@ def sample_texts(model, tokenizer, adapter, prompts: list[str], s: SamplingArgs,
         nfe, seconds, tokens = nfe + out.nfe, seconds + out.seconds, tokens + sum(out.lengths)
     batches = max(len(starts), 1)
     stats = {"nfe_per_batch": nfe / batches, "tokens_per_second": tokens / max(seconds, 1e-9), "seconds": seconds}
-    return texts, {**stats, "prompts_truncated": truncated}
+    return texts, {**stats, "prompts_truncated": truncated, "tokens": tokens}
+
+
+@dataclass
+class Moments:
+    """Count, sum and squared deviations of scores, added one at a time (Welford), so that accuracy and its
+    interval over any number of items need no list of scores."""
+
+    n: int = 0
+    total: float = 0.0
+    m2: float = 0.0  # sum of squared deviations from the running mean
+    binary: bool = True  # every score 0 or 1
+
+    def add(self, score: float) -> None:
+        before = self.total / self.n if self.n else 0.0
+        self.n, self.total = self.n + 1, self.total + score
+        self.m2 += (score - before) * (score - self.total / self.n)
+        self.binary = self.binary and score in (0.0, 1.0)
+
+    def interval95(self) -> tuple[float, float]:
+        """Wilson score interval for 0/1 scores, the normal interval of the mean otherwise."""
+        n = self.n
+        if n == 0:
+            return (math.nan, math.nan)
+        mean, z = self.total / n, 1.96
+        if self.binary:
+            centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+            half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+            return (max(0.0, centre - half), min(1.0, centre + half))
+        sd = math.sqrt(self.m2 / max(n - 1, 1))
+        return (mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n))
 
 
 def interval95(scores: list[float]) -> tuple[float, float]:
     """Wilson score interval for 0/1 scores, the normal interval of the mean otherwise."""
-    n = len(scores)
-    if n == 0:
-        return (math.nan, math.nan)
-    mean = sum(scores) / n
-    z = 1.96
-    if all(s in (0.0, 1.0) for s in scores):
-        centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return (max(0.0, centre - half), min(1.0, centre + half))
-    sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(n - 1, 1))
-    return (mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n))
+    moments = Moments()
+    for score in scores:
+        moments.add(score)
+    return moments.interval95()
+
+
+def _report(task, moments: Moments, sampler: dict) -> dict:
+    """The report's numbers (all but its items) from the scores' moments and summed sampler statistics."""
+    low, high = moments.interval95()
+    return {
+        "task": task.name,
+        "n": moments.n,
+        "accuracy": moments.total / moments.n,
+        "ci95": [low, high],
+        "nfe_per_batch": sampler["nfe"] / max(sampler["batches"], 1),
+        "tokens_per_second": sampler["tokens"] / max(sampler["seconds"], 1e-9),
+        "seconds": sampler["seconds"],
+        "prompts_truncated": sampler["prompts_truncated"],
+    }
 
 
 def evaluate(model, tokenizer, adapter, task, rows: list[dict], s: SamplingArgs, desc: str | None = None) -> dict:
@@ -141,13 +186,13 @@ def evaluate(model, tokenizer, adapter, task, rows: list[dict], s: SamplingArgs,
         raise ValueError(f"{task.name}: no prompts to evaluate")
     texts, stats = sample_texts(model, tokenizer, adapter, [r["prompt"] for r in rows], s, s.seed, desc)
     scores = score_batch(task, rows, texts)
-    low, high = interval95(scores)
+    moments = Moments()
+    for score in scores:
+        moments.add(score)
+    batches = math.ceil(len(rows) / s.batch_size)
+    sampler = {**stats, "nfe": stats["nfe_per_batch"] * batches, "batches": batches}
     return {
-        "task": task.name,
-        "n": len(rows),
-        "accuracy": sum(scores) / len(scores),
-        "ci95": [low, high],
-        **stats,
+        **_report(task, moments, sampler),
         "samples": [
             {"id": r["id"], "prompt": r["prompt"], "response": t, "score": sc}
             for r, t, sc in zip(rows, texts, scores, strict=True)
@@ -188,3 +233,217 @@ def compare(a: dict, b: dict, names: tuple[str, str] = ("a", "b")) -> dict:
         "b_better": sum(d > 0 for d in diffs),
         "a_better": sum(d < 0 for d in diffs),
     }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs at scale: prompts streamed in chunks, each chunk's items appended to a file; resumable and sharded
+
+
+def shard() -> tuple[int, int]:
+    """(rank, world size) of this process under torchrun; (0, 1) alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def chunked(rows: Iterable[dict], size: int) -> Iterator[tuple[int, list[dict]]]:
+    """(k, chunk k): consecutive runs of `size` rows pulled lazily, so one chunk of rows is alive at a time.
+    Chunk k holds the same prompts however the rows arrive (a list or a file read line by line)."""
+    rows = iter(rows)
+    for k in itertools.count():
+        chunk = list(itertools.islice(rows, size))
+        if not chunk:
+            return
+        yield k, chunk
+
+
+def items_paths(output: Path, kind: str, world: int) -> list[Path]:
+    """Every rank's items file: `<output>.<kind>.jsonl` alone, `<output>.<kind>.rank<R>.jsonl` under torchrun."""
+    return [output.with_suffix(f".{kind}.jsonl" if world == 1 else f".{kind}.rank{r}.jsonl") for r in range(world)]
+
+
+def _digest(ids: Iterable[str]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for i in ids:
+        h.update(f"{i}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class ChunkRecord:
+    """One chunk as an items file holds it: its id, how many items, a digest of their ids, and where it starts."""
+
+    chunk: int
+    start: int  # byte offset of its first line
+    count: int = 0
+    ids: object = field(default_factory=lambda: hashlib.blake2b(digest_size=8))
+
+    def add(self, item_id) -> None:
+        self.count += 1
+        self.ids.update(f"{item_id}\n".encode())
+
+
+def scan_items(path: Path) -> tuple[list[ChunkRecord], int]:
+    """The chunks of an items file in file order, read a line at a time (items are not kept), and the byte
+    length of its whole lines: a last line cut by a kill (bad JSON, or no newline yet) is not counted."""
+    records, end, torn = [], 0, None
+    if not path.is_file():
+        return records, end
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if torn is not None:
+                raise ValueError(f"{path}: line {torn}: not a whole JSON line, and lines follow it; delete the file")
+            try:
+                item = json.loads(line) if line.endswith(b"\n") else None
+            except json.JSONDecodeError:
+                item = None
+            if item is None:
+                torn = number
+                continue
+            if not records or records[-1].chunk != item["chunk"]:
+                if records and item["chunk"] < records[-1].chunk:
+                    raise ValueError(f"{path}: line {number}: chunk {item['chunk']} after chunk {records[-1].chunk}")
+                records.append(ChunkRecord(item["chunk"], end))
+            records[-1].add(item["id"])
+            end += len(line)
+    return records, end
+
+
+def resume(path: Path, mine: Iterator[tuple[int, list[dict]]]) -> Iterator[tuple[int, list[dict]]]:
+    """The chunks of `mine` not yet in the items file at `path`. The file must hold a prefix of `mine` (a
+    run appends its chunks in order); the chunk a kill cut short, always the last, and a torn last line
+    are cut off the file. A chunk that holds other prompts than `mine` gives (the prompts file, --n,
+    --seed, --batch_size or WORLD_SIZE changed) is an error, not a silent mixture."""
+    records, end = scan_items(path)
+    pending = []
+    for i, rec in enumerate(records):
+        k, rows = next(mine, (None, []))
+        ids = [str(r["id"]) for r in rows[: rec.count]]
+        if rec.chunk != k or rec.count > len(rows) or rec.ids.hexdigest() != _digest(ids):
+            raise ValueError(
+                f"{path}: chunk {rec.chunk} (from byte {rec.start}) does not hold the prompts this run gives it "
+                f"(expected chunk {k} of {len(rows)} prompts); was the prompts file, --n, --seed, --batch_size or "
+                "the number of processes changed? Delete the file or write to another --output"
+            )
+        if rec.count < len(rows) and i < len(records) - 1:
+            raise ValueError(f"{path}: chunk {k} holds {rec.count} of its {len(rows)} prompts, yet chunks follow it")
+        if rec.count < len(rows):  # cut short by a kill: sampled again
+            end, pending = rec.start, [(k, rows)]
+    if path.is_file() and path.stat().st_size != end:
+        os.truncate(path, end)  # keeps a prefix of the file: no copy, whatever its size
+        logger.warning("%s: dropped an incomplete chunk or a torn line left by an interrupted run", path)
+    if records:
+        logger.warning("resuming: %d chunks already done in %s", len(records) - len(pending), path)
+    return itertools.chain(pending, mine)
+
+
+def run_chunks(
+    rows: Iterable[dict], size: int, paths: list[Path], work: Callable[[int, list[dict]], list[dict]], desc=None
+) -> None:
+    """`work(k, chunk k)` for this rank's chunks (rank r of W does k = r, r + W, ...) that the rank's items
+    file does not hold yet, each chunk's items appended and synced as soon as they are made, so a kill
+    loses at most the chunk in progress. A `.done` marker says the rank's file is complete."""
+    rank, world = shard()
+    path, done = paths[rank], Path(f"{paths[rank]}.done")
+    done.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    todo = resume(path, ((k, c) for k, c in chunked(rows, size) if k % world == rank))
+    with path.open("a") as f:
+        for k, chunk in tqdm(todo, desc=desc, disable=desc is None, leave=False):
+            f.write("".join(json.dumps(it) + "\n" for it in work(k, chunk)))
+            f.flush()
+            os.fsync(f.fileno())
+    done.touch()
+
+
+def wait_for(paths: list[Path], poll: float = 0.5) -> None:
+    """Until every rank's items file is complete (its `.done` marker): the ranks share no process group,
+    only the output folder, so this works across nodes on a shared file system too."""
+    markers = [Path(f"{p}.done") for p in paths]
+    while not all(m.exists() for m in markers):
+        time.sleep(poll)
+
+
+def clear_markers(paths: list[Path]) -> None:
+    for p in paths:
+        Path(f"{p}.done").unlink(missing_ok=True)
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    with path.open() as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def merged_items(paths: list[Path]) -> Iterator[dict]:
+    """Every rank's items in global chunk order, one line per file in memory. Chunk k lives in file k % W and
+    each file holds its chunks in increasing order (a resumed run appends after a prefix), so taking one
+    chunk from each file in turn gives chunks 0, 1, 2, ... with no sort."""
+    files = [itertools.groupby(_read_jsonl(p), key=lambda it: it["chunk"]) for p in paths]
+    for k in itertools.count():
+        chunk, items = next(files[k % len(files)], (None, None))
+        if chunk is None:
+            break
+        if chunk != k:
+            raise ValueError(f"{paths[k % len(files)]}: holds chunk {chunk} where chunk {k} belongs")
+        yield from items
+    for path, rest in zip(paths, files, strict=True):
+        if (left := next(rest, None)) is not None:
+            raise ValueError(f"{path}: holds chunk {left[0]} after the last whole run of chunks (chunk {k} missing)")
+
+
+def eval_chunk(model, tokenizer, adapter, task, rows: list[dict], s: SamplingArgs, chunk: int) -> list[dict]:
+    """The items of one chunk (one sampler batch, seeded `seed + chunk` as `evaluate` seeds its batches); the
+    first carries the batch's sampler statistics."""
+    texts, stats = sample_texts(model, tokenizer, adapter, [r["prompt"] for r in rows], s, s.seed + chunk)
+    scores = score_batch(task, rows, texts)
+    batch = {key: stats[key] for key in ("seconds", "tokens", "prompts_truncated")} | {"nfe": stats["nfe_per_batch"]}
+    items = [
+        {"id": r["id"], "prompt": r["prompt"], "response": t, "score": sc, "chunk": chunk}
+        for r, t, sc in zip(rows, texts, scores, strict=True)
+    ]
+    items[0]["batch"] = batch
+    return items
+
+
+def _sample(item: dict) -> dict:
+    return {key: item[key] for key in ("id", "prompt", "response", "score")}
+
+
+def run_eval(model, tokenizer, adapter, task, rows: Iterable[dict], s: SamplingArgs, output, desc=None) -> dict:
+    """`evaluate` over a stream of prompts, written to `output`: resumable and sharded as `run_chunks` says,
+    with items in `<output>.items[.rankR].jsonl`. Chunk k is `evaluate`'s batch k with its seed, so the
+    report equals `evaluate`'s however the run was split or interrupted. Rank 0 computes the report from the
+    merged items, streaming, writes it (items last) and removes the items files, so that a later run with
+    the same output starts afresh; it returns the report without its items, other ranks an empty dict."""
+    output = Path(output)
+    rank, world = shard()
+    paths = items_paths(output, "items", world)
+    run_chunks(rows, s.batch_size, paths, lambda k, c: eval_chunk(model, tokenizer, adapter, task, c, s, k), desc)
+    if rank != 0:
+        return {}
+    wait_for(paths)
+    moments, sampler = Moments(), dict.fromkeys(("nfe", "batches", "seconds", "tokens", "prompts_truncated"), 0)
+    for item in merged_items(paths):
+        moments.add(item["score"])
+        for key, value in item.get("batch", {}).items():
+            sampler[key] += value
+        sampler["batches"] += "batch" in item
+    if not moments.n:
+        raise ValueError(f"{task.name}: no prompts to evaluate")
+    report = _report(task, moments, sampler)
+    write_report(output, report, (_sample(it) for it in merged_items(paths)))
+    for p in paths:
+        p.unlink()
+    clear_markers(paths)
+    return report
+
+
+def write_report(path: Path, report: dict, samples: Iterable[dict]) -> None:
+    """`report` as JSON with `samples` as its last key, written item by item to a temporary file that then
+    replaces `path` (never a half-written report); reads as `json.dumps({**report, "samples": [...]})`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(json.dumps(report, indent=2)[:-2] + ',\n  "samples": [')
+        for i, sample in enumerate(samples):
+            f.write(("," if i else "") + "\n    " + json.dumps(sample))
+        f.write("\n  ]\n}\n")
+    os.replace(tmp, path)

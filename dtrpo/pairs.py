@@ -13,14 +13,23 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
-import time
-from dataclasses import asdict, replace
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dtrpo.evaluate import SamplingArgs, sample_texts
+from dtrpo.evaluate import (
+    SamplingArgs,
+    chunked,
+    clear_markers,
+    items_paths,
+    merged_items,
+    run_chunks,
+    sample_texts,
+    shard,
+    wait_for,
+)
 from dtrpo.tasks import score_batch
 
 PAIRINGS = ("best_worst", "all")
@@ -43,11 +52,11 @@ def form_pairs(scored: list[tuple[str, float]], pairing: str, max_pairs: int | N
     return pairs
 
 
-def _chunks(rows: list[dict], samples: int, sampling: SamplingArgs) -> list[list[dict]]:
-    """Prompts in chunks of one sampler batch each; chunk k is sampled with seed + k, so every prompt's
-    samples depend on its chunk only (a resumed or sharded run samples each chunk as a whole run does)."""
-    size = max(1, sampling.batch_size // samples)
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+def chunk_size(samples: int, sampling: SamplingArgs) -> int:
+    """Prompts per chunk: one sampler batch of `samples` responses each. Chunk k is sampled with seed + k, so
+    every prompt's samples depend on its chunk only (a resumed or sharded run samples each chunk as a whole
+    run does)."""
+    return max(1, sampling.batch_size // samples)
 
 
 def sample_chunk(model, tokenizer, adapter, task, rows, samples, sampling, chunk: int) -> tuple[list[dict], dict]:
@@ -104,15 +113,33 @@ def _provenance(model_name, task, samples, pairing, sampling) -> dict:
     }
 
 
-def summarize(items: list[dict], pairs: list[dict]) -> dict:
-    scores = [sc for it in items for sc in it["scores"]]
-    return {
-        "prompts": len(items),
-        "prompts_with_pairs": len({p["id"] for p in pairs}),
-        "pairs": len(pairs),
-        "empty_responses_dropped": sum(not t.strip() for it in items for t in it["responses"]),
-        "mean_score": sum(scores) / max(len(scores), 1),
-    }
+@dataclass
+class PairStats:
+    """Counts of a pair-building run, added one prompt at a time (no list of items or pairs is needed)."""
+
+    prompts: int = 0
+    prompts_with_pairs: int = 0
+    pairs: int = 0
+    empty_responses_dropped: int = 0
+    score_total: float = 0.0
+    scores: int = 0
+
+    def add(self, item: dict, pairs: list[dict]) -> None:
+        self.prompts += 1
+        self.prompts_with_pairs += bool(pairs)
+        self.pairs += len(pairs)
+        self.empty_responses_dropped += sum(not t.strip() for t in item["responses"])
+        self.score_total += sum(item["scores"])
+        self.scores += len(item["scores"])
+
+    def summary(self) -> dict:
+        return {
+            "prompts": self.prompts,
+            "prompts_with_pairs": self.prompts_with_pairs,
+            "pairs": self.pairs,
+            "empty_responses_dropped": self.empty_responses_dropped,
+            "mean_score": self.score_total / max(self.scores, 1),
+        }
 
 
 def build_pairs(
@@ -120,7 +147,7 @@ def build_pairs(
     tokenizer,
     adapter,
     task,
-    rows: list[dict],
+    rows: Iterable[dict],
     samples: int,
     sampling: SamplingArgs,
     pairing: str = "best_worst",
@@ -129,26 +156,34 @@ def build_pairs(
     desc: str | None = None,
     keep_items: bool = False,
 ) -> tuple[list[dict], dict]:
-    """Sample `samples` responses per prompt, score them, and return (pair rows, statistics). With
-    `keep_items`, the statistics also hold `items`: every prompt's id, responses and scores, pairs or not."""
+    """Sample `samples` responses per prompt, score them, and return (pair rows, statistics), in memory. With
+    `keep_items`, the statistics also hold `items`: every prompt's id, responses and scores, pairs or not.
+    For many prompts, `run_pairs` writes pairs to a file with bounded memory."""
     _check(samples, sampling)
     provenance = _provenance(model_name, task, samples, pairing, sampling)
-    items, nfe, seconds, tokens = [], 0.0, 0.0, 0.0
-    chunks = _chunks(rows, samples, sampling)
-    for k, chunk in enumerate(tqdm(chunks, desc=desc, disable=desc is None, leave=False)):
+    pairs, items, counts = [], [], PairStats()
+    nfe, seconds, tokens, batches = 0.0, 0.0, 0.0, 0
+    chunks = chunked(rows, chunk_size(samples, sampling))
+    for k, chunk in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
         got, stats = sample_chunk(model, tokenizer, adapter, task, chunk, samples, sampling, k)
-        items += got
-        nfe, seconds = nfe + stats["nfe_per_batch"], seconds + stats["seconds"]
-        tokens += stats["tokens_per_second"] * stats["seconds"]
-    pairs = [p for it in items for p in item_pairs(it, pairing, max_pairs_per_prompt, sampling.seed, provenance)]
+        nfe, seconds, tokens, batches = (
+            nfe + stats["nfe_per_batch"],
+            seconds + stats["seconds"],
+            tokens + stats["tokens"],
+            batches + 1,
+        )
+        for item in got:
+            mine = item_pairs(item, pairing, max_pairs_per_prompt, sampling.seed, provenance)
+            counts.add(item, mine)
+            pairs += mine
+            if keep_items:
+                items.append({**item, "pairs": len(mine)})
     stats = {
-        **summarize(items, pairs),
-        "nfe_per_batch": nfe / max(len(chunks), 1),
+        **counts.summary(),
+        "nfe_per_batch": nfe / max(batches, 1),
         "tokens_per_second": tokens / max(seconds, 1e-9),
         "seconds": seconds,
     }
-    for it in items:
-        it["pairs"] = sum(p["id"] == it["id"] for p in pairs)
     if keep_items:
         stats["items"] = items
     return pairs, stats
@@ -157,70 +192,37 @@ def build_pairs(
 def run_pairs(
     model, tokenizer, adapter, task, rows, samples, sampling, pairing, max_pairs_per_prompt, model_name, output, desc
 ) -> dict:
-    """`build_pairs` to files, resumable and sharded. Every chunk's items are appended to
-    `<output>.samples[.rankR].jsonl` as soon as they are scored; a rerun with the same output reads what
-    is there, drops a chunk left incomplete by a kill, and samples only the chunks not yet done (so no
-    prompt is done twice or lost, and the samples equal an uninterrupted run's). Under `torchrun`
-    (RANK, WORLD_SIZE) rank r does chunks r, r + W, ...; rank 0 waits for the others' files and writes
-    the pairs. The pairs file is written last, from the items, in prompt order."""
+    """`build_pairs` to files, resumable and sharded, with memory bounded by one chunk whatever the number of
+    prompts (`rows` may be a stream, such as `FileTask.stream`). Every chunk's items are appended to
+    `<output>.samples[.rankR].jsonl` as soon as they are scored; a rerun with the same output finds the
+    chunks done by reading that file a line at a time, cuts off a chunk left incomplete by a kill, and
+    samples only the chunks not yet done (so no prompt is done twice or lost, and the samples equal an
+    uninterrupted run's). Under `torchrun` (RANK, WORLD_SIZE) rank r does chunks r, r + W, ...; rank 0
+    waits for the others' files, merges them in chunk order (prompt order) and writes each prompt's pairs as
+    it reads them. Returns the statistics on rank 0, an empty dict on the others."""
     _check(samples, sampling)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     output = Path(output)
-    items_path = _items_path(output, rank, world)
-    chunks = _chunks(rows, samples, sampling)
-    done = _complete_chunks(items_path, chunks)
-    todo = [k for k in range(len(chunks)) if k % world == rank and k not in done]
-    if done:
-        print(f"resuming: {len(done)} chunks of prompts already sampled in {items_path}", file=sys.stderr)
-    with items_path.open("a") as f:
-        for k in tqdm(todo, desc=desc, disable=desc is None, leave=False):
-            got, _ = sample_chunk(model, tokenizer, adapter, task, chunks[k], samples, sampling, k)
-            f.write("".join(json.dumps(it) + "\n" for it in got))
-            f.flush()
-            os.fsync(f.fileno())
-    Path(f"{items_path}.done").touch()
+    rank, world = shard()
+    paths = items_paths(output, "samples", world)
+
+    def work(k: int, chunk: list[dict]) -> list[dict]:
+        return sample_chunk(model, tokenizer, adapter, task, chunk, samples, sampling, k)[0]
+
+    run_chunks(rows, chunk_size(samples, sampling), paths, work, desc)
     if rank != 0:
         return {}
-    paths = [_items_path(output, r, world) for r in range(world)]
-    while not all(Path(f"{p}.done").exists() for p in paths):  # the other ranks' shards
-        time.sleep(1)
-    order = {row["id"]: i for i, row in enumerate(rows)}
-    items = sorted((it for p in paths for it in _read_items(p)), key=lambda it: order.get(it["id"], len(order)))
+    wait_for(paths)
     provenance = _provenance(model_name, task, samples, pairing, sampling)
-    pairs = [p for it in items for p in item_pairs(it, pairing, max_pairs_per_prompt, sampling.seed, provenance)]
-    write_jsonl(pairs, output)
-    for p in paths:
-        Path(f"{p}.done").unlink(missing_ok=True)
-    return {**summarize(items, pairs), "items_file": [str(p) for p in paths]}
-
-
-def _items_path(output: Path, rank: int, world: int) -> Path:
-    return output.with_suffix(".samples.jsonl" if world == 1 else f".samples.rank{rank}.jsonl")
-
-
-def _read_items(path: Path) -> list[dict]:
-    """The items of a file; a last line cut by a kill is dropped."""
-    items = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            items.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return items
-
-
-def _complete_chunks(path: Path, chunks: list[list[dict]]) -> set[int]:
-    """Chunks whose every prompt is in the items file; the file is rewritten without incomplete ones."""
-    items = _read_items(path)
-    have: dict[int, set] = {}
-    for it in items:
-        have.setdefault(it["chunk"], set()).add(it["id"])
-    done = {k for k, ids in have.items() if k < len(chunks) and ids == {r["id"] for r in chunks[k]}}
-    keep = [it for it in items if it["chunk"] in done]
-    lines = path.read_text().splitlines() if path.is_file() else []
-    if len(keep) != len(lines):  # an incomplete chunk or a line cut by a kill: rewrite without them
-        write_jsonl(keep, path)
-    return done
+    counts = PairStats()
+    tmp = output.with_name(f".{output.name}.tmp")
+    with tmp.open("w") as f:
+        for item in merged_items(paths):
+            pairs = item_pairs(item, pairing, max_pairs_per_prompt, sampling.seed, provenance)
+            counts.add(item, pairs)
+            f.write("".join(json.dumps(p) + "\n" for p in pairs))
+    os.replace(tmp, output)
+    clear_markers(paths)
+    return {**counts.summary(), "items_file": [str(p) for p in paths]}
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:

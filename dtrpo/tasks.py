@@ -253,17 +253,14 @@ class FileTask:
 
     def prompts(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
         """The rows of `split`: all of them in file order, or at most `n` drawn with `seed` (kept in file order)."""
+        return list(self.stream(split, n, seed))
+
+    def stream(self, split: str, n: int | None = None, seed: int = 0) -> Iterator[dict]:
+        """`prompts` one row at a time: without `n`, read lazily, so a consumer that keeps one chunk of rows
+        holds one chunk of the file; with `n`, the n rows drawn (reservoir sampling keeps only those)."""
         _check_split(split)
         rows = (row for row in self.rows() if row.get("split", split) == split)
-        if n is None:
-            return list(rows)
-        rng, kept = random.Random(seed), []  # reservoir sampling: n rows in memory, whatever the file size
-        for i, row in enumerate(rows):
-            if i < n:
-                kept.append((i, row))
-            elif (j := rng.randrange(i + 1)) < n:
-                kept[j] = (i, row)
-        return [row for _, row in sorted(kept, key=lambda t: t[0])]
+        return rows if n is None else iter(_reservoir(rows, n, seed))
 
     def score(self, row: dict, response: str) -> float:
         if self.reward is not None:
@@ -272,6 +269,24 @@ class FileTask:
             return float(response.strip() == row["answer"].strip())
         got = last_number(response)
         return float(got is not None and abs(got - last_number(row["answer"])) <= NUMERIC_TOL)
+
+
+def _reservoir(rows: Iterator[dict], n: int, seed: int) -> list[dict]:
+    """At most `n` of `rows` drawn uniformly with `seed`, in their original order; n rows in memory."""
+    rng, kept = random.Random(seed), []
+    for i, row in enumerate(rows):
+        if i < n:
+            kept.append((i, row))
+        elif (j := rng.randrange(i + 1)) < n:
+            kept[j] = (i, row)
+    return [row for _, row in sorted(kept, key=lambda t: t[0])]
+
+
+def stream_prompts(task: Task, split: str, n: int | None = None, seed: int = 0) -> Iterator[dict]:
+    """A task's prompts one row at a time: a prompts file streams them (`FileTask.stream`); a task that only
+    has `prompts` (the built-ins, which make their rows in memory) gives its list."""
+    stream = getattr(task, "stream", None)
+    return stream(split, n, seed) if stream is not None else iter(task.prompts(split, n, seed))
 
 
 REWARD_SIGNATURE = "reward(prompt, response) -> float or reward(prompt, response, row) -> float"

@@ -230,3 +230,22 @@ def test_gsm8k_layout_with_prompt_field_and_numeric_match(tmp_path):
     assert score_batch(task, got, ["6", "108"]) == [0.0, 0.0]
     with pytest.raises(ValueError, match="field 'prompt' is missing"):
         load_task(str(path), match="numeric")
+
+
+def test_a_prompts_file_streams_lazily_and_as_prompts_gives_it(tmp_path):
+    """`stream` reads a row only when asked: the first rows come before a bad line later in the file is read
+    (`prompts`, a list, reads to it and fails); whole, and with `n`, it gives exactly `prompts`."""
+    from dtrpo.tasks import Arithmetic, FileTask, stream_prompts
+
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": f"{a}+1=", "answer": str(a + 1)} for a in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    task = FileTask(path)
+    stream = task.stream("train")
+    assert [next(stream)["id"] for _ in range(6)] == [str(i) for i in range(6)]
+    with pytest.raises(ValueError, match="line 7"):
+        task.prompts("train")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert list(task.stream("heldout")) == task.prompts("heldout")
+    assert list(task.stream("train", 3, seed=2)) == task.prompts("train", 3, seed=2)
+    assert list(stream_prompts(Arithmetic(), "train", 5)) == Arithmetic().prompts("train", 5)  # a built-in: its list
