@@ -621,6 +621,26 @@ def test_gpu_bf16_flex_attention_and_checkpointing(family, flex_checkpoints):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["sdar", "fast_dllm_v2"])
+def test_gpu_flex_equals_sdpa_on_padding_free_pairs(family, flex_checkpoints):
+    """Several pairs packed into one row: the flex `BlockMask` gives the dense SDPA mask's log-probs."""
+    from tests.test_masking_pairs import pairs_batch
+
+    p, c, r = zip(*[(5, 4, 4), (3, 1, 1), (4, 1, 2), (2, 1, 1)], strict=True)
+    got = {}
+    for attn in ("sdpa", "flex_attention"):
+        model, _, adapter = load_model(flex_checkpoints[family], attn_implementation=attn, device="cuda")
+        adapter = adapter.with_block_size(4)
+        cpu, noisy = pairs_batch(p, c, r, adapter.mask_token_id, 4, True)
+        batch = Batch(*(x.cuda() for x in (cpu.prompt_ids, cpu.prompt_valid, cpu.response_ids, cpu.response_valid)))
+        batch = replace(batch, pairs=True, pack=True)
+        with torch.no_grad():
+            got[attn], _ = position_logprobs(adapter, model, batch, noisy.cuda(), batch.response_valid, "packed")
+    torch.testing.assert_close(got["flex_attention"], got["sdpa"], atol=1e-4, rtol=0)
+
+
 # ----------------------------------------------------------------------------- training
 
 
