@@ -31,3 +31,16 @@ def test_activation_checkpointing_keeps_the_packed_gradients(tmp_path, tokenizer
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4)
+
+
+def test_eager_and_sdpa_attention_give_the_same_packed_log_probs(tmp_path, tokenizer):
+    """The additive mask is what both backends add: eager (plain softmax of QK^T + mask) gives SDPA's numbers."""
+    path = init_tiny(tmp_path / "tiny", block_size=4, hidden_size=32)
+    batch, *_ = make_batch(tokenizer)
+    got = {}
+    for backend in ("sdpa", "eager"):
+        model, _, adapter = load_model(path, attn_implementation=backend)
+        states = draw(adapter, batch, [1, 2, 3], EstimatorConfig(steps_per_block=2))
+        with torch.no_grad():
+            got[backend], _ = score(adapter, model, batch, states)
+    torch.testing.assert_close(got["eager"], got["sdpa"], atol=1e-5, rtol=0)

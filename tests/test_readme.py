@@ -62,6 +62,8 @@ def scaled(words: list[str]) -> list[str]:
     out = [small.get(words[i - 1], w) if i else w for i, w in enumerate(words)]
     if words[0] == "eval" and "--compare" not in words and "--n" not in words:
         out += ["--n", small["--n"]]
+    if words[0] == "sft":
+        out += ["--logging_steps", "1"]  # every step's loss, to see it fall (the default logs every 10)
     return out
 
 

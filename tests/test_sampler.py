@@ -32,7 +32,9 @@ class PositionModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, use_cache=False, **kwargs):
         assert "cache" not in kwargs, "the mock has no KV cache"
-        self.calls.append(SimpleNamespace(width=input_ids.shape[1], mask=attention_mask, position_ids=position_ids))
+        self.calls.append(
+            SimpleNamespace(width=input_ids.shape[1], mask=attention_mask == 0, position_ids=position_ids)
+        )
         logits = torch.stack([torch.stack([self.fn(int(p)) for p in row]) for row in position_ids])  # (B, S, V)
         if isinstance(logits_to_keep, torch.Tensor):
             logits = logits[logits_to_keep]
