@@ -116,3 +116,22 @@ def test_an_examples_draw_does_not_depend_on_its_batch_width():
     padded = draw_block_states(wide, valid, [5], MASK, 4, 2)
     assert torch.equal(padded.noisy_ids[:, :8], alone.noisy_ids)
     assert torch.equal(padded.weights[:, :8], alone.weights) and (padded.weights[:, 8:] == 0).all()
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("prompt_causal, full", [(False, False), (True, False), (False, True)])
+def test_dense_mask_by_runs_equals_the_rule_token_by_token(absolute, prompt_causal, full):
+    """`dense_mask` evaluates the rule once per run of equal descriptors; torch's `create_mask` evaluates
+    the flex `mask_mod` (the same rule) at every (query, key). They agree on padded packed and single
+    layouts with mixed prompt and response lengths."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from dtrpo.masking import packed_layout, single_layout
+    from tests.test_masking_pairs import pairs_batch
+
+    batch, noisy = pairs_batch((5, 3, 7, 2), (2, 1, 3, 1), (1, 2, 1, 3), 99, 4, absolute)
+    args = (batch.prompt_ids, batch.prompt_valid, batch.response_ids, batch.response_valid)
+    for lay in (packed_layout(*args, noisy, 4, absolute), single_layout(*args, 4, absolute)):
+        B, S = lay.input_ids.shape
+        want = create_mask(lay.mask_mod(prompt_causal, full), B, 1, S, S, device="cpu")
+        assert torch.equal(lay.dense_mask(prompt_causal, full), want)
