@@ -83,7 +83,7 @@ class EstimatorConfig:
     )
 
     def __post_init__(self) -> None:
-        self.validate_estimator()
+        self.validate_estimator(getattr(self, "block_size", None))  # a DTRPOConfig may know the block size
         parent = getattr(super(), "__post_init__", None)  # the next config in a subclass's MRO
         if parent is not None:
             parent()
@@ -108,8 +108,8 @@ class EstimatorConfig:
         return EstimatorConfig(**{f.name: getattr(self, f.name) for f in fields(EstimatorConfig)})
 
     def steps(self, block_size: int) -> int:
-        """T_B for a block of `block_size` (the block size itself when unset: one token per step)."""
-        self.validate_estimator(block_size)
+        """T_B for a block of `block_size` (the block size itself when unset: one token per step); whether it
+        divides the block size is checked by the draw (`masking.uniform_step_size`)."""
         return self.steps_per_block or block_size
 
 

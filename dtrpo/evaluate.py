@@ -136,6 +136,13 @@ class Moments:
     m2: float = 0.0  # sum of squared deviations from the running mean
     binary: bool = True  # every score 0 or 1
 
+    @classmethod
+    def of(cls, scores: Iterable[float]) -> Moments:
+        moments = cls()
+        for score in scores:
+            moments.add(score)
+        return moments
+
     def add(self, score: float) -> None:
         before = self.total / self.n if self.n else 0.0
         self.n, self.total = self.n + 1, self.total + score
@@ -158,10 +165,7 @@ class Moments:
 
 def interval95(scores: list[float]) -> tuple[float, float]:
     """Wilson score interval for 0/1 scores, the normal interval of the mean otherwise."""
-    moments = Moments()
-    for score in scores:
-        moments.add(score)
-    return moments.interval95()
+    return Moments.of(scores).interval95()
 
 
 def _report(task, moments: Moments, sampler: dict) -> dict:
@@ -186,9 +190,7 @@ def evaluate(model, tokenizer, adapter, task, rows: list[dict], s: SamplingArgs,
         raise ValueError(f"{task.name}: no prompts to evaluate")
     texts, stats = sample_texts(model, tokenizer, adapter, [r["prompt"] for r in rows], s, s.seed, desc)
     scores = score_batch(task, rows, texts)
-    moments = Moments()
-    for score in scores:
-        moments.add(score)
+    moments = Moments.of(scores)
     batches = math.ceil(len(rows) / s.batch_size)
     sampler = {**stats, "nfe": stats["nfe_per_batch"] * batches, "batches": batches}
     return {

@@ -118,7 +118,6 @@ class DTRPOConfig(DiffusionArguments, EstimatorConfig, TrainingArguments):
             raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.rpo_alpha < 0:
             raise ValueError(f"--rpo_alpha must be >= 0, got {self.rpo_alpha}")
-        self.validate_estimator(self.block_size)  # T_B against the model's block size again at trainer start
         super().__post_init__()
 
 

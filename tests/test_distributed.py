@@ -18,29 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrpo import DTRPOConfig, DTRPOTrainer
+from dtrpo import DTRPOTrainer
 from dtrpo.distributed import prepare_reference, reference_copy
 from dtrpo.models import init_tiny, make_tiny_model
+from tests.test_reference import config
 
 FSDP2 = {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["Qwen3DecoderLayer"], "reshard_after_forward": True}
-
-
-def config(out, **kw) -> DTRPOConfig:
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        max_steps=4,  # 8 pairs in global batches of 4: two epochs
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        save_strategy="no",
-        disable_tqdm=True,
-        report_to=[],
-        logging_steps=1,
-        steps_per_block=2,
-    )
-    return DTRPOConfig(**{**base, **kw})
 
 
 class CPUFSDPTrainer(DTRPOTrainer):
