@@ -274,9 +274,9 @@ def _dataset(name: str, split: str):
     if path.is_file() or (path.is_dir() and not (path / "dataset_dict.json").is_file()):
         return name  # read by dtrpo.data, which names file, line and field in its errors
     if path.is_dir():
-        import datasets
+        from dtrpo.data import load_rows
 
-        dd = datasets.load_from_disk(str(path))
+        dd = load_rows(path, splits=True)  # a damaged file is named, not a pyarrow traceback
         if split not in dd:
             raise ValueError(f"{name}: no split {split!r} (it has {sorted(dd)})")
         return dd[split]

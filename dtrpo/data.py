@@ -73,8 +73,11 @@ Rows = str | os.PathLike | datasets.Dataset | list[dict]
 # ----------------------------------------------------------------------------- files
 
 
-def load_rows(path: str | os.PathLike) -> datasets.Dataset:
-    """The rows of a .jsonl, .json or .parquet file, or of a `save_to_disk` folder, as a Dataset."""
+def load_rows(path: str | os.PathLike, splits: bool = False) -> datasets.Dataset | datasets.DatasetDict:
+    """The rows of a .jsonl, .json or .parquet file, or of a `save_to_disk` folder, as a Dataset (a folder of
+    several splits: its DatasetDict when `splits`)."""
+    if splits and Path(path).is_dir():
+        return _load_from_disk(Path(path), splits=True)
     rows, _ = _read(Path(path))
     return rows if isinstance(rows, datasets.Dataset) else _to_dataset(rows, str(path))
 
@@ -127,6 +130,8 @@ def json_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 yield number, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
+            except RecursionError:
+                raise ValueError(f"{path}: line {number}: JSON nested too deeply to read") from None
 
 
 def _utf8(raw: bytes, path: Path, line: int) -> str:
@@ -145,6 +150,8 @@ def _json_list(path: Path) -> Iterator[tuple[int, Any]]:
         items = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
     decoder, space = json.JSONDecoder(), re.compile(r"[\s,]*")
     pos, line, counted = space.match(text, text.index("[") + 1).end(), 1, 0
     for item in items:  # a second pass over valid JSON, for the line each item starts on
@@ -154,12 +161,14 @@ def _json_list(path: Path) -> Iterator[tuple[int, Any]]:
         pos = space.match(text, end).end()
 
 
-def _load_from_disk(path: Path) -> datasets.Dataset:
+def _load_from_disk(path: Path, splits: bool = False) -> datasets.Dataset | datasets.DatasetDict:
     try:
         data = datasets.load_from_disk(str(path))
     except FileNotFoundError:
         raise ValueError(f"{path}: a folder, but not one written by Dataset.save_to_disk") from None
-    if isinstance(data, datasets.DatasetDict):
+    except (pa.ArrowException, OSError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable dataset folder (a damaged file? {type(e).__name__}: {e})") from None
+    if isinstance(data, datasets.DatasetDict) and not splits:
         if len(data) != 1:
             raise ValueError(f"{path}: holds splits {sorted(data)}; pass one split's folder, e.g. {path / 'train'}")
         data = next(iter(data.values()))
@@ -173,19 +182,51 @@ def _to_dataset(rows: list[dict], source: str) -> datasets.Dataset:
         raise ValueError(f"{source}: rows do not fit one table (a field of several types?): {e}") from None
 
 
-def _rows(data: Rows) -> tuple[Any, str, list[int] | None]:
-    """Iterable rows, their source name, and the file line of each row (None: not a JSON file)."""
+def _rows(data: Rows) -> tuple[Iterator[tuple[str, Any]], str]:
+    """(where, row) of each row, where naming it as errors do, and the source's name. JSON files are read one
+    line (or one list item) at a time, Datasets one row at a time: memory holds the rows being tokenized."""
     if isinstance(data, (str, os.PathLike)):
-        rows, lines = _read(Path(data))
-        return rows, str(data), lines
-    if isinstance(data, (datasets.Dataset, list)):
-        return data, MEMORY, None
-    raise TypeError(f"data must be a path, a datasets.Dataset or a list of dicts, got {type(data).__name__}")
+        path = Path(data)
+        if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
+            return ((f"{path}: line {line}", _object(row, path, line)) for line, row in json_rows(path)), str(path)
+        data, source = _read(path)[0], str(path)
+    elif isinstance(data, datasets.Dataset):
+        source = dataset_source(data)
+    elif isinstance(data, list):
+        source = MEMORY
+    else:
+        raise TypeError(f"data must be a path, a datasets.Dataset or a list of dicts, got {type(data).__name__}")
+    return ((f"{source}: row {i + 1}", row) for i, row in enumerate(data)), source
+
+
+def _object(row: Any, path: Path, line: int) -> dict:
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}: line {line}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def dataset_source(data: datasets.Dataset) -> str:
+    """How errors name a Dataset's rows: the folder of its Arrow files (or its name) and its split; "<memory>"
+    for one built in memory."""
+    files = [f["filename"] for f in data.cache_files]
+    name = str(Path(files[0]).parent) if files else (data.info.dataset_name or MEMORY)
+    return f"{name} (split {str(data.split)!r})" if data.split is not None else name
 
 
 def _place(source: str, lines: list[int] | None, i: int) -> str:
     """Where row i is, as errors name it: the file line of a JSON file, else the row counted from 1."""
     return f"{source}: line {lines[i]}" if lines else f"{source}: row {i + 1}"
+
+
+def _batched(rows: Iterator, size: int) -> Iterator[list]:
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 # ----------------------------------------------------------------------------- row validation
@@ -206,6 +247,9 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+ROLES = ("system", "user", "assistant", "tool")  # a template may render any other role as some turn: refused
+
+
 def _messages(value: Any, where: str, field: str) -> list[dict]:
     """A validated list of `{role, content}` string messages (keys Arrow filled with None dropped)."""
     if not isinstance(value, list):
@@ -214,8 +258,20 @@ def _messages(value: Any, where: str, field: str) -> list[dict]:
     for j, m in enumerate(value):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise _error(where, f"{field}[{j}]", f"must be a message {{'role': str, 'content': str}}, got {m!r}")
+        if m["role"] not in ROLES:
+            raise _error(where, f"{field}[{j}]", f"has the unknown role {m['role']!r} (one of {', '.join(ROLES)})")
+        unicode_text(m["content"], where, f"{field}[{j}]")
         out.append({k: v for k, v in m.items() if v is not None})
     return out
+
+
+def unicode_text(text: str, where: str, field: str) -> str:
+    """Text that can be encoded: a lone surrogate (JSON's "\\ud83d" without its pair) cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _error(where, field, f"holds a lone surrogate {text[e.start]!r} at character {e.start + 1}") from None
+    return text
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str, field: str) -> str:
@@ -223,13 +279,72 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str
         raise _error(where, field, "is empty")
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{where}: field '{field}' is a conversation but the tokenizer has no chat template")
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return render_chat(tokenizer, messages, where, field)
 
 
 def _nonempty(text: str, where: str, field: str) -> str:
     if not text.strip():
         raise _error(where, field, "is empty")
-    return text
+    return unicode_text(text, where, field)
+
+
+class Rendered(str):
+    """A chat-template rendering: the template's own special tokens (turn markers, EOS) stay special when it is
+    tokenized, while the messages' text cannot make one. `pieces` is the text cut into (text, is_template)."""
+
+    pieces: tuple[tuple[str, bool], ...]
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str = MEMORY, field: str = "prompt"):
+    """The chat template applied with a generation prompt, as a `Rendered` text. A message holding a special
+    token's text is rendered around a placeholder so that its content can be tokenized apart, as plain text."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    if not any(t in m["content"] for m in messages for t in specials):
+        return _rendered(text, ((text, True),))
+    marks = [f"\x00{j}\x00" for j in range(len(messages))]
+    held = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
+    template = tokenizer.apply_chat_template(held, add_generation_prompt=True, tokenize=False)
+    pieces = []
+    for m, mark in zip(messages, marks, strict=True):
+        before, found, template = template.partition(mark)
+        if not found:
+            raise _error(where, field, "holds a special token's text and the chat template changes message text")
+        pieces += [(before, True), (m["content"], False)]
+    pieces.append((template, True))
+    if "".join(p for p, _ in pieces) != text:
+        raise _error(where, field, "holds a special token's text and the chat template changes message text")
+    return _rendered(text, tuple(p for p in pieces if p[0]))
+
+
+def _rendered(text: str, pieces: tuple) -> Rendered:
+    out = Rendered(text)
+    out.pieces = pieces
+    return out
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of user texts without added special tokens: a special token's text in plain text (a literal
+    "<eos>") is tokenized as text, never as the token; a `Rendered` chat keeps only its template's specials."""
+    out = [None] * len(texts)
+    for template in (False, True):  # plain texts, then chats whose text is all template or clean content
+        rows = [i for i, t in enumerate(texts) if isinstance(t, Rendered) == template and len(_pieces(t)) == 1]
+        if rows:
+            ids = tokenizer([texts[i] for i in rows], add_special_tokens=False, split_special_tokens=not template)
+            for i, row_ids in zip(rows, ids["input_ids"], strict=True):
+                out[i] = row_ids
+    for i, text in enumerate(texts):
+        if out[i] is None:  # a chat whose messages hold a special token's text: piece by piece
+            out[i] = [t for piece, template in text.pieces for t in _encode_piece(tokenizer, piece, template)]
+    return out
+
+
+def _pieces(text: str) -> tuple:
+    return text.pieces if isinstance(text, Rendered) else ((text, False),)
+
+
+def _encode_piece(tokenizer: PreTrainedTokenizerBase, text: str, template: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=not template)["input_ids"]
 
 
 def _prompt_text(value: Any, tokenizer: PreTrainedTokenizerBase, where: str, field: str = "prompt") -> str:
@@ -321,13 +436,13 @@ def _sft_row(
     return _prompt_text(prompt, tokenizer, where), response, key
 
 
-def _response_field(rows) -> str:
-    """The SFT response field the data uses: `response` when no row has `completion`."""
-    if isinstance(rows, datasets.Dataset):
-        names = set(rows.column_names)
-    else:
-        names = {k for row in rows if isinstance(row, dict) for k in row if row[k] is not None}
-    return "response" if "response" in names and "completion" not in names else "completion"
+def _response_field(rows: list, key: str = "completion") -> str:
+    """The SFT response field the data uses, as far as read: `response` once rows have it and none has
+    `completion` (then named when a row has neither)."""
+    names = {k for row in rows if isinstance(row, dict) for k in row if row[k] is not None}
+    if "completion" in names:
+        return "completion"
+    return "response" if "response" in names else key
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -360,8 +475,7 @@ def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.eos_token_id
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+_encode = encode_text
 
 
 def keep_prompt_end(ids: list[int], max_len: int | None, grid: int | None = None) -> tuple[list[int], bool]:
@@ -454,6 +568,25 @@ def _fit_sft(p, r, eos: int, limits: _Limits, where: str, field: str) -> dict[st
 # ----------------------------------------------------------------------------- datasets
 
 
+CHUNK = 1024  # rows validated and tokenized at a time: memory holds one chunk's texts and the tokenized table
+
+
+class _Table:
+    """Tokenized columns grown one chunk at a time as int32 Arrow lists (about 4 bytes a token), never as the
+    Python lists of every row (about 40 bytes a token)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names, self.chunks = names, {n: [] for n in (*names, "index")}
+
+    def add(self, examples: list[dict], index: list[int]) -> None:
+        for name in self.names:
+            self.chunks[name].append(pa.array([e[name] for e in examples], type=pa.list_(pa.int32())))
+        self.chunks["index"].append(pa.array(index, type=pa.int64()))
+
+    def dataset(self) -> datasets.Dataset:
+        return datasets.Dataset(pa.table({n: pa.chunked_array(c) for n, c in self.chunks.items()}))
+
+
 def build_preference_dataset(
     data: Rows,
     tokenizer: PreTrainedTokenizerBase,
@@ -465,44 +598,43 @@ def build_preference_dataset(
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Tokenized preference pairs (`prompt_ids`, `chosen_ids`, `rejected_ids`, `index`) and counts.
 
-    `data` is a path (see `load_rows`), a Dataset or a list of dicts. The stats are `rows`, `kept`,
-    `identical_dropped`, `prompts_truncated` and `responses_truncated`.
+    `data` is a path (see `load_rows`), a Dataset or a list of dicts, read and tokenized `CHUNK` rows at a
+    time. The stats are `rows`, `kept`, `identical_dropped`, `prompts_truncated` and `responses_truncated`.
     """
     limits = _Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
     eos = _eos(tokenizer)
-    rows, source, lines = _rows(data)
-    texts, index, identical = [], [], []
-    for i, row in enumerate(rows):
-        t = preference_texts(row, tokenizer, _place(source, lines, i))
-        if t is None:
-            identical.append(i)
-        else:
-            texts.append(t)
-            index.append(i)
-    n = len(index) + len(identical)
+    rows, source = _rows(data)
+    table, n, identical = _Table(("prompt_ids", "chosen_ids", "rejected_ids")), 0, []
+    stats = dict.fromkeys(("prompts_truncated", "responses_truncated"), 0)
+    for chunk in _batched(rows, CHUNK):
+        texts, index, places = [], [], []
+        for where, row in chunk:
+            t = preference_texts(row, tokenizer, where)
+            if t is None:
+                identical.append(where)
+            else:
+                texts.append(t)
+                index.append(n)
+                places.append(where)
+            n += 1
+        p, c, r = (_encode(tokenizer, [t[k] for t in texts]) for k in range(3))
+        examples = [_fit_preference(*ids, eos, limits, w) for *ids, w in zip(p, c, r, places, strict=True)]
+        stats["prompts_truncated"] += sum(e["prompt_truncated"] for e in examples)
+        stats["responses_truncated"] += sum(e["responses_truncated"] for e in examples)
+        table.add(examples, index)
+    kept = n - len(identical)
     if identical:
-        unit = "lines" if lines else "rows"
-        shown = unit + " " + ", ".join(_place(source, lines, i).rpartition(" ")[2] for i in identical[:10])
+        unit = "lines" if ": line " in identical[0] else "rows"
+        shown = unit + " " + ", ".join(w.rpartition(" ")[2] for w in identical[:10])
         shown += ", ..." if len(identical) > 10 else ""
         warnings.warn(
             f"{source}: dropped {len(identical)} of {n} rows whose chosen equals rejected ({shown})", stacklevel=2
         )
-    if not index:
+    if not kept:
         raise ValueError(f"{source}: no usable rows ({n} rows, {len(identical)} with chosen equal to rejected)")
-    p, c, r = (_encode(tokenizer, [t[k] for t in texts]) for k in range(3))
-    examples = [
-        _fit_preference(*ids, eos, limits, _place(source, lines, i)) for *ids, i in zip(p, c, r, index, strict=True)
-    ]
-    stats = {
-        "rows": n,
-        "kept": len(index),
-        "identical_dropped": len(identical),
-        "prompts_truncated": sum(e["prompt_truncated"] for e in examples),
-        "responses_truncated": sum(e["responses_truncated"] for e in examples),
-    }
+    stats = {"rows": n, "kept": kept, "identical_dropped": len(identical), **stats}
     logger.info("%s: preference data %s", source, stats)
-    columns = {k: [e[k] for e in examples] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-    return datasets.Dataset.from_dict({**columns, "index": index}), stats
+    return table.dataset(), stats
 
 
 def build_sft_dataset(
@@ -515,28 +647,26 @@ def build_sft_dataset(
     absolute: bool = False,
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Tokenized SFT examples (`prompt_ids`, `response_ids`, `index`) and counts (`rows`, `kept`,
-    `prompts_truncated`, `responses_truncated`)."""
+    `prompts_truncated`, `responses_truncated`), read and tokenized `CHUNK` rows at a time."""
     limits = _Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
     eos = _eos(tokenizer)
-    rows, source, lines = _rows(data)
-    key = _response_field(rows)
-    texts = [_sft_row(row, tokenizer, _place(source, lines, i), key) for i, row in enumerate(rows)]
-    if not texts:
+    rows, source = _rows(data)
+    table, n, key = _Table(("prompt_ids", "response_ids")), 0, "completion"
+    stats = dict.fromkeys(("prompts_truncated", "responses_truncated"), 0)
+    for chunk in _batched(rows, CHUNK):
+        key = _response_field([row for _, row in chunk], key)
+        texts = [(*_sft_row(row, tokenizer, where, key), where) for where, row in chunk]
+        p, r = (_encode(tokenizer, [t[k] for t in texts]) for k in range(2))
+        examples = [_fit_sft(pi, ri, eos, limits, t[3], t[2]) for pi, ri, t in zip(p, r, texts, strict=True)]
+        stats["prompts_truncated"] += sum(e["prompt_truncated"] for e in examples)
+        stats["responses_truncated"] += sum(e["response_truncated"] for e in examples)
+        table.add(examples, list(range(n, n + len(chunk))))
+        n += len(chunk)
+    if not n:
         raise ValueError(f"{source}: no rows")
-    p, r = (_encode(tokenizer, [t[k] for t in texts]) for k in range(2))
-    examples = [
-        _fit_sft(pi, ri, eos, limits, _place(source, lines, i), t[2])
-        for i, (pi, ri, t) in enumerate(zip(p, r, texts, strict=True))
-    ]
-    stats = {
-        "rows": len(texts),
-        "kept": len(texts),
-        "prompts_truncated": sum(e["prompt_truncated"] for e in examples),
-        "responses_truncated": sum(e["response_truncated"] for e in examples),
-    }
+    stats = {"rows": n, "kept": n, **stats}
     logger.info("%s: SFT data %s", source, stats)
-    columns = {k: [e[k] for e in examples] for k in ("prompt_ids", "response_ids")}
-    return datasets.Dataset.from_dict({**columns, "index": list(range(len(texts)))}), stats
+    return table.dataset(), stats
 
 
 # ----------------------------------------------------------------------------- collation

@@ -16,7 +16,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from dtrpo.data import keep_prompt_end
+from dtrpo.data import encode_text, keep_prompt_end, render_chat
 from dtrpo.sampler import REMASKING, generate
 from dtrpo.tasks import score_batch
 
@@ -74,11 +74,9 @@ def encode_prompt(
 ) -> tuple[list[int], bool]:
     """Token ids of a prompt (in the chat template when `chat`), cut as training cuts it (its last tokens;
     a multiple of `grid` dropped on an absolute block grid), and whether it was cut."""
-    if chat:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-    return keep_prompt_end(tokenizer(text, add_special_tokens=False)["input_ids"], max_prompt_length, grid)
+    if chat:  # the template's special tokens stay special; the prompt's own text never makes one
+        text = render_chat(tokenizer, [{"role": "user", "content": text}])
+    return keep_prompt_end(encode_text(tokenizer, [text])[0], max_prompt_length, grid)
 
 
 def encode_prompts(tokenizer, texts: list[str], s: SamplingArgs, adapter=None) -> tuple[list[list[int]], int]:

@@ -26,7 +26,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Protocol
 
-from dtrpo.data import json_rows
+from dtrpo.data import json_rows, unicode_text
 
 SPLITS = ("train", "heldout")
 MATCHES = ("exact", "numeric")
@@ -343,6 +343,7 @@ def _check_row(where: str, row: object, index: int, task: FileTask) -> dict:
         raise ValueError(f"{where}: field {task.prompt_field!r} is missing; the row has keys {sorted(row)}")
     if not isinstance(prompt, str):
         raise ValueError(f"{where}: field {task.prompt_field!r} must be a string, got {type(prompt).__name__}")
+    unicode_text(prompt, where, task.prompt_field)
     row = {**row, "prompt": prompt}
     has_reward = task.reward is not None
     if "answer" not in row and not has_reward:

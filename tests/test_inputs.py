@@ -38,3 +38,102 @@ def test_preset_values_of_the_right_type_pass(tmp_path):
     script, config = parse_preset(tmp_path, text)
     assert config.beta == 1 and config.loss_type == ["sigmoid"] and config.max_steps == 3
     assert config.lr_scheduler_type == "cosine" and config.learning_rate == 2e-4
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def write(path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
+def test_lone_surrogate_in_training_or_eval_text_names_file_line_and_field(tmp_path, tokenizer):
+    from dtrpo.data import build_preference_dataset
+    from dtrpo.tasks import load_task
+
+    data = tmp_path / "pairs.jsonl"
+    text = write(
+        data,
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "x\\ud83d", "rejected": "c"}\n',
+    )
+    with pytest.raises(ValueError) as e:
+        build_preference_dataset(str(data), tokenizer, 4)
+    assert str(e.value) == f"{data}: line 2: field 'chosen' holds a lone surrogate '\\ud83d' at character 2"
+    prompts = tmp_path / "prompts.jsonl"
+    write(prompts, '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "\\ud83d", "answer": "2"}\n')
+    with pytest.raises(ValueError, match=rf"^{prompts}: line 2: field 'prompt' holds a lone surrogate"):
+        load_task(str(prompts))
+    assert data.read_text(encoding="utf-8") == text  # nothing rewritten
+
+
+def test_deeply_nested_json_is_one_line(tmp_path, tokenizer):
+    from dtrpo.data import build_sft_dataset
+
+    data = tmp_path / "sft.jsonl"
+    write(data, '{"prompt": "a", "completion": "b"}\n{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(ValueError, match=rf"^{data}: line 2: JSON nested too deeply to read$"):
+        build_sft_dataset(str(data), tokenizer, 4)
+    listed = tmp_path / "sft.json"
+    write(listed, "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=rf"^{listed}: JSON nested too deeply to read$"):
+        build_sft_dataset(str(listed), tokenizer, 4)
+
+
+def test_dataset_dict_rows_and_damaged_arrow_files_name_the_folder(tmp_path, tokenizer):
+    """A split of a `save_to_disk` folder is named by its folder, not `<memory>`; a truncated Arrow file names
+    the folder and the reader's complaint."""
+    import datasets
+
+    from dtrpo.cli import _dataset
+    from dtrpo.data import build_preference_dataset
+
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 3 + [{"prompt": "a", "chosen": None, "rejected": "c"}]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'dd' / 'train'}: row 4: field 'chosen' is missing$"):
+        build_preference_dataset(_dataset(str(tmp_path / "dd"), "train"), tokenizer, 4)
+    (arrow,) = (tmp_path / "dd" / "train").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'dd'}: not a readable dataset folder \(a damaged file\?"):
+        _dataset(str(tmp_path / "dd"), "train")
+
+
+def test_special_token_text_in_user_data_stays_text(tokenizer):
+    """A literal "<mask>" or "<eos>" in a prompt or response is its characters, never the token; a chat keeps its
+    template's own EOS (after an earlier assistant turn) and only that one."""
+    from dtrpo.data import build_preference_dataset
+
+    chars = lambda s: [tokenizer.convert_tokens_to_ids(c) for c in s]  # noqa: E731 - the char tokenizer: one id a char
+    rows = [
+        {"prompt": "a<mask>", "chosen": "<eos>b", "rejected": "c"},
+        {
+            "prompt": [
+                {"role": "user", "content": "x<eos>"},
+                {"role": "assistant", "content": "y"},
+                {"role": "user", "content": "z"},
+            ],
+            "chosen": [{"role": "assistant", "content": "<mask>"}],
+            "rejected": [{"role": "assistant", "content": "w"}],
+        },
+    ]
+    ds, _ = build_preference_dataset(rows, tokenizer, 4, max_response_length=16)
+    eos = tokenizer.eos_token_id
+    assert ds[0]["prompt_ids"] == chars("a<mask>") and ds[0]["chosen_ids"][:6] == chars("<eos>b")
+    assert ds[1]["prompt_ids"] == chars("User: x<eos>\nAssistant: y") + [eos] + chars("\nUser: z\nAssistant: ")
+    assert ds[1]["chosen_ids"][:6] == chars("<mask>") and tokenizer.mask_token_id not in ds[1]["chosen_ids"]
+
+
+def test_special_token_text_in_an_eval_prompt_stays_text(tokenizer):
+    from dtrpo.evaluate import encode_prompt
+
+    ids, _ = encode_prompt(tokenizer, "1+<mask>=", chat=True)
+    assert tokenizer.mask_token_id not in ids and tokenizer.decode(ids) == "User: 1+<mask>=\nAssistant: "
+
+
+def test_unknown_chat_role_is_refused(tokenizer):
+    from dtrpo.data import build_sft_dataset
+
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}] * 3
+    rows.append({"messages": [{"role": "usr", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    with pytest.raises(ValueError, match=r"^<memory>: row 4: field 'messages\[0\]' has the unknown role 'usr'"):
+        build_sft_dataset(rows, tokenizer, 4)
