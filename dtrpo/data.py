@@ -568,7 +568,7 @@ def _fit_sft(p, r, eos: int, limits: _Limits, where: str, field: str) -> dict[st
 # ----------------------------------------------------------------------------- datasets
 
 
-CHUNK = 1024  # rows validated and tokenized at a time: memory holds one chunk's texts and the tokenized table
+CHUNK = 64  # rows validated and tokenized at a time: memory holds one chunk's texts and the tokenized table
 
 
 class _Table:

@@ -79,14 +79,25 @@ def planned_epochs(max_steps: int, num_train_epochs: float, updates_per_epoch: i
     return max(1, math.ceil(num_train_epochs))
 
 
-def load_scores(path: Path, want: dict, epochs: int) -> dict[int, list[tuple[float, float]]] | None:
+def load_scores(
+    path: Path, want: dict, epochs: int, index: list[int] | None = None
+) -> dict[int, list[tuple[float, float]]] | None:
     """{row index: [(chosen, rejected) per epoch]} from `path` when its fingerprint matches; None when
-    there is no file; an error naming the fields that differ otherwise."""
+    there is no file; an error naming the fields that differ otherwise. A damaged or hand-edited file
+    (not JSON, a missing field, a score that is not a finite number, a row of `index` missing) is refused
+    with what is wrong: it is never overwritten, since it may not be a file dtrpo wrote."""
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
-    if saved.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a dtrpo reference-scores file (format {saved.get('format')!r})")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable reference-scores file ({e}); {REDO}") from None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"{path}: not a dtrpo reference-scores file (format {found!r})")
+    problem = _layout_problem(saved)
+    if problem:
+        raise ValueError(f"{path}: damaged reference-scores file ({problem}); {REDO}")
     differ = [k for k in want if saved["fingerprint"].get(k) != want[k]]
     if saved["epochs"] < epochs:
         differ.append(f"epochs ({saved['epochs']} saved, {epochs} planned)")
@@ -95,7 +106,46 @@ def load_scores(path: Path, want: dict, epochs: int) -> dict[int, list[tuple[flo
             f"{path}: precomputed reference scores do not match this run ({', '.join(differ)} differ); delete the "
             "file to recompute it, or name another file with --ref_log_probs_file"
         )
+    problem = _scores_problem(saved["scores"], epochs, index)
+    if problem:
+        raise ValueError(f"{path}: damaged reference-scores file ({problem}); {REDO}")
     return {int(k): [tuple(x) for x in v[:epochs]] for k, v in saved["scores"].items()}
+
+
+REDO = "delete it to recompute the scores, or name another file with --ref_log_probs_file"
+
+
+def _layout_problem(saved: dict) -> str | None:
+    if not isinstance(saved.get("fingerprint"), dict):
+        return "no 'fingerprint' object"
+    epochs = saved.get("epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        return f"'epochs' is {epochs!r}, not a positive integer"
+    if not isinstance(saved.get("scores"), dict):
+        return f"'scores' is {type(saved.get('scores')).__name__}, not an object of rows"
+    return None
+
+
+def _scores_problem(scores: dict, epochs: int, index: list[int] | None) -> str | None:
+    """What is wrong with {row: [[chosen, rejected] per epoch]}: a row that is not an integer, too few epochs,
+    a score that is not a finite number, a row of `index` without scores."""
+    for key, per_epoch in scores.items():
+        if not key.lstrip("-").isdigit():
+            return f"row {key!r} is not a row index"
+        if not isinstance(per_epoch, list) or len(per_epoch) < epochs:
+            return f"row {key}: expected a list of {epochs} [chosen, rejected] pairs, got {per_epoch!r:.80}"
+        for epoch, pair in enumerate(per_epoch[:epochs]):
+            ok = isinstance(pair, list) and len(pair) == 2
+            if not (ok and all(_finite(x) for x in pair)):
+                return f"row {key}, epoch {epoch}: expected two finite scores [chosen, rejected], got {pair!r:.80}"
+    missing = sorted(set(index or ()) - {int(k) for k in scores})
+    if missing:
+        return f"no scores for rows {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return None
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def save_scores(path: Path, want: dict, epochs: int, scores: dict[int, list[tuple[float, float]]]) -> None:

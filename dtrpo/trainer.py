@@ -249,11 +249,18 @@ class DTRPOTrainer(DiffusionTrainer):
         if a.world_size > 1:  # a sharded reference hashes its own shard on each rank: rank 0's stands for all
             want = broadcast_object_list([want])[0]
         path = a.ref_log_probs_file or (f"{self.dataset_name}.ref_logps.json" if self.dataset_name else None)
-        scores = load_scores(Path(path), want, epochs) if path else None
+        scores = load_scores(Path(path), want, epochs, list(dataset["index"])) if path else None
         if scores is not None:
-            logger.info("reference scores of %d epochs read from %s", epochs, path)
-            if self.estimator_config.reveal_order == "confidence" and not _is_peft(self.model):
+            confidence = self.estimator_config.reveal_order == "confidence" and not _is_peft(self.model)
+            if confidence:
                 self.ref_model = self.ref_model or self._reference_copy()  # its confidences order every draw
+            logger.warning(
+                "reference scores of %d epochs reused from %s: its fingerprint (reference weights, data, estimator, "
+                "seed) matches this run; %s",
+                epochs,
+                path,
+                "the reference still orders the draws (confidence)" if confidence else "no reference model is built",
+            )
         else:
             if self.ref_model is None and not _is_peft(self.model):
                 self.ref_model = self._reference_copy()

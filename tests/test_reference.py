@@ -11,6 +11,7 @@ import pytest
 
 from dtrpo import DTRPOConfig, DTRPOTrainer
 from dtrpo.models import init_tiny
+from dtrpo.reference import load_scores
 from tests.test_trainer import PAIRS, free_port
 
 
@@ -134,3 +135,63 @@ def test_rank_shards_have_equal_lengths_and_cover_every_pair_once(n, world):
     assert len({len(s) for s, _ in shards}) == 1
     kept = [i for s, n_real in shards for i in s["index"][:n_real]]
     assert sorted(kept) == list(range(n))
+
+
+def damage(body: dict, case: str):
+    """The saved scores file, hand-edited one way."""
+    body = json.loads(json.dumps(body))
+    first = next(iter(body["scores"]))
+    if case == "missing row":
+        del body["scores"][first]
+    elif case == "no fingerprint":
+        del body["fingerprint"]
+    elif case == "string epochs":
+        body["epochs"] = "2"
+    elif case == "a list":
+        return json.dumps([body])
+    elif case == "NaN score":
+        body["scores"][first][1][0] = float("nan")
+    elif case == "inf score":
+        body["scores"][first][0][1] = float("inf")
+    text = json.dumps(body)
+    return text[: len(text) // 2] if case == "truncated" else text
+
+
+DAMAGED = {
+    "missing row": r"damaged reference-scores file \(no scores for rows \[\d+\]\)",
+    "no fingerprint": r"damaged reference-scores file \(no 'fingerprint' object\)",
+    "string epochs": r"damaged reference-scores file \('epochs' is '2', not a positive integer\)",
+    "a list": r"not a dtrpo reference-scores file \(format 'list'\)",
+    "NaN score": r"damaged reference-scores file \(row \d+, epoch 1: expected two finite scores .*got \[nan, ",
+    "inf score": r"damaged reference-scores file \(row \d+, epoch 0: expected two finite scores .*, inf\]\)",
+    "truncated": r"not a readable reference-scores file \(",
+}
+
+
+def test_damaged_scores_file_is_refused_and_kept_and_a_matching_one_is_reused_with_one_line(setup, tmp_path, caplog):
+    """Each hand-edit is one line naming the file and what is wrong, and the file is left as it was (it may not be
+    ours to overwrite); the intact file is reused with one warning-level line (shown at the default level)."""
+    import logging
+
+    model, data = setup
+    local = tmp_path / "pairs.jsonl"
+    local.write_text(data.read_text())
+    args = config(tmp_path / "a", precompute_ref_log_probs=True)
+    DTRPOTrainer(str(model), args=args, train_dataset=str(local))
+    saved = tmp_path / "pairs.jsonl.ref_logps.json"
+    body = json.loads(saved.read_text())
+    with caplog.at_level(logging.WARNING, logger="dtrpo"):
+        assert DTRPOTrainer(str(model), args=args, train_dataset=str(local)).ref_model is None
+    (line,) = [r.getMessage() for r in caplog.records if "reused" in r.getMessage()]
+    assert line.startswith(f"reference scores of 2 epochs reused from {saved}: its fingerprint") and line.endswith(
+        "matches this run; no reference model is built"
+    )
+    for case, message in DAMAGED.items():  # through the trainer once, the rest as it calls load_scores
+        saved.write_text(damage(body, case))
+        before = saved.read_text()
+        with pytest.raises(ValueError, match=rf"^{saved}: {message}") as e:
+            if case == "truncated":
+                DTRPOTrainer(str(model), args=args, train_dataset=str(local))
+            else:
+                load_scores(saved, body["fingerprint"], 2, [int(k) for k in body["scores"]])
+        assert "\n" not in str(e.value) and saved.read_text() == before, case
