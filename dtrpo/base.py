@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import warnings
+import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,11 +144,14 @@ def checkpoint_problem(path: Path) -> str | None:
     if not path.is_dir():
         return "no such folder"
     try:
-        json.loads((path / TRAINER_STATE_NAME).read_text())
+        state = json.loads((path / TRAINER_STATE_NAME).read_text())
     except FileNotFoundError:
         return f"no {TRAINER_STATE_NAME}"
     except (json.JSONDecodeError, UnicodeDecodeError):
         return f"{TRAINER_STATE_NAME} is not valid JSON"
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int):
+        return f"{TRAINER_STATE_NAME} has no integer global_step (it holds {json.dumps(state)[:60]})"
     weights = sorted(path.glob("*.safetensors"))
     if not weights and not any(path.glob("*.bin")):
         return "no model weights"
@@ -162,6 +166,22 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"weight shards missing: {missing[:3]}"
     if not any(path.glob("optimizer*")) and not any(path.glob("global_step*")):
         return "no optimizer state"
+    for file in sorted(path.glob("*.pt")) + sorted(path.glob("*.pth")):
+        problem = torch_file_problem(file)
+        if problem:
+            return problem
+    return None
+
+
+def torch_file_problem(file: Path) -> str | None:
+    """Why a `torch.save` file (a zip archive) cannot be loaded, checked without loading it: a file cut short
+    has lost the archive's directory, which is written last."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        size = file.stat().st_size if file.is_file() else 0
+        return f"{file.name} is truncated or damaged ({size} bytes, {e})"
     return None
 
 
@@ -373,6 +393,15 @@ class DiffusionTrainer(Trainer):
         self._staging = staging
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and "write" not in str(e):  # torch's zip writer: "file write failed"
+                raise
+            last, _ = last_checkpoint(run_dir)
+            raise OSError(
+                f"writing {name} failed at step {self.state.global_step} ({str(e).splitlines()[0]}); is the disk "
+                f"full? The run stopped; {f'{last} is complete: ' if last else ''}resume with "
+                "--resume_from_checkpoint last"
+            ) from None
         finally:
             self._staging = None
         self.accelerator.wait_for_everyone()
@@ -394,6 +423,31 @@ class DiffusionTrainer(Trainer):
             save_total_limit=self.args.save_total_limit,
             best_model_checkpoint=self.state.best_model_checkpoint,
         )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; the final model (not a checkpoint's) is written into a staging folder
+        (`.partial-model`) beside the checkpoints and its files are moved into the output folder once all are
+        written, weights last: a run killed or out of space mid-save leaves no half-written model there."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        final = Path(output_dir or self.args.output_dir)
+        staging = final / f"{STAGING}model"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        super().save_model(str(staging), _internal_call=True)  # True: no hub push before the files are in place
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            weights = (".safetensors", ".bin", ".index.json")
+            for path in sorted(staging.iterdir(), key=lambda p: p.name.endswith(weights)):
+                target = final / path.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(path, target)
+            staging.rmdir()
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _get_output_dir(self, trial) -> str:
         return str(getattr(self, "_staging", None) or super()._get_output_dir(trial))

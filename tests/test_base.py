@@ -140,7 +140,8 @@ def test_write_error_while_saving(setup, monkeypatch, capsys):
 
     monkeypatch.setattr(DiffusionTrainer, "_save_optimizer_and_scheduler", fail_at_step_4)
     res = train(setup, out, ok=False, capsys=capsys)
-    assert res.returncode != 0 and "error: [Errno 28] No space left on device" in res.stderr
+    assert res.returncode != 0 and "error: writing checkpoint-4 failed at step 4 ([Errno 28] No space" in res.stderr
+    assert f"{out / 'checkpoint-2'} is complete: resume with --resume_from_checkpoint last" in res.stderr
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [".partial-checkpoint-4", "checkpoint-2"]
     assert "saved model" not in res.stdout
     monkeypatch.undo()
@@ -157,6 +158,57 @@ def test_write_error_while_saving(setup, monkeypatch, capsys):
     assert f"error: saving the final model to {out} failed ([Errno 28] No space left on device)" in res.stderr
     assert "saved model" not in res.stdout and not (out / "model.safetensors").exists()
     assert (out / "checkpoint-4" / "trainer_state.json").is_file()  # the checkpoint before it is whole
+
+
+def test_resume_last_skips_a_truncated_optimizer_or_an_empty_state_naming_why(setup, full_run, capsys):
+    out = setup / "damaged"
+    shutil.copytree(full_run, out)
+    truncate(out / "checkpoint-4" / "optimizer.pt")
+    res = train(setup, out, "--resume_from_checkpoint", "last", capsys=capsys)
+    assert (
+        f"skipping incomplete checkpoint {out / 'checkpoint-4'} (optimizer.pt is truncated or damaged (" in res.stderr
+    )
+    assert f"resuming from {out / 'checkpoint-2'}" in res.stderr
+    assert_same_weights(out, full_run)  # checkpoint-2 resumed to the same end
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    res = train(setup, out, "--resume_from_checkpoint", out / "checkpoint-4", ok=False, capsys=capsys)
+    assert res.stderr.rstrip().endswith(
+        f"error: {out / 'checkpoint-4'}: not a complete checkpoint (trainer_state.json has no integer global_step "
+        "(it holds {}))"
+    )
+
+
+def test_disk_full_in_torch_save_mid_run_is_one_line_and_resumable(setup, full_run, monkeypatch, capsys):
+    """torch.save reports a full disk as a RuntimeError from its zip writer, after writing part of the file: the
+    run stops with one line, checkpoint-4 never appears, and `last` resumes from checkpoint-2 to the same end. The
+    final model is written aside and moved in once whole, so no staging folder remains."""
+    out = setup / "torchsave"
+    real = torch.save
+
+    def fills_the_disk(obj, f, *args, **kwargs):
+        if "checkpoint-4" in str(f) and str(f).endswith("optimizer.pt"):
+            Path(f).write_bytes(b"PK\x03\x04 partial")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file "
+                "data/3: file write failed"
+            )
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    res = train(setup, out, ok=False, capsys=capsys)
+    (line,) = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert (
+        line.startswith("error: writing checkpoint-4 failed at step 4 ([enforce fail") and "Traceback" not in res.stderr
+    )
+    assert "file write failed); is the disk full?" in line and line.endswith(
+        "resume with --resume_from_checkpoint last"
+    )
+    assert not (out / "checkpoint-4").exists() and not (out / "model.safetensors").exists()
+    monkeypatch.undo()
+    res = train(setup, out, "--resume_from_checkpoint", "last", capsys=capsys)
+    assert f"resuming from {out / 'checkpoint-2'}" in res.stderr
+    assert_same_weights(out, full_run)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_reused_output_folder_is_refused_or_replaced_whole(setup, capsys, caplog):
