@@ -202,6 +202,21 @@ def last_checkpoint(output_dir: str | Path) -> tuple[str | None, list[tuple[str,
     return None, skipped
 
 
+def shape_mismatch(checkpoint: Path, model: torch.nn.Module) -> str | None:
+    """The first weight whose shape in the checkpoint's safetensors differs from the model's (a checkpoint of
+    another width or vocabulary), read from the files' headers; None when every shared name fits."""
+    from safetensors import safe_open
+
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                saved = tuple(f.get_slice(name).get_shape())
+                if name in shapes and shapes[name] != saved:
+                    return f"{name} is {list(saved)} in {file.name}, {list(shapes[name])} in the model"
+    return None
+
+
 # settings that may differ between a run and its resumption without changing what is trained
 RESUME_FREE = {"output_dir", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir", "disable_tqdm"}
 
@@ -292,7 +307,7 @@ def resolve_model(model, processing_class, adapter: ModelAdapter | None, args: D
     loaders (its tokenizer serves unless one is given); an adapter not given is read from the model's
     config (every model `load_model` returns carries it); `peft_config` wraps the model with PEFT (LoRA
     targets written with a family's own names are translated); dropout is switched off when asked."""
-    from dtrpo.models import adapter_from_config
+    from dtrpo.models import adapter_from_config, vocabulary_problem
 
     if isinstance(model, (str, Path)):
         from dtrpo.families import load_model
@@ -305,6 +320,9 @@ def resolve_model(model, processing_class, adapter: ModelAdapter | None, args: D
         config = getattr(getattr(model, "base_model", model), "config", None) or model.config
         adapter = adapter_from_config(config, processing_class)
     adapter = adapter.with_block_size(args.block_size)
+    problem = vocabulary_problem(model, processing_class, adapter)
+    if problem:
+        raise ValueError(problem)
     if peft_config is not None:
         from peft import get_peft_model
 
@@ -376,6 +394,9 @@ class DiffusionTrainer(Trainer):
         else:
             claim_output_dir(self.args)
         if resume_from_checkpoint:
+            problem = shape_mismatch(Path(resume_from_checkpoint), self.model)
+            if problem:
+                raise ValueError(f"{resume_from_checkpoint}: its weights do not fit this model ({problem})")
             for line in changed_settings(Path(resume_from_checkpoint), self.args):
                 logger.warning("resuming %s with a different setting: %s", resume_from_checkpoint, line)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

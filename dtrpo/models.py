@@ -242,7 +242,30 @@ def read_config_json(path: str | Path) -> dict:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a model folder written by save_pretrained")
-    return json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e}); the folder holds no loadable model") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: holds a {type(config).__name__}, not a model config object")
+    return config
+
+
+def vocabulary_problem(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, adapter: ModelAdapter) -> str | None:
+    """Why the tokenizer's ids or the mask token do not fit the model's vocabulary (its embedding rows and its
+    output width, the smaller), or None. Any id at or past it would fail deep inside the model (IndexError)."""
+    inner = getattr(_module(model), "get_base_model", lambda: _module(model))()
+    rows = inner.get_input_embeddings().num_embeddings
+    out = inner.get_output_embeddings()
+    vocab = min(rows, out.out_features) if isinstance(out, torch.nn.Linear) else rows
+    if not 0 <= adapter.mask_token_id < vocab:
+        return f"mask_token_id {adapter.mask_token_id} is outside the model's vocabulary of {vocab} ids (0-{vocab - 1})"
+    if len(tokenizer) > vocab:
+        return (
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab} ids: any id from "
+            f"{vocab} up would fail; use the tokenizer saved with this model"
+        )
+    return None
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

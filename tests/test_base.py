@@ -211,6 +211,22 @@ def test_disk_full_in_torch_save_mid_run_is_one_line_and_resumable(setup, full_r
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4"]
 
 
+def test_resume_from_a_checkpoint_of_another_width_is_one_line(setup, full_run, tmp_path, capsys):
+    out = tmp_path / "wider"
+    shutil.copytree(full_run, out)
+    init_tiny(tmp_path / "narrow", block_size=4, hidden_size=32)
+    shutil.copy(tmp_path / "narrow" / "model.safetensors", out / "checkpoint-2" / "model.safetensors")
+    before = weights(out / "checkpoint-2")
+    res = train(setup, out, "--resume_from_checkpoint", out / "checkpoint-2", ok=False, capsys=capsys)
+    (line,) = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert line == (
+        f"error: {out / 'checkpoint-2'}: its weights do not fit this model (lm_head.weight is [100, 32] in "
+        "model.safetensors, [100, 64] in the model)"
+    )
+    assert_same_weights(out, full_run)  # nothing written
+    assert all(torch.equal(before[k], v) for k, v in weights(out / "checkpoint-2").items())
+
+
 def test_reused_output_folder_is_refused_or_replaced_whole(setup, capsys, caplog):
     out = setup / "reused"
     train(setup, out, "--save_steps", 1)

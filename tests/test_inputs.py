@@ -137,3 +137,36 @@ def test_unknown_chat_role_is_refused(tokenizer):
     rows.append({"messages": [{"role": "usr", "content": "a"}, {"role": "assistant", "content": "b"}]})
     with pytest.raises(ValueError, match=r"^<memory>: row 4: field 'messages\[0\]' has the unknown role 'usr'"):
         build_sft_dataset(rows, tokenizer, 4)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_tokenizer_or_mask_token_beyond_the_models_vocabulary_is_refused_at_load(tmp_path, capsys):
+    """Before: an IndexError deep in the embedding at the first train or generate step."""
+    import json
+
+    from dtrpo.families import load_model
+    from dtrpo.models import init_tiny, load_tokenizer
+    from tests.test_cli import cli
+
+    init_tiny(tmp_path / "tiny", block_size=4)
+    tokenizer = load_tokenizer(tmp_path / "tiny")
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    with pytest.raises(ValueError) as e:
+        load_model(tmp_path / "tiny")
+    assert str(e.value) == (
+        f"{tmp_path / 'tiny'}: the tokenizer has 101 tokens but the model's vocabulary has 100 ids: any id from 100 "
+        "up would fail; use the tokenizer saved with this model"
+    )
+    init_tiny(tmp_path / "masked", block_size=4)
+    config = json.loads((tmp_path / "masked" / "config.json").read_text())
+    (tmp_path / "masked" / "config.json").write_text(json.dumps({**config, "mask_token_id": 100}))
+    res = cli("generate", "--model_name_or_path", tmp_path / "masked", "--prompt", "1+1=", ok=False, capsys=capsys)
+    assert res.stderr.strip().endswith(
+        f"error: {tmp_path / 'masked'}: mask_token_id 100 is outside the model's vocabulary of 100 ids (0-99)"
+    )
+    (tmp_path / "masked" / "config.json").write_text('{"architectures": ')
+    res = cli("generate", "--model_name_or_path", tmp_path / "masked", "--prompt", "1+1=", ok=False, capsys=capsys)
+    assert f"error: {tmp_path / 'masked' / 'config.json'}: not valid JSON (Expecting value" in res.stderr

@@ -23,7 +23,7 @@ from transformers import (
 
 from dtrpo.families import dream, fast_dllm_v2, llada, sdar
 from dtrpo.families.spec import FULL_ATTENTION_BLOCK_SIZE, NATIVE_CLASSES, Family
-from dtrpo.models import ModelAdapter, adapter_from_config, load_tokenizer, read_config_json
+from dtrpo.models import ModelAdapter, adapter_from_config, load_tokenizer, read_config_json, vocabulary_problem
 
 logger = logging.getLogger(__name__)
 FAMILIES = {spec.name: spec for spec in (llada.SPEC, dream.SPEC, sdar.SPEC, fast_dllm_v2.SPEC)}
@@ -351,6 +351,9 @@ def load_model(
             "refused (pickled weights load only with weights_only=True; convert a trusted copy to safetensors)"
         ) from None
     assert isinstance(adapter, ModelAdapter)
+    problem = vocabulary_problem(model, tokenizer, adapter)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     if device is not None:
         model = model.to(device)
     if gradient_checkpointing:
