@@ -586,7 +586,7 @@ def generate_main(argv: list[str]) -> None:
     require(g, "model_name_or_path", "prompt")
     model, tokenizer, adapter = g.load(s.block_size)
     model.eval()
-    prompts, cut = encode_prompts(tokenizer, g.prompt, s, adapter)
+    prompts, cut = encode_prompts(tokenizer, g.prompt, s, adapter, model)
     if cut:
         print(f"{cut} prompts kept their last {s.max_prompt_length} tokens (--max_prompt_length)", file=sys.stderr)
     out = generate(

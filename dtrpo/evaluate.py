@@ -79,10 +79,15 @@ def encode_prompt(
     return keep_prompt_end(encode_text(tokenizer, [text])[0], max_prompt_length, grid)
 
 
-def encode_prompts(tokenizer, texts: list[str], s: SamplingArgs, adapter=None) -> tuple[list[list[int]], int]:
-    """Token ids of each prompt under `s` (on `adapter`'s block grid), and how many were truncated (logged)."""
+def encode_prompts(
+    tokenizer, texts: list[str], s: SamplingArgs, adapter=None, model=None
+) -> tuple[list[list[int]], int]:
+    """Token ids of each prompt under `s` (on `adapter`'s block grid), and how many were truncated (logged).
+    With `model`, a prompt that `s.gen_length` would carry past the model's positions is refused."""
     grid = adapter.block_size if adapter is not None and adapter.absolute_grid else None
     encoded = [encode_prompt(tokenizer, t, s.chat_template, s.max_prompt_length, grid) for t in texts]
+    if model is not None:
+        check_positions(model, max((len(ids) for ids, _ in encoded), default=0), s.gen_length, adapter)
     cut = sum(c for _, c in encoded)
     if cut:
         logger.warning(
@@ -94,6 +99,20 @@ def encode_prompts(tokenizer, texts: list[str], s: SamplingArgs, adapter=None) -
     return [ids for ids, _ in encoded], cut
 
 
+def check_positions(model, prompt_length: int, gen_length: int, adapter=None) -> None:
+    """Refuse a prompt plus `gen_length` (rounded up to whole blocks) longer than the model's
+    `max_position_embeddings`: positions it was never trained on, and a canvas that costs minutes per prompt."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    block = adapter.block_size if adapter is not None else 1
+    needed = prompt_length + -(-gen_length // block) * block
+    if isinstance(limit, int) and needed > limit:
+        most = max(0, (limit - prompt_length) // block * block)
+        raise ValueError(
+            f"--gen_length {gen_length} after a prompt of {prompt_length} tokens needs {needed} positions, over the "
+            f"model's max_position_embeddings={limit}: use --gen_length {most} or less"
+        )
+
+
 def sample_texts(model, tokenizer, adapter, prompts: list[str], s: SamplingArgs, seed: int, desc: str | None = None):
     """Generate for every prompt, in batches; returns (texts, stats) with NFE and tokens/s."""
     model.eval()
@@ -101,7 +120,7 @@ def sample_texts(model, tokenizer, adapter, prompts: list[str], s: SamplingArgs,
     steps = s.steps_per_block or adapter.block_size
     starts = range(0, len(prompts), s.batch_size)
     for n, i in enumerate(tqdm(starts, desc=desc, disable=desc is None, leave=False)):
-        chunk, cut = encode_prompts(tokenizer, prompts[i : i + s.batch_size], s, adapter)
+        chunk, cut = encode_prompts(tokenizer, prompts[i : i + s.batch_size], s, adapter, model)
         truncated += cut
         out = generate(
             adapter,

@@ -170,3 +170,22 @@ def test_tokenizer_or_mask_token_beyond_the_models_vocabulary_is_refused_at_load
     (tmp_path / "masked" / "config.json").write_text('{"architectures": ')
     res = cli("generate", "--model_name_or_path", tmp_path / "masked", "--prompt", "1+1=", ok=False, capsys=capsys)
     assert f"error: {tmp_path / 'masked' / 'config.json'}: not valid JSON (Expecting value" in res.stderr
+
+
+def test_gen_length_past_the_models_positions_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    """The tiny model has 4096 positions: `--gen_length 4096` after any prompt would not fit (before: eval ran for
+    more than 600 s). The check comes before the first sampler call."""
+    import dtrpo.evaluate
+    from dtrpo.models import init_tiny
+    from tests.test_cli import cli
+
+    init_tiny(tmp_path / "tiny", block_size=8)
+    monkeypatch.setattr(dtrpo.evaluate, "generate", lambda *a, **k: pytest.fail("sampled"))
+    args = ("--model_name_or_path", tmp_path / "tiny", "--gen_length", 4096)
+    res = cli("eval", *args, "--task", "arithmetic:digits=2", "--n", 2, ok=False, capsys=capsys)
+    (line,) = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: --gen_length 4096 after a prompt of ") and line.endswith(
+        "over the model's max_position_embeddings=4096: use --gen_length 4088 or less"
+    )
+    res = cli("generate", *args, "--prompt", "1+1=", ok=False, capsys=capsys)
+    assert "error: --gen_length 4096 after a prompt of 4 tokens needs 4100 positions, over the model's " in res.stderr
