@@ -54,6 +54,7 @@ class DTRPOLM(LM):
         loglikelihood_estimator: str = "vrpo",
         mc_samples: int = 16,
         dtype: str = "float32",
+        attn_implementation: str = "sdpa",
         device: str | None = None,
         seed: int = 0,
         max_batch_size: int | None = None,  # passed by the harness; batches here have a fixed size
@@ -69,7 +70,11 @@ class DTRPOLM(LM):
             device = None  # the harness's command line passes "cuda" by default
         device = device or ("cuda" if torch.cuda.is_available() else None)
         self.model, self.tokenizer, self.adapter = load_model(
-            pretrained, dtype=getattr(torch, dtype), device=device, block_size=block_size
+            pretrained,
+            dtype=getattr(torch, dtype),
+            attn_implementation=attn_implementation,
+            device=device,
+            block_size=block_size,
         )
         self.model.eval()
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
