@@ -97,3 +97,47 @@ def test_readme_recipe_runs_at_small_scale(tmp_path, monkeypatch, capsys):
         if words[0] == "eval" and "--compare" in words:
             assert "paired items" in res.stdout
     assert Path("runs/aligned/model.safetensors").is_file() and '"prompt": "47+85="' in res.stdout
+
+
+DEMO = README.parent / "docs" / "results" / "demo.json"
+DEMO_COLUMNS = {  # README column -> key of the demo's report.json
+    "SFT": "sft",
+    "SFT + dTRPO": "dtrpo",
+    "gain": "gain",
+    "continued SFT (control)": "control",
+    "SFT on chosen (RFT control)": "rft",
+}
+
+
+def readme_demo_table() -> list[dict[str, str]]:
+    """The rows of the README's demo table (the one whose header starts `| seed | SFT |`), as column: cell."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| seed | SFT |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)))
+    return rows
+
+
+def test_readme_demo_table_is_the_committed_demo_report():
+    """The numbers in the README's demo table are those of docs/results/demo.json, the report.json of
+    `dtrpo demo` run with every default (seed 0), to 3 decimals."""
+    from dataclasses import asdict
+
+    from dtrpo.apps.demo import DemoArgs
+
+    report = json.loads(DEMO.read_text())
+    settings = {k: v for k, v in report["settings"].items() if k != "output_dir"}
+    assert settings == {k: v for k, v in asdict(DemoArgs()).items() if k != "output_dir"}, "not the default run"
+    (row,) = readme_demo_table()
+    assert row["seed"] == str(report["settings"]["seed"]) and set(DEMO_COLUMNS) <= set(row)
+    for column, key in DEMO_COLUMNS.items():
+        if key == "gain":
+            want = f"{report['gain']:+.3f}"
+        else:
+            r = report[key]
+            want = f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+        assert row[column] == want, f"README demo table, {column}: {row[column]} but {DEMO.name} says {want}"
