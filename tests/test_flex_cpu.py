@@ -28,7 +28,12 @@ def flex(request, monkeypatch):
     """How flex_attention runs: unfused (torch's eager implementation) or compiled, as transformers calls it."""
     if request.param == "unfused":
         monkeypatch.setattr(WrappedFlexAttention, "__call__", lambda self: flex_attention)
-    return request.param
+        yield request.param
+        return
+    # torch 2.13's CPU flex kernel fails to build once dynamo recompiles it for dynamic shapes (C++ error:
+    # 'cur_kvSplitSize0' was not declared): one static compile per shape instead
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+        yield request.param
 
 
 @pytest.fixture(scope="module")
