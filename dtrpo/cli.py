@@ -57,13 +57,15 @@ class OldOutputFlag(argparse.Action):
         setattr(namespace, self.dest, value)
 
 
-def parse(dataclass_types, argv: list[str], prog: str, description: str):
-    """Dataclasses from `--config preset.yaml` plus command-line flags (flags win)."""
+def parse(dataclass_types, argv: list[str], prog: str, description: str, shared: bool = False):
+    """Dataclasses from `--config preset.yaml` plus command-line flags (flags win). With `shared`, a field that
+    several dataclasses declare is one flag (the last dataclass's default and help) whose value each receives."""
     names = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    conflicts = {"conflict_handler": "resolve"} if shared else {}
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description, **conflicts)
     parser.add_argument("--config", help="YAML preset whose keys override the defaults below.")
     if known.config:
         parser.set_defaults(**load_preset(known.config, dataclass_types))
@@ -71,15 +73,23 @@ def parse(dataclass_types, argv: list[str], prog: str, description: str):
         parser.add_argument(
             "--output", dest="output_dir", action=OldOutputFlag, default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
+    args = rest + (["--config", known.config] if known.config else [])
     try:
-        *parsed, _, unknown = parser.parse_args_into_dataclasses(
-            rest + (["--config", known.config] if known.config else []), return_remaining_strings=True
-        )
+        if shared:  # HfArgumentParser hands a value to the first dataclass only: each reads it here
+            namespace, unknown = parser.parse_known_args(args)
+            parsed = [_from_namespace(t, namespace) for t in dataclass_types]
+        else:
+            *parsed, _, unknown = parser.parse_args_into_dataclasses(args, return_remaining_strings=True)
     except ValueError as err:  # a config __post_init__ names the flag
         raise SystemExit(f"error: {err}") from None
     if unknown:
         refuse_unknown(unknown, names, prog)
     return parsed
+
+
+def _from_namespace(dataclass_type, namespace):
+    values = vars(namespace)
+    return dataclass_type(**{f.name: values[f.name] for f in dataclasses.fields(dataclass_type) if f.init})
 
 
 def refuse_unknown(unknown: list[str], names: set[str], prog: str) -> None:
@@ -353,7 +363,9 @@ def sft_main(argv: list[str]) -> None:
 
 
 @dataclass
-class TaskArgs(ModelArgs):
+class TaskSpec(ModelArgs):
+    """The model and the task it is scored on, as `eval`, `pairs` and `iterate` take them."""
+
     task: str = field(default="arithmetic", metadata={"help": "Built-in task (arithmetic:digits=3) or prompts file."})
     match: str | None = field(default=None, metadata={"help": "Prompts file answers: 'exact' or 'numeric' match."})
     reward: str | None = field(
@@ -366,6 +378,10 @@ class TaskArgs(ModelArgs):
     prompt_field: str = field(
         default="prompt", metadata={"help": "Field of a prompts file holding the prompt (GSM8K: question)."}
     )
+
+
+@dataclass
+class TaskArgs(TaskSpec):
     split: str | None = field(
         default=None,
         metadata={
@@ -381,7 +397,7 @@ class TaskArgs(ModelArgs):
             raise ValueError(f"--n must be positive, got {self.n}: no prompts, nothing to measure")
 
 
-def _load_for_task(t: TaskArgs, block_size: int | None):
+def _load_for_task(t: TaskSpec, block_size: int | None):
     from dtrpo.tasks import load_task
 
     require(t, "model_name_or_path")
@@ -487,6 +503,20 @@ def pairs_main(argv: list[str]) -> None:
     print(f"wrote {stats['pairs']} pairs to {t.output}, and every prompt's samples and scores to {stats['items_file']}")
     if not stats["pairs"]:
         print("warning: no prompt had responses of different scores, so there is nothing to train on", file=sys.stderr)
+
+
+@command("iterate", "rounds of sample, verify, pair, train (dTRPO or RFT), evaluate; table, JSON and plot")
+def iterate_main(argv: list[str]) -> None:
+    from dtrpo.evaluate import SamplingArgs
+    from dtrpo.iterate import IterateArgs, IterateConfig, iterate
+    from dtrpo.trainer import DTRPOConfig
+
+    # --block_size, --steps_per_block (T_B: the estimator reduces the trajectory the sampler took), --seed
+    # and --max_prompt_length are each one flag for the sampler and the trainer
+    types = [TaskSpec, PairArgs, SamplingArgs, IterateArgs, DTRPOConfig]
+    task, pairs, sampling, loop, train = parse(types, argv, "dtrpo iterate", COMMANDS["iterate"][1], shared=True)
+    require(task, "model_name_or_path")
+    iterate(IterateConfig(task, pairs, sampling, loop, train))
 
 
 @dataclass
