@@ -335,7 +335,7 @@ def train_stage(config, r: int, rd: Path, start: str, models: Models, callbacks,
     data, n = training_data(config, r, rd)
     if not n:
         log(f"round {r}: no pairs to train on (no prompt had samples of different scores): the model carries over")
-        return {"model": start, "trained": False, "examples": 0, "steps": 0, "training_passes": 0}
+        return {"trained": False, "examples": 0, "steps": 0, "training_passes": 0}
     resume, _ = last_checkpoint(out)
     args = round_args(config, r, out, fresh=resume is None)
     reference = "the initial model" if loop.reference == "initial" else f"round {r}'s start model"
@@ -357,7 +357,6 @@ def train_stage(config, r: int, rd: Path, start: str, models: Models, callbacks,
         shutil.rmtree(checkpoint)
     last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
     return {
-        "model": str(out),
         "trained": True,
         "examples": n,
         "steps": trainer.state.global_step,
@@ -399,11 +398,12 @@ def run_round(config: IterateConfig, task, r: int, start: str, models: Models, c
     )
     for checkpoint in (rd / "model").glob("checkpoint-*"):  # left by a kill after the stage was written
         shutil.rmtree(checkpoint)
-    evaluation = eval_stage(config, task, rd, train["model"], models, f"round {r}", log)
+    model = str(rd / "model") if train["trained"] else start  # the folder, not a path kept in a file: runs move
+    evaluation = eval_stage(config, task, rd, model, models, f"round {r}", log)
     return {
         "round": r,
         "start_model": start,
-        "model": train["model"],
+        "model": model,
         "prompts_from": pairs["prompts_from"],
         "prompts": pairs["prompts"],
         "pairs": pairs["pairs"],
