@@ -27,6 +27,15 @@ def digit_share(prompt: str, response: str) -> float:
     return sum(c.isdigit() for c in response) / max(len(response), 1)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the tiny model gains nothing from two, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from dtrpo.models import init_tiny
