@@ -601,7 +601,8 @@ def bench_main(argv: list[str]) -> None:
     from dtrpo.apps.bench import BenchArgs, estimator_costs, estimator_statistics, grid_costs, sampler_throughput
 
     if argv[:1] == ["quality"]:
-        from dtrpo.apps.quality import QualityArgs, run_study
+        from dtrpo.apps.quality import QualityArgs
+        from dtrpo.apps.quality_study import run_study
 
         (args,) = parse([QualityArgs], argv[1:], "dtrpo bench quality", "every arm from one SFT checkpoint; report")
         run_study(args, argv[1:])

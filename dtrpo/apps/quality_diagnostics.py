@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dtrpo.apps.quality import QualityArgs, _train_args, greedy_scores, task_data, task_slug
+from dtrpo.apps.quality import QualityArgs, _train_args, diagnostics_path, greedy_scores, task_data
 from dtrpo.estimators import EstimatorConfig
 from dtrpo.families import load_model
 from dtrpo.models import init_tiny
@@ -185,10 +185,6 @@ def full_attention(args: QualityArgs, draws: int, train: bool, log=print) -> dic
                 out["training"].append({**row, "steps": args.steps, "lr": 2e-4, "beta": 0.1, "seed": 0})
                 log(f"full attention, {loss}, training with mode={mode}: held-out {acc:.3f} ({seconds:.0f}s)")
     return out
-
-
-def diagnostics_path(args: QualityArgs, part: str) -> Path:
-    return Path(args.results_dir) / task_slug(args.task_list()[0]) / f"diagnostics_{part}.json"
 
 
 def run_diagnostics(args: QualityArgs, part: str, log=print, train_full: bool = True) -> Path:

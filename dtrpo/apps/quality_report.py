@@ -12,7 +12,7 @@ import random
 import statistics
 from pathlib import Path
 
-from dtrpo.apps.quality import QualityArgs, choose, grid, selected_arms, task_slug
+from dtrpo.apps.quality import Job, QualityArgs, choose, diagnostics_path, grid, selected_arms, task_slug
 from dtrpo.evaluate import interval95
 
 CONTROLS = ("sft", "rft")
@@ -21,8 +21,6 @@ NOTES = "benchmarks_notes.md"  # the hand-written reading, next to the report, i
 
 def load_runs(args: QualityArgs, task_index: int) -> dict:
     """{arm: {"chosen": (lr, beta), "grid": {(lr, beta): result}, "seeds": [result per seed]}} for finished arms."""
-    from dtrpo.apps.quality import Job
-
     out = {}
     for arm in selected_arms(args, task_index):
         tuning = {}
@@ -271,8 +269,6 @@ def _ms(row: dict) -> str:
 
 
 def diagnostics_section(args: QualityArgs) -> str:
-    from dtrpo.apps.quality_diagnostics import diagnostics_path
-
     paths = {part: diagnostics_path(args, part) for part in ("block_causal", "full_attention")}
     d = {part: json.loads(p.read_text()) for part, p in paths.items() if p.exists()}
     if "block_causal" not in d:
