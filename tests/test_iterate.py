@@ -97,9 +97,9 @@ def comparable(report: dict) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in drop} for r in report["rounds"]]
 
 
-def reference_weights(round_dir) -> str:
+def reference_weights(round_dir, data: str = "pairs.jsonl") -> str:
     """The reference a round trained against, as the fingerprint its precomputed scores were made with."""
-    return json.loads((round_dir / "pairs.jsonl.ref_logps.json").read_text())["fingerprint"]["reference_weights"]
+    return json.loads((round_dir / f"{data}.ref_logps.json").read_text())["fingerprint"]["reference_weights"]
 
 
 def fingerprint(folder) -> str:
@@ -195,12 +195,15 @@ def test_rft_takes_the_sft_path(setup, uninterrupted, monkeypatch):
     assert report["rounds"][0]["training_passes"] == 2 * 2  # 2 steps of 2 examples, one pass each
 
 
-def test_reference_initial_scores_against_the_initial_weights(setup, uninterrupted):
+def test_reference_initial_and_keep_pairs(setup, uninterrupted):
     out = setup / "initial"
-    copy_rounds(uninterrupted, out, 0, 1)  # round 1 is the same under either reference
-    iterate(config(setup, out, "--reference", "initial"), log=lambda _: None)
-    assert reference_weights(out / "round-2") == fingerprint(setup / "tiny")
-    assert reference_weights(out / "round-2") != reference_weights(uninterrupted / "round-2")
+    copy_rounds(uninterrupted, out, 0, 1)  # round 1 is the same under either reference, with or without keep_pairs
+    report = iterate(config(setup, out, "--reference", "initial", "--keep_pairs", "true"), log=lambda _: None)
+    assert reference_weights(out / "round-2", "train_pairs.jsonl") == fingerprint(setup / "tiny")
+    assert reference_weights(uninterrupted / "round-2") != fingerprint(setup / "tiny")
+    lines = [(out / f"round-{r}" / "pairs.jsonl").read_text().splitlines() for r in (1, 2)]
+    assert (out / "round-2" / "train_pairs.jsonl").read_text().splitlines() == lines[0] + lines[1]
+    assert report["rounds"][1]["training_passes"] == 2 * 2 * 2 + 2 * PAIRS * 1 * 2  # both rounds' pairs precomputed
 
 
 def test_round_prompts_fresh_while_the_split_lasts_then_the_same_again():
