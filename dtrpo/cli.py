@@ -608,6 +608,13 @@ def bench_main(argv: list[str]) -> None:
         run_study(args, argv[1:])
         return
 
+    if argv[:1] == ["rounds"]:
+        from dtrpo.apps.rounds import RoundsArgs, run_rounds_study
+
+        (args,) = parse([RoundsArgs], argv[1:], "dtrpo bench rounds", "iterated dTRPO against RFT and one-shot arms")
+        print(f"wrote {run_rounds_study(args)}")
+        return
+
     (args,) = parse([BenchArgs], argv, "dtrpo bench", COMMANDS["bench"][1])
     report = estimator_costs(args)
     report["statistics"] = estimator_statistics(args)

@@ -339,8 +339,12 @@ def train_stage(config, r: int, rd: Path, start: str, models: Models, callbacks,
     resume, _ = last_checkpoint(out)
     args = round_args(config, r, out, fresh=resume is None)
     reference = "the initial model" if loop.reference == "initial" else f"round {r}'s start model"
-    what = f"SFT on the chosen responses of {n} pairs" if loop.method == "rft" else f"dTRPO on {n} pairs"
-    log(f"round {r}: {what}, reference {reference}" + (f"; resuming from {resume}" if resume else ""))
+    what = (
+        f"SFT on the chosen responses of {n} pairs"
+        if loop.method == "rft"
+        else f"dTRPO on {n} pairs, reference {reference}"
+    )
+    log(f"round {r}: {what}, {args.max_steps} steps" + (f"; resuming from {resume}" if resume else ""))
     model, tokenizer, adapter = models.get(start)
     common = dict(adapter=adapter, processing_class=tokenizer, train_dataset=str(data))
     callbacks = [LogLastStep(), *callbacks]
