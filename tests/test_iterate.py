@@ -218,3 +218,14 @@ def test_examples_seen_by_hand():
     assert examples_seen(20, 4, 8) == 8 + 8 + 4 + 8  # batches 8, 8, 4 per epoch
     assert examples_seen(20, 3, 8, accumulation=2) == 16 + 4 + 16  # steps of 16 and 4 per epoch
     assert examples_seen(20, 3, 8, drop_last=True) == 8 + 8 + 8
+
+
+def test_flags_preset_and_shared_flags(setup, tmp_path):
+    """A preset sets any section's field, flags win, and a flag both the sampler and the trainer have is one flag
+    that both receive (the estimator's T_B is the sampler's steps per block)."""
+    (tmp_path / "preset.yaml").write_text("keep_pairs: true\nbeta: 0.3\nseed: 9\nsteps_per_block: 2\n")
+    c = config(setup, tmp_path / "out", "--config", tmp_path / "preset.yaml", "--seed", 4)
+    assert (c.loop.keep_pairs, c.train.beta) == (True, 0.3) and c.sampling.seed == c.train.seed == 4
+    assert c.sampling.steps_per_block == c.train.steps_per_block == 2
+    with pytest.raises(SystemExit, match="--prompts_per_round must be positive"):
+        main(["iterate", *argv(setup, tmp_path / "out", "--prompts_per_round", 0)])
