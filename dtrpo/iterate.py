@@ -482,6 +482,7 @@ def plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     points = [{**report["initial"], "round": 0, "cumulative_passes": 0}, *report["rounds"]]
     accuracy = [p["accuracy"] for p in points]
@@ -493,6 +494,7 @@ def plot(report: dict, path: Path) -> None:
         ax.errorbar([p[key] for p in points], accuracy, yerr=errors, marker="o", capsize=4)
         ax.set_xlabel(label)
         ax.set_ylabel(f"accuracy (n={points[0]['n']}, 95% CI)")
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     loop = report["config"]["loop"]
     fig.suptitle(f"dtrpo iterate: {loop['method']}, reference {loop['reference']}")
     fig.tight_layout()
