@@ -277,15 +277,25 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
 
 def run_training(trainer, config, save=None) -> None:
     """Train (resuming when asked), save the final model into the output folder, print the metrics. The
-    model is reported as saved only once every file is written."""
-    result = trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir))
-    try:
-        (save or (lambda t: t.save_model(config.output_dir)))(trainer)
-    except OSError as e:
-        raise OSError(
-            f"saving the final model to {config.output_dir} failed ({e}); it is not saved. Its checkpoints, if any, "
-            "are complete: resume with --resume_from_checkpoint last"
-        ) from None
+    model is reported as saved only once every file is written; the output folder is locked throughout,
+    and resuming a finished run trains and saves nothing (one line says so)."""
+    from dtrpo.base import RunFinished, output_lock
+
+    with output_lock(config):
+        try:
+            result = trainer.train(
+                resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir)
+            )
+        except RunFinished as e:
+            print(e)
+            return
+        try:
+            (save or (lambda t: t.save_model(config.output_dir)))(trainer)
+        except OSError as e:
+            raise OSError(
+                f"saving the final model to {config.output_dir} failed ({e}); it is not saved. Its checkpoints, if "
+                "any, are complete: resume with --resume_from_checkpoint last"
+            ) from None
     print(json.dumps(result.metrics, indent=2))
     print(f"saved model to {config.output_dir}")
 
@@ -363,6 +373,10 @@ class TaskArgs(ModelArgs):
             "reward(prompt, response, row) (row: the file's row as a dict) and returning a float."
         },
     )
+    reward_timeout: float | None = field(
+        default=None,
+        metadata={"help": "Seconds one --reward call may take; past it the run stops, naming the item."},
+    )
     prompt_field: str = field(
         default="prompt", metadata={"help": "Field of a prompts file holding the prompt (GSM8K: question)."}
     )
@@ -379,13 +393,28 @@ class TaskArgs(ModelArgs):
         super().__post_init__()
         if self.n is not None and self.n <= 0:
             raise ValueError(f"--n must be positive, got {self.n}: no prompts, nothing to measure")
+        if self.reward_timeout is not None and not 0 < self.reward_timeout < float("inf"):
+            raise ValueError(f"--reward_timeout must be a positive number of seconds, got {self.reward_timeout}")
+
+    def check_output(self, kind: str) -> None:
+        """Before any work: `--output` (and its items file, `<output>.<kind>.jsonl`) is a file to write, not
+        a folder nor the prompts file read."""
+        if not self.output:
+            return
+        output = Path(self.output)
+        if output.is_dir():
+            raise ValueError(f"--output {output} is a folder; it names the file to write")
+        task = Path(self.task)
+        for path in (output, output.with_suffix(f".{kind}.jsonl")):
+            if task.is_file() and path.exists() and path.samefile(task):  # also through a link
+                raise ValueError(f"--output {output} would overwrite the prompts file --task {self.task}")
 
 
 def _load_for_task(t: TaskArgs, block_size: int | None):
     from dtrpo.tasks import load_task
 
     require(t, "model_name_or_path")
-    task = load_task(t.task, match=t.match, reward=t.reward, prompt_field=t.prompt_field)
+    task = load_task(t.task, t.match, t.reward, t.prompt_field, t.reward_timeout)
     model, tokenizer, adapter = t.load(block_size)
     return task, model, tokenizer, adapter
 
@@ -409,6 +438,7 @@ def eval_main(argv: list[str]) -> None:
     t, s, c = parse([TaskArgs, SamplingArgs, CompareArgs], argv, "dtrpo eval", COMMANDS["eval"][1])
     if c.compare is not None:
         return compare_main(c.compare)
+    t.check_output("items")
     task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
     rows = stream_prompts(task, t.split or "heldout", t.n, seed=s.seed)
     if t.output:  # streamed, resumable and sharded; the report is written by rank 0
@@ -465,6 +495,7 @@ def pairs_main(argv: list[str]) -> None:
 
     t, p, s = parse([TaskArgs, PairArgs, SamplingArgs], argv, "dtrpo pairs", COMMANDS["pairs"][1])
     require(t, "output")
+    t.check_output("samples")
     task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
     rows = stream_prompts(task, t.split or "train", t.n, seed=s.seed)
     stats = run_pairs(
