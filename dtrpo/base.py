@@ -465,20 +465,20 @@ class DiffusionTrainer(Trainer):
         is not, naming the step and the last complete checkpoint: called at logging steps, before every
         save and at the end of training, so that NaN weights are never saved. Every process calls it."""
         step = -1 if self._bad_step is None else int(self._bad_step)  # the one host sync
-        bad_weights = 0
+        bad = []  # names of the weights holding NaN or inf (checked at saves: one sync per tensor)
         if weights and step < 0:
-            params = [p for p in self.model.parameters() if p.numel()]
-            bad_weights = int(sum((~torch.isfinite(p.detach())).any() for p in params)) if params else 0
+            bad = [n for n, p in self.model.named_parameters() if p.numel() and not torch.isfinite(p.detach()).all()]
         if self.args.world_size > 1:
-            flags = torch.tensor([step, bad_weights], device=self.args.device)
-            step, bad_weights = (int(v) for v in self.accelerator.gather(flags).reshape(-1, 2).max(0).values)
-        if step < 0 and not bad_weights:
+            flags = torch.tensor([step, len(bad)], device=self.args.device)
+            step, n_bad = (int(v) for v in self.accelerator.gather(flags).reshape(-1, 2).max(0).values)
+            bad = bad or ["on another process"] * n_bad
+        if step < 0 and not bad:
             return
         last, _ = last_checkpoint(self.args.output_dir)
         what = (
             f"the training loss was not finite (NaN or inf) at step {step}"
             if step >= 0
-            else f"{bad_weights} weight tensors hold NaN or inf after step {self.state.global_step}"
+            else f"the weights hold NaN or inf after step {self.state.global_step} ({len(bad)} tensors: {bad[0]}, ...)"
         )
         raise Diverged(
             f"training diverged: {what} (--learning_rate {self.args.learning_rate}); stopped without saving it. "

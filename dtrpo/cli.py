@@ -114,8 +114,19 @@ def init_tiny_main(argv: list[str]) -> None:
 
     (args,) = parse([TinyArgs], argv, "dtrpo init-tiny", COMMANDS["init-tiny"][1])
     require(args, "output_dir")
+    found = held_model(args.output_dir)
+    if found:
+        raise ValueError(f"--output_dir {args.output_dir} holds a model or a run ({found}); give a new or empty folder")
     path = init_tiny(args.output_dir, args.block_size, args.hidden_size, args.num_layers, args.seed)
     print(f"wrote tiny model to {path}")
+
+
+def held_model(folder: str | Path) -> str:
+    """The files of a model or a run in `folder` (weights, config, tokenizer, checkpoints), named; "" if none."""
+    from dtrpo.base import earlier_run
+
+    found = earlier_run(folder)
+    return ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
 
 
 def _deprecated(args, old: str, new: str) -> None:
@@ -572,6 +583,37 @@ class ExportArgs(ModelArgs):
         default=None,
         metadata={"help": "Copy this folder's *.py (the family's remote code) beside a family-format export."},
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace another model in --output (without it, only an earlier export of this model)."},
+    )
+
+
+EXPORT_RECORD = "dtrpo_export.json"  # beside an export: the model folder it was exported from
+
+
+def claim_export_folder(e: ExportArgs) -> None:
+    """Refuse an --output that is a file, the model folder itself, or a folder holding another model (not an
+    earlier export of this one) without --overwrite true; when allowed, the weights there are removed, so
+    that no stale shard of the earlier model is left beside the new ones."""
+    out, source = Path(e.output), Path(e.model_name_or_path).resolve()
+    if out.is_file():
+        raise ValueError(f"--output {out} is a file; export writes a folder")
+    if out.is_dir() and out.resolve() == source:
+        raise ValueError(f"--output {out} is the model folder --model_name_or_path reads; export into another folder")
+    found = held_model(out)
+    if not found:
+        return
+    try:
+        own = json.loads((out / EXPORT_RECORD).read_text()).get("source") == str(source)
+    except (OSError, ValueError, AttributeError):
+        own = False
+    if not (own or e.overwrite):
+        raise ValueError(
+            f"--output {out} holds another model ({found}); pass --overwrite true to replace it, or export elsewhere"
+        )
+    for path in [*out.glob("*.safetensors"), *out.glob("*.bin"), out / "model.safetensors.index.json"]:
+        path.unlink(missing_ok=True)
 
 
 @command("export", "write a trained model in its family's original format or the native transformers format")
@@ -580,8 +622,10 @@ def export_main(argv: list[str]) -> None:
 
     (e,) = parse([ExportArgs], argv, "dtrpo export", COMMANDS["export"][1])
     require(e, "model_name_or_path", "output")
+    claim_export_folder(e)
     model, tokenizer, adapter = e.load()
     path = export_checkpoint(model, tokenizer, adapter, e.output, e.format, e.code_from)
+    (path / EXPORT_RECORD).write_text(json.dumps({"source": str(Path(e.model_name_or_path).resolve())}) + "\n")
     print(f"wrote {adapter.family} model in {e.format} format to {path}")
 
 
@@ -609,6 +653,8 @@ def bench_main(argv: list[str]) -> None:
         return
 
     (args,) = parse([BenchArgs], argv, "dtrpo bench", COMMANDS["bench"][1])
+    if Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a folder; it names the JSON file to write")
     report = estimator_costs(args)
     report["statistics"] = estimator_statistics(args)
     report["sampler"] = sampler_throughput(args)
