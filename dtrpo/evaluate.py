@@ -68,6 +68,10 @@ class SamplingArgs:
             raise ValueError(f"--max_prompt_length must be positive, got {self.max_prompt_length}")
         if self.batch_size <= 0:
             raise ValueError(f"--batch_size must be positive, got {self.batch_size}")
+        for name in ("temperature", "threshold"):  # NaN or inf would sample garbage without an error
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name} must be a finite number, got {value}")
 
 
 def encode_prompt(

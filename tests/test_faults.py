@@ -100,10 +100,16 @@ def write_lock(path: Path, pid: int) -> None:
         ("train", ["--max_grad_norm", "nan"], "error: --max_grad_norm must be a finite number, got nan"),
         ("sft", ["--learning_rate", "nan"], "error: --learning_rate must be a finite number, got nan"),
         ("sft", ["--weight_decay=-inf"], "error: --weight_decay must be a finite number, got -inf"),
+        ("eval", ["--temperature", "nan"], "error: --temperature must be a finite number, got nan"),
+        ("pairs", ["--temperature", "inf"], "error: --temperature must be a finite number, got inf"),
     ],
 )  # fmt: skip
 def test_non_finite_settings_are_refused(setup, command, flags, message, capsys):
-    res = train(setup, setup / "never", *flags, command=command, ok=False, capsys=capsys)
+    if command in ("train", "sft"):
+        res = train(setup, setup / "never", *flags, command=command, ok=False, capsys=capsys)
+    else:
+        res = cli(command, "--model_name_or_path", setup / "tiny", "--output", setup / "never", *flags,
+                  ok=False, capsys=capsys)  # fmt: skip
     assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr
     assert not (setup / "never").exists()
 
