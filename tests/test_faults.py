@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
     init_tiny(tmp / "tiny", block_size=4)
     init_tiny(tmp / "other", block_size=4, seed=1)  # another base model of the same shape
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
-    (tmp / "rewards.py").write_text(
+    (tmp / "faults_rewards.py").write_text(
         "import time\n\n"
         "def two(prompt, response):\n    return float(len(response) > 2)\n\n"
         "def length(prompt, response):\n    return float(len(response))\n\n"
@@ -161,7 +161,7 @@ def test_an_infinite_reward_is_refused_with_its_item(setup, command, monkeypatch
     extra = ["--samples", 2, "--temperature", 1] if command == "pairs" else []
     out = setup / f"inf-{command}.json"
     res = cli(command, "--model_name_or_path", setup / "tiny", "--task", setup / "p.jsonl", "--gen_length", 4,
-              "--split", "train", "--reward", "rewards:infinite", "--output", out, *extra,
+              "--split", "train", "--reward", "faults_rewards:infinite", "--output", out, *extra,
               ok=False, capsys=capsys)  # fmt: skip
     assert f"error: {setup / 'p.jsonl'}: scoring item id='q2' (prompt '2+2=') returned inf, not a finite number" in (
         res.stderr
@@ -178,7 +178,7 @@ def test_a_reward_past_its_timeout_names_the_item(setup, command, monkeypatch, c
     extra = ["--samples", 2, "--temperature", 1] if command == "pairs" else []
     start = time.monotonic()
     res = cli(command, "--model_name_or_path", setup / "tiny", "--task", setup / "p.jsonl", "--gen_length", 4,
-              "--split", "train", "--reward", "rewards:stuck", "--reward_timeout", 1, "--output",
+              "--split", "train", "--reward", "faults_rewards:stuck", "--reward_timeout", 1, "--output",
               setup / f"stuck-{command}.json", *extra, ok=False, capsys=capsys)  # fmt: skip
     assert time.monotonic() - start < 30
     assert (
@@ -221,7 +221,7 @@ def test_the_timeout_works_off_the_main_thread():
 def pairs(setup, out, *extra, model="tiny", ok=True, capsys=None):
     return cli("pairs", "--model_name_or_path", setup / model, "--task", setup / "p.jsonl", "--samples", 2,
                "--temperature", 1, "--gen_length", 4, "--batch_size", 4, "--split", "train",
-               "--reward", "rewards:length", "--output", out, *extra, ok=ok, capsys=capsys)  # fmt: skip
+               "--reward", "faults_rewards:length", "--output", out, *extra, ok=ok, capsys=capsys)  # fmt: skip
 
 
 def test_a_pairs_rerun_with_other_settings_is_refused_naming_them(setup, monkeypatch, capsys):
@@ -231,11 +231,12 @@ def test_a_pairs_rerun_with_other_settings_is_refused_naming_them(setup, monkeyp
     samples = setup / "made.samples.jsonl"
     before = samples.read_bytes(), out.read_bytes()
     first = json.loads(samples.read_text().splitlines()[0])["made_by"]
-    assert first["gen_length"] == 4 and len(first["model_weights"]) == 64 and first["reward_name"] == "rewards:length"
+    assert first["gen_length"] == 4 and len(first["model_weights"]) == 64
+    assert first["reward_name"] == "faults_rewards:length" and first["temperature"] == 1.0
     cases = [
         (["--gen_length", 8], "gen_length: 4 -> 8"),
         (["--temperature", 0.5], "temperature: 1.0 -> 0.5"),
-        (["--reward", "rewards:two"], "reward_name: 'rewards:length' -> 'rewards:two'"),
+        (["--reward", "faults_rewards:two"], "reward_name: 'faults_rewards:length' -> 'faults_rewards:two'"),
         (["--samples", 3], "samples: 2 -> 3"),
     ]
     for flags, changed in cases:
