@@ -592,10 +592,10 @@ class ExportArgs(ModelArgs):
 EXPORT_RECORD = "dtrpo_export.json"  # beside an export: the model folder it was exported from
 
 
-def claim_export_folder(e: ExportArgs) -> None:
+def claim_export_folder(e: ExportArgs) -> list[Path]:
     """Refuse an --output that is a file, the model folder itself, or a folder holding another model (not an
-    earlier export of this one) without --overwrite true; when allowed, the weights there are removed, so
-    that no stale shard of the earlier model is left beside the new ones."""
+    earlier export of this one) without --overwrite true. Returns the weight files there, to be removed
+    once the model is loaded, so that no stale shard of the earlier model is left beside the new ones."""
     out, source = Path(e.output), Path(e.model_name_or_path).resolve()
     if out.is_file():
         raise ValueError(f"--output {out} is a file; export writes a folder")
@@ -603,7 +603,7 @@ def claim_export_folder(e: ExportArgs) -> None:
         raise ValueError(f"--output {out} is the model folder --model_name_or_path reads; export into another folder")
     found = held_model(out)
     if not found:
-        return
+        return []
     try:
         own = json.loads((out / EXPORT_RECORD).read_text()).get("source") == str(source)
     except (OSError, ValueError, AttributeError):
@@ -612,8 +612,7 @@ def claim_export_folder(e: ExportArgs) -> None:
         raise ValueError(
             f"--output {out} holds another model ({found}); pass --overwrite true to replace it, or export elsewhere"
         )
-    for path in [*out.glob("*.safetensors"), *out.glob("*.bin"), out / "model.safetensors.index.json"]:
-        path.unlink(missing_ok=True)
+    return [*out.glob("*.safetensors"), *out.glob("*.bin"), out / "model.safetensors.index.json"]
 
 
 @command("export", "write a trained model in its family's original format or the native transformers format")
@@ -622,8 +621,10 @@ def export_main(argv: list[str]) -> None:
 
     (e,) = parse([ExportArgs], argv, "dtrpo export", COMMANDS["export"][1])
     require(e, "model_name_or_path", "output")
-    claim_export_folder(e)
+    stale = claim_export_folder(e)
     model, tokenizer, adapter = e.load()
+    for path in stale:
+        path.unlink(missing_ok=True)
     path = export_checkpoint(model, tokenizer, adapter, e.output, e.format, e.code_from)
     (path / EXPORT_RECORD).write_text(json.dumps({"source": str(Path(e.model_name_or_path).resolve())}) + "\n")
     print(f"wrote {adapter.family} model in {e.format} format to {path}")

@@ -285,7 +285,9 @@ def made_by(model, task, s: SamplingArgs, **extra) -> dict:
     from dtrpo.reference import weights_fingerprint
 
     scorer = {key: getattr(task, key, None) for key in ("reward_name", "match", "prompt_field")}
-    return {"model_weights": weights_fingerprint(model), "task": task.name, **scorer, **extra, **asdict(s)}
+    path = getattr(task, "path", None)  # a prompts file: the same file however its path is written
+    name = str(Path(path).resolve()) if path is not None else task.name
+    return {"model_weights": weights_fingerprint(model), "task": name, **scorer, **extra, **asdict(s)}
 
 
 def _short(value) -> str:

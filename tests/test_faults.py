@@ -250,6 +250,18 @@ def test_a_pairs_rerun_with_other_settings_is_refused_naming_them(setup, monkeyp
     assert json.loads(out.read_text().splitlines()[0])["provenance"]["model_weights"] == first["model_weights"]
 
 
+def test_what_made_an_items_file_names_the_prompts_file_however_it_is_written(setup, monkeypatch):
+    from dtrpo.evaluate import SamplingArgs, made_by
+    from dtrpo.tasks import load_task
+
+    model, s = torch.nn.Linear(2, 2), SamplingArgs()
+    absolute = made_by(model, load_task(str(setup / "p.jsonl")), s)
+    monkeypatch.chdir(setup)
+    assert made_by(model, load_task("p.jsonl"), s) == absolute
+    assert made_by(model, load_task("p.jsonl", match="numeric"), s) != absolute
+    assert made_by(torch.nn.Linear(2, 2), load_task("p.jsonl"), s) != absolute  # other weights
+
+
 def test_an_eval_resumed_with_another_model_is_refused(setup, monkeypatch, capsys):
     """A kill after the first chunk, then a resume with another model: refused, the items kept; the resume
     with the first model gives the report of an uninterrupted run."""
