@@ -20,6 +20,8 @@ import math
 import numbers
 import random
 import re
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from decimal import Decimal
@@ -300,6 +302,7 @@ class FileTask:
     match: str = "exact"
     reward: Reward | None = None
     prompt_field: str = "prompt"
+    reward_name: str | None = None  # "module:function", as given: what made a run's scores
 
     @property
     def name(self) -> str:
@@ -346,6 +349,42 @@ def stream_prompts(task: Task, split: str, n: int | None = None, seed: int = 0) 
     has `prompts` (the built-ins, which make their rows in memory) gives its list."""
     stream = getattr(task, "stream", None)
     return stream(split, n, seed) if stream is not None else iter(task.prompts(split, n, seed))
+
+
+class RewardTimeout(BaseException):
+    """A reward call ran past its time limit. Not an `Exception`, so that a reward's own `except Exception`
+    does not swallow it."""
+
+
+def timed(fn: Reward, seconds: float) -> Reward:
+    """`fn`, stopped by `RewardTimeout` when one call runs longer than `seconds`: by SIGALRM in the main
+    thread (which interrupts Python code and sleeps); elsewhere the call runs in a daemon thread that is
+    abandoned when late."""
+
+    def expire(signum, frame):
+        raise RewardTimeout(seconds)
+
+    def in_thread(*args):
+        out = {}
+        worker = threading.Thread(target=lambda: out.update(value=fn(*args)), daemon=True)
+        worker.start()
+        worker.join(seconds)
+        if worker.is_alive():
+            raise RewardTimeout(seconds)
+        return out.get("value")  # None when fn raised: refused as not a number
+
+    def call(*args):
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+            return in_thread(*args)
+        before = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            return fn(*args)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, before)
+
+    return call
 
 
 REWARD_SIGNATURE = "reward(prompt, response) -> float or reward(prompt, response, row) -> float"
@@ -415,37 +454,52 @@ def _check_row(where: str, row: object, index: int, task: FileTask) -> dict:
 
 
 def load_prompts_file(
-    path: str | Path, match: str = "exact", reward: str | Reward | None = None, prompt_field: str = "prompt"
+    path: str | Path,
+    match: str = "exact",
+    reward: str | Reward | None = None,
+    prompt_field: str = "prompt",
+    reward_timeout: float | None = None,
 ) -> FileTask:
-    """A `FileTask` from a .jsonl / .json file of rows with `prompt` and `answer` (or a reward function).
-    `prompt_field` names another field to read prompts from (GSM8K's files call it `question`). Every
-    row is checked here, one line at a time, so that a bad row stops the run before a model loads."""
+    """A `FileTask` from a .jsonl / .json file of rows with `prompt` and `answer` (or a reward function,
+    each call limited to `reward_timeout` seconds when given). `prompt_field` names another field to read
+    prompts from (GSM8K's files call it `question`). Every row is checked here, one line at a time, so
+    that a bad row stops the run before a model loads."""
     if match not in MATCHES:
         raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
     fn = import_reward(reward) if isinstance(reward, str) else None if reward is None else as_reward(reward)
-    task = FileTask(path, match, fn, prompt_field)
+    if reward_timeout is not None:
+        if fn is None:
+            raise ValueError("--reward_timeout limits a reward function: give one with --reward module:function")
+        fn = timed(fn, reward_timeout)
+    name = reward if isinstance(reward, str) else None if reward is None else getattr(reward, "__qualname__", None)
+    task = FileTask(path, match, fn, prompt_field, name)
     if not sum(1 for _ in task.rows()):
         raise ValueError(f"{path}: no rows")
     return task
 
 
 def load_task(
-    spec: str, match: str | None = None, reward: str | Reward | None = None, prompt_field: str = "prompt"
+    spec: str,
+    match: str | None = None,
+    reward: str | Reward | None = None,
+    prompt_field: str = "prompt",
+    reward_timeout: float | None = None,
 ) -> Task:
     """A built-in task ("arithmetic", "arithmetic:digits=3,ops=+-") or a prompts file ("data.jsonl").
 
-    `match` ("exact" by default, or "numeric") and `reward` ("module:function") apply to prompts files.
+    `match` ("exact" by default, or "numeric"), `reward` ("module:function") and `reward_timeout` (seconds
+    per reward call) apply to prompts files.
     """
     if spec.endswith((".jsonl", ".json")):
-        return load_prompts_file(spec, match or "exact", reward, prompt_field)
+        return load_prompts_file(spec, match or "exact", reward, prompt_field, reward_timeout)
     name, _, options = spec.partition(":")
     if name not in TASKS:
         raise ValueError(f"unknown task {spec!r}: not a built-in ({', '.join(TASKS)}) nor a .jsonl/.json prompts file")
-    if match is not None or reward is not None:
-        raise ValueError(f"task {spec!r}: match and reward apply to prompts files, not to built-in tasks")
+    if match is not None or reward is not None or reward_timeout is not None:
+        raise ValueError(f"task {spec!r}: match, reward and reward_timeout apply to prompts files, not to built-ins")
     return TASKS[name](**_parse_options(TASKS[name], options))
 
 
@@ -459,20 +513,25 @@ def _describe(row: dict) -> str:
 
 def score_batch(task: Task, rows: list[dict], responses: list[str]) -> list[float]:
     """`task.score` of each (row, response) as floats. Anything that goes wrong in a scorer (an exception, a
-    value that is not a number, NaN) is one `ValueError` that names the item."""
+    value that is not a number, NaN or infinite, a call past its time limit) is one `ValueError` that names
+    the item."""
     if len(rows) != len(responses):
         raise ValueError(f"{task.name}: {len(rows)} rows but {len(responses)} responses")
     scores = []
     for row, response in zip(rows, responses, strict=True):
         try:
             value = task.score(row, response)
+        except RewardTimeout as e:
+            raise ValueError(
+                f"{task.name}: scoring {_describe(row)} did not return within {e.args[0]} s (--reward_timeout)"
+            ) from None
         except Exception as e:
             raise ValueError(f"{task.name}: scoring {_describe(row)} raised {type(e).__name__}: {e}") from e
         if not isinstance(value, numbers.Real):
             raise ValueError(
                 f"{task.name}: scoring {_describe(row)} returned {value!r} ({type(value).__name__}), not a number"
             )
-        if math.isnan(value):
-            raise ValueError(f"{task.name}: scoring {_describe(row)} returned NaN")
+        if not math.isfinite(value):
+            raise ValueError(f"{task.name}: scoring {_describe(row)} returned {value}, not a finite number")
         scores.append(float(value))
     return scores

@@ -175,8 +175,9 @@ def test_reward_function_module(tmp_path, monkeypatch):
 def test_reward_returning_nan_or_tensor(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"id": "q", "prompt": "p"}])
     rows = load_task(str(path), reward=lambda p, r, row: 0.0).prompts("train")
-    with pytest.raises(ValueError, match="id='q'.*NaN"):
-        score_batch(load_task(str(path), reward=lambda p, r, row: float("nan")), rows, ["x"])
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(ValueError, match=f"id='q' \\(prompt 'p'\\) returned {value}, not a finite number"):
+            score_batch(load_task(str(path), reward=lambda p, r, row, v=value: float(v)), rows, ["x"])
     with pytest.raises(ValueError, match=r"id='q'.*returned \[1.0\] \(list\)"):
         score_batch(load_task(str(path), reward=lambda p, r, row: [1.0]), rows, ["x"])
     with pytest.raises(ValueError, match="1 rows but 2 responses"):
