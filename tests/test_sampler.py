@@ -20,8 +20,8 @@ V = 40
 class PositionModel(torch.nn.Module):
     """Mock LM whose logits depend only on the position id: `logits[b, s] = fn(position_ids[b, s])`.
 
-    Records the width and attention mask of every call. Honours a boolean `logits_to_keep` the way
-    transformers does (hidden states gathered, flattened to (N, V)).
+    Records the width and attention mask of every call. Honours `logits_to_keep` the way transformers does
+    (a boolean one gathers the hidden states, flattened to (N, V); an int n keeps the last n positions).
     """
 
     def __init__(self, fn):
@@ -38,6 +38,8 @@ class PositionModel(torch.nn.Module):
         logits = torch.stack([torch.stack([self.fn(int(p)) for p in row]) for row in position_ids])  # (B, S, V)
         if isinstance(logits_to_keep, torch.Tensor):
             logits = logits[logits_to_keep]
+        elif logits_to_keep:  # an int n keeps the last n positions, as in transformers
+            logits = logits[:, -logits_to_keep:]
         return SimpleNamespace(logits=logits)
 
 
@@ -203,8 +205,7 @@ def test_cached_equals_uncached(tiny, shifted, prompt_attention, remasking):
     assert len(cached.step_logits) == len(plain.step_logits) == 3 * 2
     for a, b in zip(cached.step_logits, plain.step_logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert cached.nfe == 1 + 3 * 2 + 2  # prefill + steps + commits of blocks 0 and 1 (the last is never committed)
-    assert plain.nfe == 3 * 2
+    assert cached.nfe == plain.nfe == 3 * 2  # one forward per step: the prefill and commits ride on the steps
 
 
 def test_cached_equals_uncached_sampling_and_threshold(tiny):
@@ -212,7 +213,7 @@ def test_cached_equals_uncached_sampling_and_threshold(tiny):
     kw = dict(gen_length=8, steps_per_block=4, temperature=1.0, seed=7, threshold=0.02)
     cached = generate(adapter, model, prompts, use_cache=True, **kw)
     plain = generate(adapter, model, prompts, use_cache=False, **kw)
-    assert cached.sequences == plain.sequences and cached.nfe == plain.nfe + 1 + 1
+    assert cached.sequences == plain.sequences and cached.nfe == plain.nfe
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -233,15 +234,15 @@ def test_temperature_and_seed(tiny):
 
 def test_cached_eos_stop_and_nfe(tiny):
     """Declare a token the model produces as EOS: generation stops after the block holding its first
-    occurrence, without committing that block. NFE = 1 prefill + blocks * steps + (blocks - 1) commits."""
+    occurrence. NFE = blocks * steps: no forward of its own for the prefill or a commit."""
     model, adapter, prompts = tiny
     full = generate(adapter, model, prompts[:1], 16, 2)
-    assert full.nfe == 1 + 4 * 2 + 3 and full.blocks == 4
+    assert full.nfe == 4 * 2 and full.blocks == 4
     eos = full.sequences[0][5]
     first = full.sequences[0].index(eos)
     blocks = first // 4 + 1
     out = generate(adapter, model, prompts[:1], 16, 2, eos_token_id=eos)
-    assert out.blocks == blocks and out.nfe == 1 + blocks * 2 + (blocks - 1)
+    assert out.blocks == blocks and out.nfe == blocks * 2
     assert out.sequences == [full.sequences[0][:first]] and out.finished == [True]
     assert out.seconds > 0 and math.isclose(out.tokens_per_second, first / out.seconds)
 
