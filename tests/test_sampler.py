@@ -275,3 +275,77 @@ def test_bad_prompts_and_full_attention_block_size():
     # a full-attention model may be sampled with any block size
     out = generate(mock_adapter(attention="full"), PositionModel(echo_fn()), [PROMPT], 8, 2, block_size=8)
     assert out.blocks == 1 and out.nfe == 2
+
+
+# ----------------------------------------------------------------------------- Fast-dLLM's caches (full attention)
+
+
+@pytest.fixture(scope="module")
+def full_attention_models(tmp_path_factory):
+    from dtrpo.families import load_model
+    from tests.families.test_loading import write_dream, write_llada
+
+    root = tmp_path_factory.mktemp("full")
+    torch.manual_seed(0)
+    return {
+        name: load_model(write(root / name), block_size=4)[::2]
+        for name, write in (("llada", write_llada), ("dream", write_dream))
+    }
+
+
+def canvas_logits(model, ids: list[int]) -> torch.Tensor:
+    """One full-attention forward of an unpadded sequence (n, V): every position sees every position."""
+    n = len(ids)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, 1, n, n, dtype=torch.bool),
+            position_ids=torch.arange(n)[None],
+        )
+    return out.logits[0].float()
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_approximate_caches_are_exact_at_a_blocks_first_step(full_attention_models, family, cache):
+    """At each block's first step the prefix and dual caches run the whole canvas: the logits equal one
+    independent forward of the canvas as it stands (earlier blocks final, the rest [MASK]). With one step per
+    block every step is a first step, so the tokens equal the recompute path's."""
+    model, adapter = full_attention_models[family]
+    prompts = [[10, 11, 12, 13, 14], [20, 21]]
+    kw = dict(gen_length=12, steps_per_block=2, output_logits=True)
+    out = generate(adapter, model, prompts, cache=cache, **kw)
+    assert out.nfe == 3 * 2 == len(out.step_logits)
+    for b in range(3):
+        first = out.step_logits[2 * b]  # (B, bs, V)
+        for i, p in enumerate(prompts):
+            seq = out.sequences[i]
+            state = p + seq[: 4 * b] + [adapter.mask_token_id] * (12 - 4 * b)
+            ref = canvas_logits(model, state)
+            reads = [len(p) + 4 * b + s - int(adapter.shifted) for s in range(4)]
+            torch.testing.assert_close(first[i], ref[reads], atol=1e-5, rtol=0)
+    one = dict(gen_length=12, steps_per_block=1)
+    assert (
+        generate(adapter, model, prompts, cache=cache, **one).sequences
+        == generate(adapter, model, prompts, cache="none", **one).sequences
+    )
+
+
+def test_approximate_caches_run_fewer_columns_and_differ_from_recompute(full_attention_models):
+    """Later steps of a block run the block and the suffix (prefix) or the block alone (dual), against K/V kept
+    from the block's first step: the logits there are not the recomputed ones (the approximation is real)."""
+    model, adapter = full_attention_models["llada"]
+    prompts = [[10, 11, 12, 13, 14]]
+    kw = dict(gen_length=8, steps_per_block=4, output_logits=True)
+    plain = generate(adapter, model, prompts, cache="none", **kw)
+    for cache in ("prefix", "dual"):
+        out = generate(adapter, model, prompts, cache=cache, **kw)
+        torch.testing.assert_close(out.step_logits[0], plain.step_logits[0], atol=1e-5, rtol=0)
+        assert (out.step_logits[1] - plain.step_logits[1]).abs().max() > 1e-4
+
+
+def test_cache_option_errors():
+    with pytest.raises(ValueError, match="cache must be one of"):
+        generate(mock_adapter(attention="full"), PositionModel(echo_fn()), [PROMPT], 8, 2, cache="full")
+    with pytest.raises(ValueError, match="approximate cache for full-attention models"):
+        generate(mock_adapter(), PositionModel(echo_fn()), [PROMPT], 8, 2, cache="dual")
