@@ -349,3 +349,33 @@ def test_cache_option_errors():
         generate(mock_adapter(attention="full"), PositionModel(echo_fn()), [PROMPT], 8, 2, cache="full")
     with pytest.raises(ValueError, match="approximate cache for full-attention models"):
         generate(mock_adapter(), PositionModel(echo_fn()), [PROMPT], 8, 2, cache="dual")
+
+
+def test_cache_option_reaches_the_sampler(tmp_path, monkeypatch, capsys):
+    """`--cache` of `dtrpo generate`, `SamplingArgs.cache` (eval, pairs, the demo) and the harness's model_args
+    all reach `generate`; the default is the exact fast path, 'auto'."""
+    import dtrpo.evaluate as evaluate
+    import dtrpo.sampler as sampler
+    from dtrpo.cli import main
+    from dtrpo.evaluate import SamplingArgs, sample_texts
+    from dtrpo.families import load_model
+    from dtrpo.harness import DTRPOLM
+    from tests.families.test_loading import write_llada
+
+    seen = []
+    real = sampler.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("cache"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "generate", spy)
+    monkeypatch.setattr(evaluate, "generate", spy)
+    path = write_llada(tmp_path / "llada")
+    main(["generate", "--model_name_or_path", str(path), "--prompt", "ab", "--gen_length", "32", "--cache", "dual"])
+    assert "NFE 32" in capsys.readouterr().out
+    model, tokenizer, adapter = load_model(path)
+    sample_texts(model, tokenizer, adapter, ["ab"], SamplingArgs(gen_length=32, cache="prefix"), seed=0)
+    sample_texts(model, tokenizer, adapter, ["ab"], SamplingArgs(gen_length=32), seed=0)
+    assert seen == ["dual", "prefix", "auto"]
+    assert DTRPOLM(pretrained=str(path), cache="dual").sampling["cache"] == "dual"
