@@ -51,7 +51,7 @@ class GenerationResult:
     nfe: int  # model forward passes
     seconds: float
     tokens_per_second: float  # sum(lengths) / seconds
-    step_logits: list[torch.Tensor] | None = None  # per step, (B, block_size, V) logits read for the block
+    step_logits: list[torch.Tensor] | None = None  # per step, (b, block_size, V): the examples still decoding
 
 
 def generate(
@@ -120,8 +120,11 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed)
     step_logits: list[torch.Tensor] | None = [] if output_logits else None
     sub_of = torch.arange(bs, device=device) // sub  # (bs,) sub-block of each slot
+    out_canvas, out_when, tail, quota = canvas.clone(), when.clone(), plan.tail, plan.quota  # the whole batch
+    rows = torch.arange(len(prompts), device=device)  # the examples still decoding
+    decoded = torch.zeros_like(rows)  # (B,) blocks decoded per example
 
-    with torch.no_grad():
+    with torch.inference_mode():  # cheaper than no_grad: no version counters on the canvas and buffers
         for b in range(plan.n_blocks):
             at, masked = plan.cols[b] + P, plan.masked[b].clone()  # (B, bs) canvas column, still [MASK]
             if pre_fix and plan.edge_read[b] is not None:
@@ -146,21 +149,32 @@ def generate(
                     active &= ~reveal
                     step += 1
             blocks = b + 1
-            if eos_token_id is not None and bool((canvas[:, P:] == eos_token_id).any(-1).all()):
+            decoded[rows] = blocks
+            if eos_token_id is None:
+                continue
+            done = (canvas[:, P:] == eos_token_id).any(-1)  # (alive,)
+            n_done = int(done.sum())  # the stop decision: the one host sync of a block
+            if n_done == done.shape[0]:
                 break
+            if n_done:  # finished sequences leave the batch: later forwards run only the others
+                out_canvas[rows], out_when[rows] = canvas, when
+                keep = (~done).nonzero()[:, 0]
+                rows, canvas, when, plan = rows[keep], canvas[keep], when[keep], plan.select(keep)
+                view.select(keep, plan)
+        out_canvas[rows], out_when[rows] = canvas, when
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    ends = (blocks * bs - plan.tail).clamp(max=plan.quota).tolist()  # decoded response columns per example
-    rows = canvas[:, P:].tolist()
-    sequences, finished = _cut([row[:e] for row, e in zip(rows, ends, strict=True)], eos_token_id)
+    ends = (decoded * bs - tail).clamp(max=quota).tolist()  # decoded response columns per example
+    responses = out_canvas[:, P:].tolist()
+    sequences, finished = _cut([row[:e] for row, e in zip(responses, ends, strict=True)], eos_token_id)
     lengths = [len(s) for s in sequences]
     return GenerationResult(
         sequences=sequences,
         lengths=lengths,
         finished=finished,
-        reveal_step=[row[:e] for row, e in zip(when[:, P:].tolist(), ends, strict=True)],
+        reveal_step=[row[:e] for row, e in zip(out_when[:, P:].tolist(), ends, strict=True)],
         blocks=blocks,
         nfe=view.nfe,
         seconds=seconds,
@@ -207,6 +221,13 @@ class _Plan:
     starts_max: list[int]  # the last column where an example's block b starts
     first_read: list[int]  # the first column any slot of block b reads
     edge_read: list[int | None]  # the first column read for a slot 0 (the column before a block), None: no slot 0
+
+    def select(self, keep: torch.Tensor) -> _Plan:
+        """The plan of rows `keep` only; the windows of the whole batch still cover them."""
+        return replace(
+            self, tail=self.tail[keep], quota=self.quota[keep], cols=self.cols[:, keep], masked=self.masked[:, keep],
+            reads=self.reads[:, keep],
+        )  # fmt: skip
 
 
 def _plan(prompt_valid: torch.Tensor, gen_length: int, bs: int, absolute: bool, shift: int = 0) -> _Plan:
@@ -307,6 +328,17 @@ class _View:
         )  # fmt: skip
         self.mask = adapter.attention_mask(model, self.layout)  # (B, 1, S, S) additive, built once; or a BlockMask
         self.edge_logits: torch.Tensor | None = None  # (B, V) logits at the column before the current block
+
+    def select(self, keep: torch.Tensor, plan: _Plan) -> None:
+        """Keep rows `keep` only (sequences that finished leave the batch)."""
+        fields = {f: getattr(self.layout, f)[keep] for f in _COLUMN_FIELDS}
+        self.plan, self.layout = plan, replace(self.layout, **fields, tail=self.layout.tail[keep])
+        if isinstance(self.mask, torch.Tensor):
+            self.mask = self.mask[keep]
+        if self.edge_logits is not None:
+            self.edge_logits = self.edge_logits[keep]
+        if getattr(self, "cache", None) is not None:
+            self.cache.select(keep)
 
     def _forward(self, canvas, lo: int, hi: int, need: int, cache: _Buffers | None = None) -> torch.Tensor:
         """Run canvas columns [lo, hi) (against `cache`, which holds the other columns' K/V, when given); returns
@@ -458,6 +490,10 @@ class _Buffers:
         keys[:, :, self.lo : self.lo + q] = key_states
         values[:, :, self.lo : self.lo + q] = value_states
         return keys[:, :, : self.end], values[:, :, : self.end]
+
+    def select(self, keep: torch.Tensor) -> None:
+        for layer in self.keys:
+            self.keys[layer], self.values[layer] = self.keys[layer][keep], self.values[layer][keep]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.end

@@ -33,7 +33,9 @@ class PositionModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, use_cache=False, **kwargs):
         assert "cache" not in kwargs, "the mock has no KV cache"
         self.calls.append(
-            SimpleNamespace(width=input_ids.shape[1], mask=attention_mask == 0, position_ids=position_ids)
+            SimpleNamespace(
+                rows=input_ids.shape[0], width=input_ids.shape[1], mask=attention_mask == 0, position_ids=position_ids
+            )
         )
         logits = torch.stack([torch.stack([self.fn(int(p)) for p in row]) for row in position_ids])  # (B, S, V)
         if isinstance(logits_to_keep, torch.Tensor):
@@ -168,13 +170,15 @@ def test_block_causal_uncached_attention():
 
 def test_stops_at_eos():
     """Prompt A (2 tokens) hits EOS at position 7 = response token 5, in block 1; prompt B (12 tokens) never
-    does, so the batch runs all 4 blocks; alone, A stops after block 1 (NFE 2 blocks x 2 steps)."""
+    does, so the batch runs all 4 blocks, A leaving the batch after block 1; alone, A stops after block 1
+    (NFE 2 blocks x 2 steps)."""
     model = PositionModel(echo_fn(eos_at=7))
     alone = generate(mock_adapter(), model, [[10, 11]], 16, 2, eos_token_id=EOS, use_cache=False)
     assert alone.blocks == 2 and alone.nfe == 4
     assert alone.sequences == [[5, 6, 7, 8, 9]] and alone.finished == [True] and alone.lengths == [5]
     both = generate(mock_adapter(), model, [[10, 11], list(range(10, 22))], 16, 2, eos_token_id=EOS, use_cache=False)
     assert both.blocks == 4 and both.nfe == 8
+    assert [c.rows for c in model.calls[-8:]] == [2] * 4 + [1] * 4  # A stops costing compute once it has finished
     assert both.sequences[0] == [5, 6, 7, 8, 9] and len(both.sequences[1]) == 16
     assert both.finished == [True, False]
 
@@ -245,6 +249,20 @@ def test_cached_eos_stop_and_nfe(tiny):
     assert out.blocks == blocks and out.nfe == blocks * 2
     assert out.sequences == [full.sequences[0][:first]] and out.finished == [True]
     assert out.seconds > 0 and math.isclose(out.tokens_per_second, first / out.seconds)
+
+
+def test_finished_rows_leave_the_batch_without_changing_the_others(tiny):
+    """A token that prompt 0 produces in its first block but another prompt does not, declared EOS: prompt 0
+    leaves the batch after block 0 (later steps run fewer rows) and every sequence equals its decoding alone."""
+    model, adapter, prompts = tiny
+    full = generate(adapter, model, prompts, 16, 2)
+    eos = next(t for t in full.sequences[0][:4] if any(t not in s[:4] for s in full.sequences[1:]))
+    for cache in ("auto", "none"):
+        out = generate(adapter, model, prompts, 16, 2, eos_token_id=eos, output_logits=True, cache=cache)
+        assert out.step_logits[0].shape[0] == 3 and out.step_logits[-1].shape[0] < 3
+        for p, seq in zip(prompts, out.sequences, strict=True):
+            assert generate(adapter, model, [p], 16, 2, eos_token_id=eos, cache=cache).sequences == [seq]
+    assert out.finished[0] and out.sequences[0] == full.sequences[0][: full.sequences[0].index(eos)]
 
 
 # ----------------------------------------------------------------------------- bad inputs
