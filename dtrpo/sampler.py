@@ -104,77 +104,39 @@ def generate(
             f"sub_block_size={sub_block_size} needs a threshold and must divide block_size={bs} (Fast-dLLM v2: 8)"
         )
     view_class = _view_class(adapter, cache if use_cache else "none")
-    k, sub = bs // steps_per_block, sub_block_size or bs
     start = time.perf_counter()
     device = _device(model)
     prompt_ids, prompt_valid = _left_pad(prompts, adapter.mask_token_id, device)  # (B, P)
     plan = _plan(prompt_valid, gen_length, bs, adapter.absolute_grid, int(adapter.shifted))
-    mask_id, P = adapter.mask_token_id, plan.P
-    canvas = torch.cat([prompt_ids, torch.full_like(prompt_ids[:, :1], mask_id).expand(-1, plan.S - P)], 1)  # (B, S)
-    when = torch.full_like(canvas, -1)  # (B, S) the step that revealed each column
-    view = view_class(adapter, model, plan, canvas, prompt_valid)
-    pre_fix = fix_first_token and adapter.shifted
-    # without a threshold the number of steps is known on the host: no synchronisation per step
-    dynamic = threshold is not None or (fix_first_token and not adapter.shifted)
-    steps = _step_counts(plan, k, pre_fix) if not dynamic else [bs] * plan.n_blocks
-    generator = torch.Generator(device=device).manual_seed(seed)
+    batch = _Batch.start(prompt_ids, plan, adapter.mask_token_id)
+    view = view_class(adapter, model, plan, batch.canvas, prompt_valid)
+    rule = _Rule.of(adapter, plan, steps_per_block, remasking, threshold, temperature, sub_block_size, fix_first_token)
+    rule.generator.manual_seed(seed)
     step_logits: list[torch.Tensor] | None = [] if output_logits else None
-    sub_of = torch.arange(bs, device=device) // sub  # (bs,) sub-block of each slot
-    out_canvas, out_when, tail, quota = canvas.clone(), when.clone(), plan.tail, plan.quota  # the whole batch
-    rows = torch.arange(len(prompts), device=device)  # the examples still decoding
-    decoded = torch.zeros_like(rows)  # (B,) blocks decoded per example
 
     with torch.inference_mode():  # cheaper than no_grad: no version counters on the canvas and buffers
         for b in range(plan.n_blocks):
-            at, masked = plan.cols[b] + P, plan.masked[b].clone()  # (B, bs) canvas column, still [MASK]
-            if pre_fix and plan.edge_read[b] is not None:
-                first = view.edge(canvas, b).float().index_fill_(-1, _ids(mask_id, device), float("-inf"))  # (B, V)
-                fixed = torch.zeros_like(masked).index_fill_(1, _ids(0, device), True) & masked
-                _write(canvas, when, at, fixed, first.argmax(-1)[:, None].expand_as(at), 0)
-                masked &= ~fixed
-            step = 0
-            for s in range(bs // sub):  # one sub-block unless sub_block_size is given
-                active = masked & (sub_of == s)
-                for _ in range(steps[b]):
-                    if dynamic and not bool(active.any()):  # the stop decision: a host sync, threshold mode only
-                        break
-                    logits = view.logits(canvas, b)  # (B, bs, V)
-                    if step_logits is not None:
-                        step_logits.append(logits)
-                    reveal, x0 = denoise_step(logits, active, k, remasking, threshold, temperature, mask_id, generator)
-                    if fix_first_token and not pre_fix and step == 0:
-                        reveal[:, 0] |= masked[:, 0]
-                    _write(canvas, when, at, reveal, x0, step)
-                    masked &= ~reveal
-                    active &= ~reveal
-                    step += 1
+            masked = batch.plan.masked[b].clone()  # (b, bs) slots still [MASK]
+            if rule.fix_first and plan.edge_read[b] is not None:
+                _fix_first_token(view, batch, b, masked, rule.mask_id)
+            _decode_block(view, batch, b, masked, rule, step_logits)
             blocks = b + 1
-            decoded[rows] = blocks
-            if eos_token_id is None:
-                continue
-            done = (canvas[:, P:] == eos_token_id).any(-1)  # (alive,)
-            n_done = int(done.sum())  # the stop decision: the one host sync of a block
-            if n_done == done.shape[0]:
+            batch.decoded[batch.rows] = blocks
+            if eos_token_id is not None and batch.drop_finished(eos_token_id, view):
                 break
-            if n_done:  # finished sequences leave the batch: later forwards run only the others
-                out_canvas[rows], out_when[rows] = canvas, when
-                keep = (~done).nonzero()[:, 0]
-                rows, canvas, when, plan = rows[keep], canvas[keep], when[keep], plan.select(keep)
-                view.select(keep, plan)
-        out_canvas[rows], out_when[rows] = canvas, when
+        batch.save()
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    ends = (decoded * bs - tail).clamp(max=quota).tolist()  # decoded response columns per example
-    responses = out_canvas[:, P:].tolist()
-    sequences, finished = _cut([row[:e] for row, e in zip(responses, ends, strict=True)], eos_token_id)
+    sequences, reveal_step = batch.responses(bs)
+    sequences, finished = _cut(sequences, eos_token_id)
     lengths = [len(s) for s in sequences]
     return GenerationResult(
         sequences=sequences,
         lengths=lengths,
         finished=finished,
-        reveal_step=[row[:e] for row, e in zip(out_when[:, P:].tolist(), ends, strict=True)],
+        reveal_step=reveal_step,
         blocks=blocks,
         nfe=view.nfe,
         seconds=seconds,
@@ -183,20 +145,127 @@ def generate(
     )
 
 
-def _write(canvas, when, at, reveal, x0, step: int) -> None:
-    """Put the revealed tokens of a block's slots into the canvas, in place and without a host sync."""
-    canvas.scatter_(1, at, torch.where(reveal, x0, canvas.gather(1, at)))  # (B, S); a row's columns are distinct
-    when.scatter_(1, at, torch.where(reveal, step, when.gather(1, at)))
+def _decode_block(view: _View, batch: _Batch, b: int, masked: torch.Tensor, rule: _Rule, step_logits) -> None:
+    """Block b's steps (method.md section 8): each runs one forward and reveals the positions the rule picks,
+    sub-block by sub-block (one sub-block unless `sub_block_size` is given)."""
+    at, bs = batch.plan.cols[b] + batch.plan.P, masked.shape[1]  # (b, bs) canvas column of each slot
+    sub_of = torch.arange(bs, device=masked.device) // rule.sub  # (bs,) sub-block of each slot
+    step = 0
+    for s in range(bs // rule.sub):
+        active = masked & (sub_of == s)
+        for _ in range(rule.steps[b]):
+            if rule.dynamic and not bool(active.any()):  # the stop decision: a host sync, threshold mode only
+                break
+            logits = view.logits(batch.canvas, b)  # (b, bs, V)
+            if step_logits is not None:
+                step_logits.append(logits)
+            reveal, x0 = denoise_step(
+                logits, active, rule.k, rule.remasking, rule.threshold, rule.temperature, rule.mask_id, rule.generator
+            )
+            if rule.reveal_first and step == 0:
+                reveal[:, 0] |= masked[:, 0]
+            batch.write(at, reveal, x0, step)
+            masked &= ~reveal
+            active &= ~reveal
+            step += 1
 
 
-def _ids(i: int, device) -> torch.Tensor:
-    return torch.tensor([i], device=device)
+def _fix_first_token(view: _View, batch: _Batch, b: int, masked: torch.Tensor, mask_id: int) -> None:
+    """Fast-dLLM v2: block b's first token, the argmax at the column before the block (every earlier block clean),
+    written before the block's first forward. Clears it from `masked`."""
+    logits = view.edge(batch.canvas, b).float()  # (b, V)
+    logits[:, mask_id] = float("-inf")
+    first = torch.zeros_like(masked)
+    first[:, 0] = masked[:, 0]
+    batch.write(batch.plan.cols[b] + batch.plan.P, first, logits.argmax(-1)[:, None].expand_as(masked), 0)
+    masked &= ~first
 
 
-def _step_counts(plan: _Plan, k: int, pre_fix: bool) -> list[int]:
-    """Steps of each block when each reveals k: ceil(n / k) for the most slots any example decodes there."""
-    todo = plan.masked.sum(-1) - (plan.masked[..., 0].long() if pre_fix else 0)  # (n_blocks, B)
-    return [-(-n // k) for n in todo.amax(-1).tolist()]
+@dataclass(frozen=True)
+class _Rule:
+    """How the positions to reveal are picked: fixed for one generation."""
+
+    k: int  # positions per step (without a threshold)
+    remasking: str
+    threshold: float | None
+    temperature: float
+    mask_id: int
+    generator: torch.Generator
+    steps: list[int]  # per block, the most steps it may take
+    dynamic: bool  # whether a block's steps end on a stop decision (threshold) rather than a count
+    sub: int  # sub-block size (the block size unless Fast-dLLM v2's sub-blocks)
+    fix_first: bool  # Fast-dLLM v2's first token, fixed before the block's first forward (shifted)
+    reveal_first: bool  # the first token revealed at the first step (unshifted)
+
+    @staticmethod
+    def of(adapter, plan, steps_per_block, remasking, threshold, temperature, sub_block_size, fix_first_token) -> _Rule:
+        bs = plan.cols.shape[-1]
+        k = bs // steps_per_block
+        fix_first, reveal_first = fix_first_token and adapter.shifted, fix_first_token and not adapter.shifted
+        # without a threshold the number of steps is known on the host: no synchronisation per step
+        dynamic = threshold is not None or reveal_first  # (revealing slot 0 on top of k makes the count data-dependent)
+        todo = plan.masked.sum(-1) - (plan.masked[..., 0].long() if fix_first else 0)  # (n_blocks, B)
+        steps = [bs] * plan.n_blocks if dynamic else [-(-n // k) for n in todo.amax(-1).tolist()]
+        generator = torch.Generator(device=plan.cols.device)
+        return _Rule(
+            k, remasking, threshold, temperature, adapter.mask_token_id, generator, steps, dynamic,
+            sub_block_size or bs, fix_first, reveal_first,
+        )  # fmt: skip
+
+
+@dataclass
+class _Batch:
+    """The canvas of the examples still decoding (`rows` of the batch), and the whole batch's result."""
+
+    canvas: torch.Tensor  # (b, S) token ids: prompt, decoded tokens, [MASK]
+    when: torch.Tensor  # (b, S) the step that revealed each column, -1 elsewhere
+    rows: torch.Tensor  # (b,) the examples still decoding
+    plan: _Plan
+    out: torch.Tensor  # (B, S) canvas of the whole batch (rows that left keep their last state)
+    out_when: torch.Tensor  # (B, S)
+    decoded: torch.Tensor  # (B,) blocks decoded per example
+    full_plan: _Plan
+
+    @staticmethod
+    def start(prompt_ids: torch.Tensor, plan: _Plan, mask_id: int) -> _Batch:
+        masks = torch.full_like(prompt_ids[:, :1], mask_id).expand(-1, plan.S - plan.P)
+        canvas = torch.cat([prompt_ids, masks], 1)  # (B, S)
+        when = torch.full_like(canvas, -1)
+        rows = torch.arange(canvas.shape[0], device=canvas.device)
+        return _Batch(canvas, when, rows, plan, canvas.clone(), when.clone(), torch.zeros_like(rows), plan)
+
+    def write(self, at: torch.Tensor, reveal: torch.Tensor, x0: torch.Tensor, step: int) -> None:
+        """Put the revealed tokens into the canvas, in place and without a host sync; `at` (b, bs) the columns."""
+        self.canvas.scatter_(1, at, torch.where(reveal, x0, self.canvas.gather(1, at)))  # a row's columns differ
+        self.when.scatter_(1, at, torch.where(reveal, step, self.when.gather(1, at)))
+
+    def drop_finished(self, eos_token_id: int, view: _View) -> bool:
+        """Rows with an EOS leave the batch (later forwards run only the others); True when none is left."""
+        done = (self.canvas[:, self.plan.P :] == eos_token_id).any(-1)  # (b,)
+        n_done = int(done.sum())  # the stop decision: the one host sync of a block
+        if n_done == done.shape[0]:
+            return True
+        if n_done:
+            self.save()
+            keep = (~done).nonzero()[:, 0]
+            self.rows, self.canvas, self.when, self.plan = (
+                self.rows[keep],
+                self.canvas[keep],
+                self.when[keep],
+                self.plan.select(keep),
+            )
+            view.select(keep, self.plan)
+        return False
+
+    def save(self) -> None:
+        self.out[self.rows], self.out_when[self.rows] = self.canvas, self.when
+
+    def responses(self, bs: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Every example's decoded response columns and their reveal steps."""
+        plan = self.full_plan
+        ends = (self.decoded * bs - plan.tail).clamp(max=plan.quota).tolist()
+        tokens, when = self.out[:, plan.P :].tolist(), self.out_when[:, plan.P :].tolist()
+        return [t[:e] for t, e in zip(tokens, ends, strict=True)], [w[:e] for w, e in zip(when, ends, strict=True)]
 
 
 # ----------------------------------------------------------------------------- where the blocks lie
