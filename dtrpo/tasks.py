@@ -194,12 +194,71 @@ class NoisyArithmetic(Arithmetic):
         return rows
 
 
+@dataclass(frozen=True)
+class NoisySort:
+    """Sort a string of digits, taught by a noisy teacher and scored with partial credit.
+
+    Prompt `"52918>"`, answer `"12589"`: the prompt's `length` digits in ascending order. The score is the
+    fraction of the answer's positions the response gets right (its first `length` characters against the
+    answer's), so a response can be half right: a reward, not a verifier. Train rows carry the teacher's
+    `demonstration`, which with probability `drop` (per problem and seed) writes the two largest digits in
+    the wrong order whenever they differ (`"12598"`, score 0.6): a consistent mistake that SFT learns as the
+    mode, as `NoisyArithmetic`'s forgotten carry is. A problem's split is fixed by a hash of its text.
+
+        52918>  ->  12589   (the teacher, 60% of the time: 12598)
+        33110>  ->  01133   (the two largest are equal: always taught right)
+    """
+
+    length: int = 5
+    drop: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.length <= 20:
+            raise ValueError(f"noisy_sort: length must be in [2, 20], got {self.length}")
+        if not 0 <= self.drop <= 1:
+            raise ValueError(f"noisy_sort: drop must be in [0, 1], got {self.drop}")
+
+    @property
+    def name(self) -> str:
+        return f"noisy_sort:length={self.length},drop={self.drop}"
+
+    def prompts(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
+        """`n` distinct problems of `split` (default 100), the same for the same arguments."""
+        _check_split(split)
+        n = 100 if n is None else n
+        rng = random.Random(f"noisy_sort:{split}:{seed}")
+        rows: dict[str, dict] = {}
+        misses = 0
+        while len(rows) < n:
+            digits = "".join(rng.choice("0123456789") for _ in range(self.length))
+            if digits in rows or problem_split("sort:" + digits) != split:
+                misses += 1
+                if misses > 10_000:
+                    raise ValueError(f"{self.name}: found only {len(rows)} distinct {split} problems, {n} asked")
+                continue
+            misses = 0
+            answer = "".join(sorted(digits))
+            wrong = answer[:-2] + answer[-1] + answer[-2]
+            forget = wrong != answer and random.Random(f"sort-teacher:{digits}:{seed}").random() < self.drop
+            rows[digits] = {
+                "id": digits,
+                "prompt": digits + ">",
+                "answer": answer,
+                "demonstration": wrong if forget else answer,
+            }
+        return list(rows.values())
+
+    def score(self, row: dict, response: str) -> float:
+        answer = row["answer"]
+        return sum(a == b for a, b in zip(answer, response.strip(), strict=False)) / len(answer)
+
+
 def demonstration(row: dict) -> str:
     """The SFT target of a task row: its teacher's `demonstration` when it has one, else its answer."""
     return row.get("demonstration", row["answer"])
 
 
-TASKS = {"arithmetic": Arithmetic, "noisy_arithmetic": NoisyArithmetic}
+TASKS = {"arithmetic": Arithmetic, "noisy_arithmetic": NoisyArithmetic, "noisy_sort": NoisySort}
 
 
 def _parse_options(cls: type, text: str) -> dict:

@@ -53,7 +53,10 @@ class RoundsArgs:
     samples: int = field(default=8, metadata={"help": "Samples per prompt at temperature 1."})
     steps: int = field(default=100, metadata={"help": "Optimizer steps per round."})
     batch_size: int = field(default=16, metadata={"help": "Pairs (or RFT examples) per optimizer step."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the dTRPO arms."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the dTRPO arms with the NLL term."})
+    plain_learning_rate: float = field(
+        default=3e-5, metadata={"help": "Learning rate of the plain dTRPO arm (the quality study's choice for it)."}
+    )
     control_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the RFT arms."})
     beta: float = field(default=0.1, metadata={"help": "beta of the dTRPO arms."})
     rpo_alpha: float = field(default=1.0, metadata={"help": "rpo_alpha of the arms with the likelihood term."})
@@ -115,7 +118,9 @@ def arm_config(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int
     train = DTRPOConfig(
         output_dir=str(Path(args.output_dir) / task_slug(args.task) / "arms" / arm / f"s{seed}"),
         max_steps=steps,
-        learning_rate=args.control_learning_rate if method == "rft" else args.learning_rate,
+        learning_rate=(
+            args.control_learning_rate if method == "rft" else args.learning_rate if nll else args.plain_learning_rate
+        ),
         per_device_train_batch_size=args.batch_size,
         lr_scheduler_type="cosine",
         warmup_steps=min(20, steps // 10),
