@@ -5,6 +5,8 @@ study's `build`), every arm runs over seeds, each seed sampling its own pairs:
 
 - `iter_rpo`: iterated dTRPO with the chosen response's likelihood term (`rpo_alpha`), the round's start
   model as reference; `iter_dtrpo`: the same without it; `iter_rft`: iterated SFT on the chosen responses;
+- `iter_rpo_keep`, `iter_rft_keep` (not run by default): the iterated arms trained each round on every round's
+  pairs so far (`keep_pairs`), so that a round's steps are not spent on its own few pairs alone;
 - `once_rpo`, `once_rft`: one round on pairs sampled once from the SFT model, with the rounds' total
   prompts (so the same samples) and the rounds' total optimizer steps.
 
@@ -29,14 +31,17 @@ import torch
 from dtrpo.apps.quality import QualityArgs, build, stored_scores, task_data, task_slug
 from dtrpo.apps.quality_report import _fmt, _fmt_diff, paired, pooled
 
-# arm: (method, with the likelihood term, one-shot)
+# arm: (method, with the likelihood term, one-shot, training on every round's pairs so far)
 ARMS = {
-    "iter_rpo": ("dtrpo", True, False),
-    "iter_dtrpo": ("dtrpo", False, False),
-    "iter_rft": ("rft", False, False),
-    "once_rpo": ("dtrpo", True, True),
-    "once_rft": ("rft", False, True),
+    "iter_rpo": ("dtrpo", True, False, False),
+    "iter_dtrpo": ("dtrpo", False, False, False),
+    "iter_rft": ("rft", False, False, False),
+    "once_rpo": ("dtrpo", True, True, False),
+    "once_rft": ("rft", False, True, False),
+    "iter_rpo_keep": ("dtrpo", True, False, True),
+    "iter_rft_keep": ("rft", False, False, True),
 }
+DEFAULT_ARMS = ("iter_rpo", "iter_dtrpo", "iter_rft", "once_rpo", "once_rft")
 SUBJECT = "iter_rpo"  # the arm the study asks about; every other arm is a control
 
 
@@ -49,7 +54,7 @@ class RoundsArgs:
         default="noisy_arithmetic:digits=2",
         metadata={"help": "Built-in task: a verifier (0/1 scores) or a reward (partial credit, e.g. noisy_sort)."},
     )
-    arms: str = field(default=",".join(ARMS), metadata={"help": f"Comma-separated arms among {list(ARMS)}."})
+    arms: str = field(default=",".join(DEFAULT_ARMS), metadata={"help": f"Comma-separated arms among {list(ARMS)}."})
     seeds: int = field(default=3, metadata={"help": "Seeds per arm; each samples its own pairs."})
     rounds: int = field(default=3, metadata={"help": "Rounds of the iterated arms."})
     prompts_per_round: int = field(default=400, metadata={"help": "Train prompts sampled per round."})
@@ -108,7 +113,7 @@ def arm_config(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int
     from dtrpo.iterate import IterateArgs, IterateConfig
     from dtrpo.trainer import DTRPOConfig
 
-    method, nll, once = ARMS[arm]
+    method, nll, once, keep = ARMS[arm]
     rounds, per_round, steps = (
         (1, args.rounds * args.prompts_per_round, args.rounds * args.steps)
         if once
@@ -146,7 +151,7 @@ def arm_config(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int
         SamplingArgs(
             gen_length=gen_length, temperature=1.0, batch_size=200, seed=seed, steps_per_block=args.block_size
         ),
-        IterateArgs(rounds=rounds, prompts_per_round=per_round, method=method, eval_n=args.heldout),
+        IterateArgs(rounds=rounds, prompts_per_round=per_round, method=method, keep_pairs=keep, eval_n=args.heldout),
         train,
     )
 
