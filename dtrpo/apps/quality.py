@@ -195,6 +195,11 @@ def _train_args(cls, out: Path, steps: int, lr: float, seed: int, batch: int, sc
     )
 
 
+def stored_scores(scores: list[float]) -> str | list[float]:
+    """Per-prompt scores as a string of 0/1 digits when every score is 0 or 1 (a verifier), else the list."""
+    return "".join(str(int(s)) for s in scores) if set(scores) <= {0.0, 1.0} else [float(s) for s in scores]
+
+
 def greedy_scores(model, tok, adapter, task, rows: list[dict], gen_length: int) -> list[float]:
     """Per-prompt 0/1 scores of greedy decoding (low-confidence remasking, one token per step)."""
     texts, _ = sample_texts(
@@ -281,7 +286,7 @@ def build(args: QualityArgs, index: int, log=print) -> Path:
         "sft_curve": stop.curve,
         "sft_seconds": sft_seconds,
         "pairs": pair_stats,
-        "heldout_scores": "".join(str(int(s)) for s in heldout),
+        "heldout_scores": stored_scores(heldout),
         "validation_accuracy": sum(validation) / len(validation),
     }
     results = Path(args.results_dir) / task_slug(spec)

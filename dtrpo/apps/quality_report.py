@@ -40,8 +40,9 @@ def load_runs(args: QualityArgs, task_index: int) -> dict:
     return out
 
 
-def _bits(text: str) -> list[float]:
-    return [float(c) for c in text]
+def _bits(scores: str | list[float]) -> list[float]:
+    """Per-prompt scores as stored: a string of 0/1 digits for a verifier, a list of floats for a reward."""
+    return [float(c) for c in scores]
 
 
 def point_at(result: dict, step: int | None = None, passes: float | None = None) -> dict | None:

@@ -5,6 +5,8 @@ study's `build`), every arm runs over seeds, each seed sampling its own pairs:
 
 - `iter_rpo`: iterated dTRPO with the chosen response's likelihood term (`rpo_alpha`), the round's start
   model as reference; `iter_dtrpo`: the same without it; `iter_rft`: iterated SFT on the chosen responses;
+- `iter_rpo_keep`, `iter_rft_keep` (not run by default): the iterated arms trained each round on every round's
+  pairs so far (`keep_pairs`), so that a round's steps are not spent on its own few pairs alone;
 - `once_rpo`, `once_rft`: one round on pairs sampled once from the SFT model, with the rounds' total
   prompts (so the same samples) and the rounds' total optimizer steps.
 
@@ -26,17 +28,20 @@ from pathlib import Path
 
 import torch
 
-from dtrpo.apps.quality import QualityArgs, build, task_data, task_slug
+from dtrpo.apps.quality import QualityArgs, build, stored_scores, task_data, task_slug
 from dtrpo.apps.quality_report import _fmt, _fmt_diff, paired, pooled
 
-# arm: (method, with the likelihood term, one-shot)
+# arm: (method, with the likelihood term, one-shot, training on every round's pairs so far)
 ARMS = {
-    "iter_rpo": ("dtrpo", True, False),
-    "iter_dtrpo": ("dtrpo", False, False),
-    "iter_rft": ("rft", False, False),
-    "once_rpo": ("dtrpo", True, True),
-    "once_rft": ("rft", False, True),
+    "iter_rpo": ("dtrpo", True, False, False),
+    "iter_dtrpo": ("dtrpo", False, False, False),
+    "iter_rft": ("rft", False, False, False),
+    "once_rpo": ("dtrpo", True, True, False),
+    "once_rft": ("rft", False, True, False),
+    "iter_rpo_keep": ("dtrpo", True, False, True),
+    "iter_rft_keep": ("rft", False, False, True),
 }
+DEFAULT_ARMS = ("iter_rpo", "iter_dtrpo", "iter_rft", "once_rpo", "once_rft")
 SUBJECT = "iter_rpo"  # the arm the study asks about; every other arm is a control
 
 
@@ -45,15 +50,21 @@ class RoundsArgs:
     output_dir: str = field(default="runs/rounds", metadata={"help": "Checkpoints and round folders (not committed)."})
     results_dir: str = field(default="docs/results/rounds", metadata={"help": "One JSON per (arm, seed) (committed)."})
     report: str = field(default="docs/rounds.md", metadata={"help": "Markdown report to write."})
-    task: str = field(default="noisy_arithmetic:digits=2", metadata={"help": "Built-in task (a verifier: 0/1 scores)."})
-    arms: str = field(default=",".join(ARMS), metadata={"help": f"Comma-separated arms among {list(ARMS)}."})
+    task: str = field(
+        default="noisy_arithmetic:digits=2",
+        metadata={"help": "Built-in task: a verifier (0/1 scores) or a reward (partial credit, e.g. noisy_sort)."},
+    )
+    arms: str = field(default=",".join(DEFAULT_ARMS), metadata={"help": f"Comma-separated arms among {list(ARMS)}."})
     seeds: int = field(default=3, metadata={"help": "Seeds per arm; each samples its own pairs."})
     rounds: int = field(default=3, metadata={"help": "Rounds of the iterated arms."})
     prompts_per_round: int = field(default=400, metadata={"help": "Train prompts sampled per round."})
     samples: int = field(default=8, metadata={"help": "Samples per prompt at temperature 1."})
     steps: int = field(default=100, metadata={"help": "Optimizer steps per round."})
     batch_size: int = field(default=16, metadata={"help": "Pairs (or RFT examples) per optimizer step."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the dTRPO arms."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the dTRPO arms with the NLL term."})
+    plain_learning_rate: float = field(
+        default=3e-5, metadata={"help": "Learning rate of the plain dTRPO arm (the quality study's choice for it)."}
+    )
     control_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the RFT arms."})
     beta: float = field(default=0.1, metadata={"help": "beta of the dTRPO arms."})
     rpo_alpha: float = field(default=1.0, metadata={"help": "rpo_alpha of the arms with the likelihood term."})
@@ -102,7 +113,7 @@ def arm_config(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int
     from dtrpo.iterate import IterateArgs, IterateConfig
     from dtrpo.trainer import DTRPOConfig
 
-    method, nll, once = ARMS[arm]
+    method, nll, once, keep = ARMS[arm]
     rounds, per_round, steps = (
         (1, args.rounds * args.prompts_per_round, args.rounds * args.steps)
         if once
@@ -115,7 +126,9 @@ def arm_config(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int
     train = DTRPOConfig(
         output_dir=str(Path(args.output_dir) / task_slug(args.task) / "arms" / arm / f"s{seed}"),
         max_steps=steps,
-        learning_rate=args.control_learning_rate if method == "rft" else args.learning_rate,
+        learning_rate=(
+            args.control_learning_rate if method == "rft" else args.learning_rate if nll else args.plain_learning_rate
+        ),
         per_device_train_batch_size=args.batch_size,
         lr_scheduler_type="cosine",
         warmup_steps=min(20, steps // 10),
@@ -138,16 +151,14 @@ def arm_config(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int
         SamplingArgs(
             gen_length=gen_length, temperature=1.0, batch_size=200, seed=seed, steps_per_block=args.block_size
         ),
-        IterateArgs(rounds=rounds, prompts_per_round=per_round, method=method, eval_n=args.heldout),
+        IterateArgs(rounds=rounds, prompts_per_round=per_round, method=method, keep_pairs=keep, eval_n=args.heldout),
         train,
     )
 
 
-def _bits(eval_path: Path) -> str:
-    scores = [s["score"] for s in json.loads(eval_path.read_text())["samples"]]
-    if set(scores) - {0.0, 1.0}:
-        raise ValueError(f"{eval_path}: scores other than 0 and 1; the rounds study needs a verifier task")
-    return "".join(str(int(s)) for s in scores)
+def _scores(eval_path: Path) -> str | list[float]:
+    """Every held-out item's score of one round, as the quality study stores them (0/1 digits or floats)."""
+    return stored_scores([s["score"] for s in json.loads(eval_path.read_text())["samples"]])
 
 
 def result_path(args: RoundsArgs, arm: str, seed: int) -> Path:
@@ -169,7 +180,7 @@ def run_arm(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int, l
     curve = [
         {
             **{k: row[k] for k in ("round", "accuracy", "ci95", "cumulative_passes", "pairs", "mean_score")},
-            "scores": _bits(out / f"round-{row['round']}" / "eval.json"),
+            "scores": _scores(out / f"round-{row['round']}" / "eval.json"),
         }
         for row in [start, *report["rounds"]]
     ]
@@ -215,16 +226,19 @@ def write_rounds_report(args: RoundsArgs) -> Path:
         diff = paired(final[arm], final[best]) if best and arm != best else None
         passes = statistics.mean(p["cumulative_passes"] for p in final[arm])
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {passes:,.0f} | {_fmt_diff(diff)} |")
+    lines += ["", *round_inputs(runs, width)]
     report, figure = Path(args.report), Path(args.report).parent / "figures" / f"rounds_{task_slug(args.task)}.png"
     head = [
         f"# Rounds on `{args.task}`",
         "",
         "Generated by `dtrpo bench rounds`. Held-out accuracy (greedy) after each round, pooled over "
-        f"{args.seeds} seed(s) (Wilson interval, n = held-out x seeds); round 0 is the SFT start. Every round samples "
+        f"{args.seeds} seed(s) (Wilson interval for 0/1 scores, normal otherwise; n = held-out x seeds); round 0 is "
+        f"the SFT start. Every round samples "
         f"{args.prompts_per_round} prompts x {args.samples} answers and trains {args.steps} steps of "
         f"{args.batch_size}; a one-shot arm does {args.rounds} rounds' worth in one round. The paired difference is "
         "the final round's, per prompt and seed, with a bootstrap interval over prompts (per-seed in brackets). "
-        f"Learning rates: dTRPO {args.learning_rate:g}, RFT {args.control_learning_rate:g} (not tuned here).",
+        f"Learning rates: dTRPO + NLL {args.learning_rate:g}, plain dTRPO {args.plain_learning_rate:g}, RFT "
+        f"{args.control_learning_rate:g}: the quality study's tuned values for these arms (not retuned per round).",
         "",
     ]
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +247,26 @@ def write_rounds_report(args: RoundsArgs) -> Path:
     )
     plot_rounds(runs, figure, args.task)
     return report
+
+
+def round_inputs(runs: dict, width: int) -> list[str]:
+    """What each round trained on, mean over seeds: pairs formed and the samples' mean score (the on-policy
+    signal: as the model improves, fewer prompts have both a right and a wrong answer)."""
+    lines = [
+        "Pairs formed / samples' mean score per round (mean over seeds):",
+        "",
+        "| arm | " + " | ".join(f"round {k}" for k in range(1, width)) + " |",
+        "|---|" + "---|" * (width - 1),
+    ]
+    for arm, rs in runs.items():
+        cells = []
+        for k in range(1, width):
+            points = [c[k] for c in (columns(arm, r, width) for r in rs) if k in c]
+            ok = len(points) == len(rs) and all(p["mean_score"] is not None for p in points)
+            pairs = statistics.mean(p["pairs"] for p in points) if ok else None
+            cells.append(f"{pairs:.0f} / {statistics.mean(p['mean_score'] for p in points):.3f}" if ok else "")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def columns(arm: str, result: dict, width: int) -> dict[int, dict]:
