@@ -124,7 +124,12 @@ class Arm:
 
     @property
     def config(self) -> dict:
-        return dict(self.overrides)
+        """The arm's DTRPOConfig fields: a preference arm starts from the paper's plain loss (newly unmasked
+        targets, no likelihood term), pinned here so that the library's defaults never change an arm."""
+        return {**(PLAIN if self.kind == "preference" else {}), **dict(self.overrides)}
+
+
+PLAIN = {"targets": "newly_unmasked", "rpo_alpha": 0.0}
 
 
 def arm_table(block_size: int, rpo_alpha: float) -> dict[str, Arm]:

@@ -30,7 +30,7 @@ from dtrpo.tasks import demonstration
 
 # the losses the full-attention model trains with, one seed each, lr 2e-4, beta 0.1
 FULL_ATTENTION_TRAINING = {
-    "dTRPO": {},
+    "dTRPO": {"targets": "newly_unmasked", "rpo_alpha": 0.0},
     "dTRPO all_masked_weighted + rpo_alpha 1": {"targets": "all_masked_weighted", "rpo_alpha": 1.0},
 }
 
@@ -38,7 +38,7 @@ FULL_ATTENTION_TRAINING = {
 def _trainer(policy, ref, tok, adapter, pairs: Path, out: Path, steps: int = 1, lr: float = 2e-4, **extra):
     from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
 
-    args = _train_args(DTRPOConfig, out, steps, lr, 0, 16, "cosine", beta=0.1, **extra)
+    args = _train_args(DTRPOConfig, out, steps, lr, 0, 16, "cosine", beta=0.1, **{"rpo_alpha": 0.0, **extra})
     return DTRPOTrainer(
         model=policy, ref_model=ref, args=args, adapter=adapter, processing_class=tok, train_dataset=str(pairs)
     )
