@@ -212,13 +212,16 @@ def run_sampler(model, adapter, prompts: list[list[int]], gen_length: int, kw: d
 
 
 def run_autoregressive(model, pad_id: int, prompts: list[list[int]], gen_length: int, eos: int | None) -> Run:
-    """HF `generate`, greedy, with its KV cache; forwards counted by a hook on the model's forward."""
+    """HF `generate`, greedy, with its KV cache, always `gen_length` new tokens: EOS does not stop it (on a
+    diffusion model's weights it may come anywhere), so that it decodes as many positions as the block sampler,
+    which decodes whole blocks; responses are cut before EOS as the sampler cuts them. Forwards are counted
+    by a hook on the model's forward."""
     from transformers import GenerationConfig
 
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=model.device)  # (B, P) left-padded
     valid = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=model.device)  # (B, P)
-    config = GenerationConfig(max_new_tokens=gen_length, do_sample=False, eos_token_id=eos, pad_token_id=pad_id)
+    config = GenerationConfig(max_new_tokens=gen_length, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
     calls = []
     hook = model.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -262,9 +265,9 @@ def available_settings(names: list[str], attention: str) -> tuple[dict[str, dict
     return arms, missing
 
 
-def side_by_side(model, adapter, tok, batches: list[list[list[int]]], gen_length: int, arms: dict, eos, repeats):
-    """Every arm over every batch, arms alternating within each round; round 0 warms up. Returns per arm the
-    runs of the first timed round and the seconds of each timed round."""
+def side_by_side(model, adapter, tok, batches: list[list[list[int]]], gen_length: int, arms: dict, eos, repeats, log):
+    """Every arm over every batch, arms alternating within each round; round 0 warms up on the first batch.
+    Returns per arm the runs of the first timed round and the seconds of each timed round."""
     results = {name: {"runs": None, "seconds": []} for name in ["autoregressive", *arms]}
     for rep in range(repeats + 1):
         for name in results:
@@ -272,8 +275,9 @@ def side_by_side(model, adapter, tok, batches: list[list[list[int]]], gen_length
                 run_autoregressive(model, tok.pad_token_id, b, gen_length, eos)
                 if name == "autoregressive"
                 else run_sampler(model, adapter, b, gen_length, arms[name], eos)
-                for b in batches
+                for b in (batches if rep else batches[:1])
             ]
+            log(f"  {'warm-up' if rep == 0 else f'round {rep}'}: {name} {sum(r.seconds for r in runs):.2f} s")
             if rep:
                 results[name]["seconds"].append(sum(r.seconds for r in runs))
                 if results[name]["runs"] is None:
@@ -285,26 +289,31 @@ def side_by_side(model, adapter, tok, batches: list[list[list[int]]], gen_length
 
 def speed_row(result: dict) -> dict:
     """Median seconds over the repeats; NFE and tokens per forward (positions decoded per batch row per
-    forward: 1 for autoregressive decoding) from the first timed round (greedy: every round decodes alike)."""
+    forward: 1 for autoregressive decoding) from the first timed round (greedy: every round decodes alike).
+    `tokens` are the responses' (cut before EOS); `positions` all that the decoder decoded, past EOS too."""
     runs, seconds = result["runs"], statistics.median(result["seconds"])
     tokens = sum(len(s) for r in runs for s in r.sequences)
+    positions = sum(r.positions for r in runs)
     return {
+        "positions_per_second": positions / seconds,
         "tokens_per_second": tokens / seconds,
         "seconds": seconds,
         "seconds_repeats": result["seconds"],
         "tokens": tokens,
+        "positions": positions,
         "nfe_per_batch": sum(r.nfe for r in runs) / len(runs),
-        "tokens_per_forward": sum(r.positions for r in runs) / sum(r.nfe * len(r.sequences) for r in runs),
+        "tokens_per_forward": positions / sum(r.nfe * len(r.sequences) for r in runs),
     }
 
 
-def task_workload(model, adapter, tok, a: BenchSamplerArgs, arms: dict) -> dict:
+def task_workload(model, adapter, tok, a: BenchSamplerArgs, arms: dict, log=print) -> dict:
     task = load_task(a.task)
     rows = task.prompts("heldout", a.heldout, seed=a.seed)
     gen_length = _gen_length(tok, rows[0], adapter.block_size)
     ids, _ = encode_prompts(tok, [r["prompt"] for r in rows], SamplingArgs(gen_length=gen_length), adapter)
     batches = [ids[i : i + a.batch_size] for i in range(0, len(ids), a.batch_size)]
-    results = side_by_side(model, adapter, tok, batches, gen_length, arms, tok.eos_token_id, a.repeats)
+    log(f" task: {len(rows)} held-out problems, {gen_length} new tokens, batches of {a.batch_size}")
+    results = side_by_side(model, adapter, tok, batches, gen_length, arms, tok.eos_token_id, a.repeats, log)
     report = _speed_table(results)
     items = {}
     for name, result in results.items():
@@ -320,12 +329,13 @@ def task_workload(model, adapter, tok, a: BenchSamplerArgs, arms: dict) -> dict:
     return {"task": task.name, "n": len(rows), "gen_length": gen_length, "batch_size": a.batch_size, "arms": report}
 
 
-def fixed_workload(model, adapter, tok, spec: ModelSpec, a: BenchSamplerArgs, arms: dict) -> dict:
+def fixed_workload(model, adapter, tok, spec: ModelSpec, a: BenchSamplerArgs, arms: dict, log=print) -> dict:
     """Random prompts of `spec.prompt_length` printable characters, `spec.new_tokens` new tokens, EOS ignored."""
     g = torch.Generator().manual_seed(a.seed)
     lo, hi = min(tok.convert_tokens_to_ids(["0", "z"])), max(tok.convert_tokens_to_ids(["0", "z"]))
     ids = torch.randint(lo, hi + 1, (a.batch_size, spec.prompt_length), generator=g).tolist()
-    results = side_by_side(model, adapter, tok, [ids], spec.new_tokens, arms, None, a.repeats)
+    log(f" fixed: {a.batch_size} prompts of {spec.prompt_length}, {spec.new_tokens} new tokens, EOS ignored")
+    results = side_by_side(model, adapter, tok, [ids], spec.new_tokens, arms, None, a.repeats, log)
     return {
         "prompt_length": spec.prompt_length,
         "gen_length": spec.new_tokens,
@@ -335,11 +345,13 @@ def fixed_workload(model, adapter, tok, spec: ModelSpec, a: BenchSamplerArgs, ar
 
 
 def _speed_table(results: dict) -> dict:
-    """Each arm's speed row with its ratio of tokens/s to the autoregressive arm's, from the same run."""
+    """Each arm's speed row with its speed ratio to the autoregressive arm's from the same run: decoded
+    positions per second, i.e. the same work (every arm decodes gen_length positions per prompt unless a
+    whole batch stops at EOS early)."""
     rows = {name: speed_row(r) for name, r in results.items()}
-    base = rows["autoregressive"]["tokens_per_second"]
+    base = rows["autoregressive"]["positions_per_second"]
     for row in rows.values():
-        row["ratio_to_autoregressive"] = row["tokens_per_second"] / base
+        row["ratio_to_autoregressive"] = row["positions_per_second"] / base
     return rows
 
 
@@ -370,10 +382,10 @@ def run_bench(a: BenchSamplerArgs, log=print) -> dict:
             "block_size": adapter.block_size,
             "sft": {k: v for k, v in json.loads((folder / "bench_sft.json").read_text()).items() if k != "recipe"},
             "settings_not_in_sampler": missing,
-            "task": task_workload(model, adapter, tok, a, arms),
+            "task": task_workload(model, adapter, tok, a, arms, log),
         }
         if spec.prompt_length is not None:
-            entry["fixed"] = fixed_workload(model, adapter, tok, spec, a, arms)
+            entry["fixed"] = fixed_workload(model, adapter, tok, spec, a, arms, log)
         report["models"][spec.name] = entry
     return report
 
@@ -388,7 +400,7 @@ def format_table(report: dict) -> str:
             head += f"; fixed {f['prompts']} prompts of {f['prompt_length']}, {f['gen_length']} new tokens"
         out += [f"**{head}**", ""]
         out.append(
-            "| setting | tok/s | x AR | NFE/batch | tok/fwd | accuracy [95%] | vs one/step |"
+            "| setting | positions/s | x AR | NFE/batch | tok/fwd | accuracy [95%] | vs one/step |"
             + (" fixed tok/s | x AR | NFE | tok/fwd |" if f else "")
         )
         out.append("|---" * (11 if f else 7) + "|")
@@ -405,7 +417,7 @@ def format_table(report: dict) -> str:
                 else (f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
             )
             line = (
-                f"| {arm} | {r['tokens_per_second']:.0f} | {r['ratio_to_autoregressive']:.2f} | "
+                f"| {arm} | {r['positions_per_second']:.0f} | {r['ratio_to_autoregressive']:.2f} | "
                 f"{r['nfe_per_batch']:.1f} | {r['tokens_per_forward']:.2f} | {acc} | {diff} |"
             )
             if f:

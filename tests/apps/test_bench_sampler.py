@@ -44,6 +44,9 @@ def test_report_has_every_arm_with_sane_numbers(bench):
                 assert min(r["seconds_repeats"]) <= r["seconds"] <= max(r["seconds_repeats"])  # their median
         ar = m["task"]["arms"]["autoregressive"]
         assert ar["ratio_to_autoregressive"] == 1.0 and ar["accuracy_meaningful"] is False
+        assert ar["nfe_per_batch"] == 16 and ar["positions"] == 4 * 16  # EOS does not stop it: whole blocks' worth
+        for arm, r in m["task"]["arms"].items():  # the sampler decodes whole blocks: at most two, at least one
+            assert 4 * 8 <= r["positions"] <= 4 * 16 and r["tokens"] <= r["positions"], (name, arm)
         for arm, r in m["task"]["arms"].items():
             assert 0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 1, (name, arm)
         assert m["task"]["arms"]["one_per_step"]["accuracy_minus_one_per_step"]["difference"] == 0
