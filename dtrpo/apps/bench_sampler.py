@@ -211,17 +211,19 @@ def run_sampler(model, adapter, prompts: list[list[int]], gen_length: int, kw: d
     return Run(out.sequences, sum(len(r) for r in out.reveal_step), out.nfe, seconds)
 
 
-def run_autoregressive(model, pad_id: int, prompts: list[list[int]], gen_length: int, eos: int | None) -> Run:
-    """HF `generate`, greedy, with its KV cache, always `gen_length` new tokens: EOS does not stop it (on a
-    diffusion model's weights it may come anywhere), so that it decodes as many positions as the block sampler,
-    which decodes whole blocks; responses are cut before EOS as the sampler cuts them. Forwards are counted
-    by a hook on the model's forward."""
+def run_autoregressive(model, pad_id: int, prompts: list[list[int]], gen_length: int) -> Run:
+    """HF `generate`, greedy, with its KV cache, always `gen_length` new tokens: EOS is never chosen (on a
+    diffusion model's weights it may come first), so that it decodes as many positions as the block sampler,
+    which decodes whole blocks. Forwards are counted by a hook on the model's forward."""
     from transformers import GenerationConfig
 
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=model.device)  # (B, P) left-padded
     valid = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=model.device)  # (B, P)
-    config = GenerationConfig(max_new_tokens=gen_length, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+    # min_new_tokens keeps EOS from stopping it (the model's own generation_config would otherwise supply one)
+    config = GenerationConfig(
+        max_new_tokens=gen_length, min_new_tokens=gen_length, do_sample=False, pad_token_id=pad_id
+    )
     calls = []
     hook = model.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -232,8 +234,7 @@ def run_autoregressive(model, pad_id: int, prompts: list[list[int]], gen_length:
     finally:
         hook.remove()
     new = out[:, P:].tolist()
-    sequences = [row[: row.index(eos)] if eos in row else row for row in new]
-    return Run(sequences, len(new) * len(new[0]), len(calls), seconds)
+    return Run(new, len(new) * len(new[0]), len(calls), seconds)
 
 
 def _synced(model, start: float) -> float:
@@ -272,7 +273,7 @@ def side_by_side(model, adapter, tok, batches: list[list[list[int]]], gen_length
     for rep in range(repeats + 1):
         for name in results:
             runs = [
-                run_autoregressive(model, tok.pad_token_id, b, gen_length, eos)
+                run_autoregressive(model, tok.pad_token_id, b, gen_length)
                 if name == "autoregressive"
                 else run_sampler(model, adapter, b, gen_length, arms[name], eos)
                 for b in (batches if rep else batches[:1])
