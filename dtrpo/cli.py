@@ -492,7 +492,7 @@ def pairs_main(argv: list[str]) -> None:
 @dataclass
 class GenerateArgs(ModelArgs):
     prompt: list[str] = field(default=None, metadata={"help": "Prompt text(s) to complete."})
-    use_cache: bool = field(default=True, metadata={"help": "KV cache over finished blocks (block-causal models)."})
+    use_cache: bool = field(default=True, metadata={"help": "false: the same as --cache none."})
 
 
 @command("generate", "block-wise diffusion sampling from prompts; prints responses, NFE and tokens/s")
@@ -521,6 +521,7 @@ def generate_main(argv: list[str]) -> None:
         use_cache=g.use_cache,
         sub_block_size=s.sub_block_size,
         fix_first_token=s.fix_first_token,
+        cache=s.cache,
     )
     for p, seq in zip(g.prompt, out.sequences, strict=True):
         print(json.dumps({"prompt": p, "response": tokenizer.decode(seq, skip_special_tokens=True)}))

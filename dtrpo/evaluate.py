@@ -51,9 +51,17 @@ class SamplingArgs:
     )
     fix_first_token: bool = field(
         default=False,
-        metadata={"help": "Reveal a block's first token at its first step (Fast-dLLM v2's rule for shifted models)."},
+        metadata={"help": "Fix a block's first token before its first forward (Fast-dLLM v2's rule, shifted models)."},
     )
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (0 = greedy)."})
+    cache: Literal["auto", "none", "prefix", "dual"] = field(
+        default="auto",
+        metadata={
+            "help": "auto: the exact fast path (KV cache for block-causal models, recompute for full attention); "
+            "none: recompute every step; prefix / dual: Fast-dLLM's caches for full-attention models, APPROXIMATE "
+            "(K/V kept from a block's first step: prefix for the prompt and finished blocks, dual also the suffix)."
+        },
+    )
     batch_size: int = field(default=32, metadata={"help": "Prompts per sampler batch."})
     chat_template: bool = field(default=False, metadata={"help": "Wrap prompts in the tokenizer's chat template."})
     max_prompt_length: int | None = field(
@@ -118,6 +126,7 @@ def sample_texts(model, tokenizer, adapter, prompts: list[str], s: SamplingArgs,
             eos_token_id=tokenizer.eos_token_id,
             sub_block_size=s.sub_block_size,
             fix_first_token=s.fix_first_token,
+            cache=s.cache,
         )
         texts += [tokenizer.decode(seq, skip_special_tokens=True) for seq in out.sequences]
         nfe, seconds, tokens = nfe + out.nfe, seconds + out.seconds, tokens + sum(out.lengths)
