@@ -432,3 +432,32 @@ def format_table(report: dict) -> str:
             out.append(f"\nnot offered by this sampler: {', '.join(m['settings_not_in_sampler'])}")
         out.append("")
     return "\n".join(out)
+
+
+def format_before_after(before: dict, after: dict) -> str:
+    """One markdown table per model held by both reports: each setting's speed ratio to autoregressive decoding
+    on both workloads, forwards of the fixed workload, and task accuracy, before -> after."""
+    out = []
+    for name in [n for n in after["models"] if n in before["models"]]:
+        b, a = before["models"][name], after["models"][name]
+        out += [
+            f"**{name}**",
+            "",
+            "| setting | x AR task | x AR fixed | NFE fixed | accuracy (task) |",
+            "|---" * 5 + "|",
+        ]
+        for arm, r in a["task"]["arms"].items():
+            was = b["task"]["arms"].get(arm)
+            cells = [_change(was, r, "ratio_to_autoregressive", "{:.2f}")]
+            fb, fa = b.get("fixed", {}).get("arms", {}).get(arm), a.get("fixed", {}).get("arms", {}).get(arm)
+            cells += [_change(fb, fa, "ratio_to_autoregressive", "{:.2f}"), _change(fb, fa, "nfe_per_batch", "{:.0f}")]
+            cells.append("n/a" if arm == "autoregressive" else _change(was, r, "accuracy", "{:.3f}"))
+            out.append(f"| {arm} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _change(was: dict | None, now: dict | None, key: str, fmt: str) -> str:
+    if now is None:
+        return ""
+    return (fmt.format(was[key]) if was else "-") + " -> " + fmt.format(now[key])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dtrpo.apps.bench_sampler import FULL_ONLY, SETTINGS, BenchSamplerArgs, run_bench
+from dtrpo.apps.bench_sampler import FULL_ONLY, SETTINGS, BenchSamplerArgs, format_before_after, run_bench
 from dtrpo.cli import main
 
 B, NEW = 8, 16  # block size; new tokens of the fixed workload: two blocks
@@ -97,3 +97,14 @@ def test_bad_flags_are_refused_naming_the_flag(flags, message, capsys):
     with pytest.raises(SystemExit) as err:
         main(["bench", "sampler", *flags])
     assert message in str(err.value)
+
+
+def test_before_after_table_pairs_each_setting(bench):
+    _, report, _ = bench
+    before = json.loads(json.dumps(report))
+    del before["models"]["full_16x1"]["task"]["arms"]["two_per_step"]  # a setting the older sampler lacked
+    table = format_before_after(before, report)
+    row = next(line for line in table.splitlines() if line.startswith("| one_per_step |"))
+    ratio = report["models"]["block_causal_16x1"]["task"]["arms"]["one_per_step"]["ratio_to_autoregressive"]
+    assert f"| {ratio:.2f} -> {ratio:.2f} |" in row
+    assert any(line.startswith("| two_per_step | - -> ") for line in table.splitlines())
