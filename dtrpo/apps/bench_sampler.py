@@ -13,6 +13,10 @@ run on the same weights. Two workloads:
 - `fixed`: random prompts of a fixed length, a fixed number of new tokens, EOS ignored (speed only),
   the shapes of issue 16's measurements.
 
+HF `generate` never stops at EOS here (it may come anywhere on a diffusion model's weights): it decodes
+as many positions as the block sampler, which decodes whole blocks, and `ratio_to_autoregressive` is the
+ratio of decoded positions per second.
+
 Settings whose keyword the sampler does not take (found by inspecting `generate`'s signature, e.g. the
 approximate caches of full-attention models) are left out and listed in the report.
 """
