@@ -409,33 +409,31 @@ def format_table(report: dict) -> str:
             + (" fixed tok/s | x AR | NFE | tok/fwd |" if f else "")
         )
         out.append("|---" * (11 if f else 7) + "|")
-        for arm, r in t["arms"].items():
-            acc = (
-                "n/a (AR on diffusion weights)"
-                if arm == "autoregressive"
-                else (f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
-            )
-            d = r[f"accuracy_minus_{REFERENCE}"]
-            diff = (
-                ""
-                if arm in ("autoregressive", REFERENCE)
-                else (f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
-            )
-            line = (
-                f"| {arm} | {r['positions_per_second']:.0f} | {r['ratio_to_autoregressive']:.2f} | "
-                f"{r['nfe_per_batch']:.1f} | {r['tokens_per_forward']:.2f} | {acc} | {diff} |"
-            )
-            if f:
-                x = f["arms"][arm]
-                line += (
-                    f" {x['tokens_per_second']:.0f} | {x['ratio_to_autoregressive']:.2f} | "
-                    f"{x['nfe_per_batch']:.0f} | {x['tokens_per_forward']:.2f} |"
-                )
-            out.append(line)
+        out += [_table_row(arm, r, f["arms"][arm] if f else None) for arm, r in t["arms"].items()]
         if m["settings_not_in_sampler"]:
             out.append(f"\nnot offered by this sampler: {', '.join(m['settings_not_in_sampler'])}")
         out.append("")
     return "\n".join(out)
+
+
+def _table_row(arm: str, r: dict, fixed: dict | None) -> str:
+    """One arm: task speed, accuracy and its paired difference to the reference; the fixed workload's speed."""
+    acc, diff = "n/a (AR on diffusion weights)", ""
+    if arm != "autoregressive":
+        acc = f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+    if arm not in ("autoregressive", REFERENCE):
+        d = r[f"accuracy_minus_{REFERENCE}"]
+        diff = f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+    line = (
+        f"| {arm} | {r['positions_per_second']:.0f} | {r['ratio_to_autoregressive']:.2f} | "
+        f"{r['nfe_per_batch']:.1f} | {r['tokens_per_forward']:.2f} | {acc} | {diff} |"
+    )
+    if fixed is not None:
+        line += (
+            f" {fixed['tokens_per_second']:.0f} | {fixed['ratio_to_autoregressive']:.2f} | "
+            f"{fixed['nfe_per_batch']:.0f} | {fixed['tokens_per_forward']:.2f} |"
+        )
+    return line
 
 
 def format_before_after(before: dict, after: dict) -> str:

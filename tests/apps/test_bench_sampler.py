@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from dtrpo.apps.bench_sampler import FULL_ONLY, SETTINGS, BenchSamplerArgs, format_before_after, run_bench
+from dtrpo.apps.bench_sampler import (
+    FULL_ONLY,
+    SETTINGS,
+    BenchSamplerArgs,
+    format_before_after,
+    format_table,
+    run_bench,
+)
 from dtrpo.cli import main
 
 B, NEW = 8, 16  # block size; new tokens of the fixed workload: two blocks
@@ -108,3 +115,13 @@ def test_before_after_table_pairs_each_setting(bench):
     ratio = report["models"]["block_causal_16x1"]["task"]["arms"]["one_per_step"]["ratio_to_autoregressive"]
     assert f"| {ratio:.2f} -> {ratio:.2f} |" in row
     assert any(line.startswith("| two_per_step | - -> ") for line in table.splitlines())
+
+
+def test_table_has_a_row_per_arm_with_its_ratio(bench):
+    _, report, _ = bench
+    lines = format_table(report).splitlines()
+    for m in report["models"].values():
+        for arm, r in m["task"]["arms"].items():
+            assert any(
+                line.startswith(f"| {arm} | ") and f"| {r['ratio_to_autoregressive']:.2f} |" in line for line in lines
+            )
