@@ -673,7 +673,11 @@ def demo_main(argv: list[str]) -> None:
     print(f"report: {args.output_dir}/report.json   plot: {args.output_dir}/curves.png")
 
 
-@command("bench", "time a training step of each estimator side by side; `bench quality`: the quality study")
+@command(
+    "bench",
+    "time a training step of each estimator side by side; `bench quality`: the quality study; "
+    "`bench sampler`: decoding speed and accuracy beside autoregressive generate",
+)
 def bench_main(argv: list[str]) -> None:
     from dtrpo.apps.bench import BenchArgs, estimator_costs, estimator_statistics, grid_costs, sampler_throughput
 
@@ -683,6 +687,16 @@ def bench_main(argv: list[str]) -> None:
 
         (args,) = parse([QualityArgs], argv[1:], "dtrpo bench quality", "every arm from one SFT checkpoint; report")
         run_study(args, argv[1:])
+        return
+    if argv[:1] == ["sampler"]:
+        from dtrpo.apps.bench_sampler import BenchSamplerArgs, format_table, run_bench
+
+        (args,) = parse([BenchSamplerArgs], argv[1:], "dtrpo bench sampler", "each decoding setting beside HF generate")
+        report = run_bench(args)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2))
+        print(format_table(report))
+        print(f"wrote {args.output}")
         return
 
     if argv[:1] == ["rounds"]:
