@@ -5,8 +5,11 @@ SFT) build on it."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -22,7 +25,9 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from dtrpo.families import safetensors_problem
+from dtrpo.locks import hold
 from dtrpo.models import ModelAdapter
+from dtrpo.reference import weights_fingerprint
 
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "dtrpo_config.json"
@@ -72,6 +77,7 @@ class DiffusionArguments:
 
     def _validate_diffusion(self) -> None:
         _deprecated(self, "max_response_length", "max_completion_length")
+        refuse_non_finite(self)
         if self.block_size is not None and self.block_size <= 0:
             raise ValueError(f"--block_size must be positive, got {self.block_size}")
         for name in ("max_prompt_length", "max_completion_length", "max_length"):
@@ -92,6 +98,17 @@ class DiffusionArguments:
                 f"--max_steps={self.max_steps} with --num_train_epochs={self.num_train_epochs}: "
                 "the run would train nothing"
             )
+
+
+def refuse_non_finite(config) -> None:
+    """Every float field of a config (and every float of a list field) must be finite: a NaN or infinite
+    learning rate, beta or loss weight trains a model whose every weight is NaN."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+                raise ValueError(f"--{f.name} must be a finite number, got {shown}")
 
 
 def _deprecated(config, old: str, new: str) -> None:
@@ -276,6 +293,58 @@ def claim_output_dir(args: TrainingArguments) -> None:
                 path.unlink()
 
 
+LOCK_FILE = ".dtrpo-run.lock"  # in the output folder while a run trains or saves into it
+
+
+def output_lock(args: TrainingArguments):
+    """The output folder's lock, taken by the main process: one run at a time writes into an output_dir."""
+    if not args.should_save:
+        return contextlib.nullcontext()
+    return hold(Path(args.output_dir) / LOCK_FILE, f"--output_dir {args.output_dir}")
+
+
+class RunFinished(ValueError):
+    """Resuming a run that has trained all its steps: nothing is trained, and its final model is kept."""
+
+
+class Diverged(ValueError):
+    """The training loss or the weights are no longer finite: the run stops before saving them."""
+
+
+def finished_run(checkpoint: Path, args: TrainingArguments) -> str | None:
+    """Why resuming from `checkpoint` has nothing to train (its step is this run's last), or None."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    planned = args.max_steps if args.max_steps > 0 else state.get("max_steps") if isinstance(state, dict) else None
+    if not isinstance(step, int) or not isinstance(planned, int) or step < planned:
+        return None
+    return (
+        f"{checkpoint}: the run is already finished (step {step} of {planned}); nothing to train, and the final "
+        f"model in {args.output_dir} is kept (pass a larger --max_steps to train further)"
+    )
+
+
+def other_base(checkpoint: Path, name: str | None, weights: str) -> str | None:
+    """How the base model of the checkpoint's run differs from this run's (weights fingerprint, or the name
+    when the checkpoint recorded no fingerprint), or None when it is the same or was not recorded."""
+    try:
+        saved = json.loads((checkpoint / CONFIG_FILE).read_text()).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    then, now = f"{saved.get('name')} (weights {str(saved.get('weights'))[:12]})", f"{name} (weights {weights[:12]})"
+    if saved.get("weights") not in (None, weights) or (saved.get("weights") is None and saved.get("name") != name):
+        return (
+            f"its run started from another model, {then}, and this run from {now}; resume with that run's "
+            "--model_name_or_path (its reference and starting point)"
+        )
+    return None
+
+
 def pad_id(tokenizer) -> int:
     """The id that fills padding. It is never attended nor read, so EOS serves for tokenizers without a pad token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -351,6 +420,8 @@ class DiffusionTrainer(Trainer):
         self.adapter = adapter.with_block_size(args.block_size)
         self._stored = defaultdict(lambda: defaultdict(list))
         self._num_tokens = 0  # prompt and completion tokens trained on so far, all processes (TRL's num_tokens)
+        self._bad_step = None  # (), on the device: the first step whose loss was not finite, -1 while none
+        self.base_weights = weights_fingerprint(model)  # the starting model's: a resume must start from it too
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
         # compute_loss returns a per-batch mean, not a sum over num_items_in_batch: let the Trainer divide
         # it by the gradient-accumulation steps whatever the model's forward accepts
@@ -374,13 +445,24 @@ class DiffusionTrainer(Trainer):
         self._stored[split].clear()
         if split == "train" and "loss" in logs:
             logs["num_tokens"] = self._num_tokens
+            self.check_finite(weights=False)  # the logged loss is no guide: the Trainer filters out NaN losses
         super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`, after checking what the run reads and writes: a checkpoint to resume from must
-        be complete (`True` picks the newest complete one in the output folder, logging those skipped),
-        and a fresh run refuses an output folder that holds an earlier run unless `overwrite_output_dir`
-        (which deletes that run first), so that nothing stale is mixed in or resumed from later."""
+        """`Trainer.train`, holding the output folder's lock, after checking what the run reads and writes
+        (`_resume_point`), and checking the loss and weights are finite at the end (`check_finite`)."""
+        with output_lock(self.args):
+            resume_from_checkpoint = self._resume_point(resume_from_checkpoint)
+            result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            self.check_finite(weights=True)
+        return result
+
+    def _resume_point(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """The checkpoint to resume from, checked: it must be complete (`True` picks the newest complete one
+        in the output folder, logging those skipped), its run must have started from this run's base model,
+        and must have steps left to train (else `RunFinished`). A fresh run refuses an output folder that
+        holds an earlier run unless `overwrite_output_dir` (which deletes that run first), so that nothing
+        stale is mixed in or resumed from later."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint, skipped = last_checkpoint(self.args.output_dir)
             for path, problem in skipped:
@@ -393,13 +475,56 @@ class DiffusionTrainer(Trainer):
                 raise ValueError(f"{resume_from_checkpoint}: not a complete checkpoint ({problem})")
         else:
             claim_output_dir(self.args)
-        if resume_from_checkpoint:
-            problem = shape_mismatch(Path(resume_from_checkpoint), self.model)
-            if problem:
-                raise ValueError(f"{resume_from_checkpoint}: its weights do not fit this model ({problem})")
-            for line in changed_settings(Path(resume_from_checkpoint), self.args):
-                logger.warning("resuming %s with a different setting: %s", resume_from_checkpoint, line)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            return None
+        checkpoint = Path(resume_from_checkpoint)
+        problem = shape_mismatch(checkpoint, self.model)
+        if problem:
+            raise ValueError(f"{checkpoint}: its weights do not fit this model ({problem})")
+        other = other_base(checkpoint, self.base_model_name, self.base_weights)
+        if other:
+            raise ValueError(f"--resume_from_checkpoint {checkpoint}: {other}")
+        finished = finished_run(checkpoint, self.args)
+        if finished:
+            raise RunFinished(finished)
+        for line in changed_settings(checkpoint, self.args):
+            logger.warning("resuming %s with a different setting: %s", checkpoint, line)
+        return str(checkpoint)
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # the first update whose loss is not finite, kept on the device: read at logging steps and saves
+        # (`check_finite`), so no step waits on the host for it
+        step = self.state.global_step + 1
+        if self._bad_step is None:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()).all() & (self._bad_step < 0)
+        self._bad_step = torch.where(bad, step, self._bad_step)
+        return loss
+
+    def check_finite(self, weights: bool) -> None:
+        """Stop the run (`Diverged`) if a training loss so far was not finite or, with `weights`, if a weight
+        is not, naming the step and the last complete checkpoint: called at logging steps, before every
+        save and at the end of training, so that NaN weights are never saved. Every process calls it."""
+        step = -1 if self._bad_step is None else int(self._bad_step)  # the one host sync
+        bad = []  # names of the weights holding NaN or inf (checked at saves: one sync per tensor)
+        if weights and step < 0:
+            bad = [n for n, p in self.model.named_parameters() if p.numel() and not torch.isfinite(p.detach()).all()]
+        if self.args.world_size > 1:
+            flags = torch.tensor([step, len(bad)], device=self.args.device)
+            step, n_bad = (int(v) for v in self.accelerator.gather(flags).reshape(-1, 2).max(0).values)
+            bad = bad or ["on another process"] * n_bad
+        if step < 0 and not bad:
+            return
+        last, _ = last_checkpoint(self.args.output_dir)
+        what = (
+            f"the training loss was not finite (NaN or inf) at step {step}"
+            if step >= 0
+            else f"the weights hold NaN or inf after step {self.state.global_step} ({len(bad)} tensors: {bad[0]}, ...)"
+        )
+        raise Diverged(
+            f"training diverged: {what} (--learning_rate {self.args.learning_rate}); stopped without saving it. "
+            + (f"The last complete checkpoint is {last}" if last else "No checkpoint was saved before it")
+        )
 
     def _save_checkpoint(self, model, trial) -> None:
         """`checkpoint-N` written whole or not at all: the Trainer writes it inside a staging folder
@@ -410,6 +535,7 @@ class DiffusionTrainer(Trainer):
         staging = run_dir / f"{STAGING}{name}"
         if self.args.should_save and staging.exists():
             shutil.rmtree(staging)
+        self.check_finite(weights=True)
         self.accelerator.wait_for_everyone()
         self._staging = staging
         try:
@@ -482,7 +608,11 @@ class DiffusionTrainer(Trainer):
     def write_run_files(self, out: Path) -> None:
         """The resolved config (`dtrpo_config.json`) and the model card (README.md) beside a saved model."""
         out.mkdir(parents=True, exist_ok=True)
-        resolved = {"args": json.loads(self.args.to_json_string()), "adapter": vars(self.adapter)}
+        resolved = {
+            "args": json.loads(self.args.to_json_string()),
+            "adapter": vars(self.adapter),
+            "base_model": {"name": self.base_model_name, "weights": self.base_weights},
+        }
         (out / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
         self.write_model_card(out)
 

@@ -139,13 +139,15 @@ class OldOutputFlag(argparse.Action):
         setattr(namespace, self.dest, value)
 
 
-def parse(dataclass_types, argv: list[str], prog: str, description: str):
-    """Dataclasses from `--config preset.yaml` plus command-line flags (flags win)."""
+def parse(dataclass_types, argv: list[str], prog: str, description: str, shared: bool = False):
+    """Dataclasses from `--config preset.yaml` plus command-line flags (flags win). With `shared`, a field that
+    several dataclasses declare is one flag (the last dataclass's default and help) whose value each receives."""
     names = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    conflicts = {"conflict_handler": "resolve"} if shared else {}
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description, **conflicts)
     parser.add_argument("--config", help="YAML preset whose keys override the defaults below.")
     if known.config:
         parser.set_defaults(**load_preset(known.config, dataclass_types))
@@ -153,15 +155,23 @@ def parse(dataclass_types, argv: list[str], prog: str, description: str):
         parser.add_argument(
             "--output", dest="output_dir", action=OldOutputFlag, default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
+    args = rest + (["--config", known.config] if known.config else [])
     try:
-        *parsed, _, unknown = parser.parse_args_into_dataclasses(
-            rest + (["--config", known.config] if known.config else []), return_remaining_strings=True
-        )
+        if shared:  # HfArgumentParser hands a value to the first dataclass only: each reads it here
+            namespace, unknown = parser.parse_known_args(args)
+            parsed = [_from_namespace(t, namespace) for t in dataclass_types]
+        else:
+            *parsed, _, unknown = parser.parse_args_into_dataclasses(args, return_remaining_strings=True)
     except ValueError as err:  # a config __post_init__ names the flag
         raise SystemExit(f"error: {err}") from None
     if unknown:
         refuse_unknown(unknown, names, prog)
     return parsed
+
+
+def _from_namespace(dataclass_type, namespace):
+    values = vars(namespace)
+    return dataclass_type(**{f.name: values[f.name] for f in dataclasses.fields(dataclass_type) if f.init})
 
 
 def refuse_unknown(unknown: list[str], names: set[str], prog: str) -> None:
@@ -196,8 +206,19 @@ def init_tiny_main(argv: list[str]) -> None:
 
     (args,) = parse([TinyArgs], argv, "dtrpo init-tiny", COMMANDS["init-tiny"][1])
     require(args, "output_dir")
+    found = held_model(args.output_dir)
+    if found:
+        raise ValueError(f"--output_dir {args.output_dir} holds a model or a run ({found}); give a new or empty folder")
     path = init_tiny(args.output_dir, args.block_size, args.hidden_size, args.num_layers, args.seed)
     print(f"wrote tiny model to {path}")
+
+
+def held_model(folder: str | Path) -> str:
+    """The files of a model or a run in `folder` (weights, config, tokenizer, checkpoints), named; "" if none."""
+    from dtrpo.base import earlier_run
+
+    found = earlier_run(folder)
+    return ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
 
 
 def _deprecated(args, old: str, new: str) -> None:
@@ -359,15 +380,25 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
 
 def run_training(trainer, config, save=None) -> None:
     """Train (resuming when asked), save the final model into the output folder, print the metrics. The
-    model is reported as saved only once every file is written."""
-    result = trainer.train(resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir))
-    try:
-        (save or (lambda t: t.save_model(config.output_dir)))(trainer)
-    except OSError as e:
-        raise OSError(
-            f"saving the final model to {config.output_dir} failed ({e}); it is not saved. Its checkpoints, if any, "
-            "are complete: resume with --resume_from_checkpoint last"
-        ) from None
+    model is reported as saved only once every file is written; the output folder is locked throughout,
+    and resuming a finished run trains and saves nothing (one line says so)."""
+    from dtrpo.base import RunFinished, output_lock
+
+    with output_lock(config):
+        try:
+            result = trainer.train(
+                resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir)
+            )
+        except RunFinished as e:
+            print(e)
+            return
+        try:
+            (save or (lambda t: t.save_model(config.output_dir)))(trainer)
+        except OSError as e:
+            raise OSError(
+                f"saving the final model to {config.output_dir} failed ({e}); it is not saved. Its checkpoints, if "
+                "any, are complete: resume with --resume_from_checkpoint last"
+            ) from None
     print(json.dumps(result.metrics, indent=2))
     print(f"saved model to {config.output_dir}")
 
@@ -435,7 +466,9 @@ def sft_main(argv: list[str]) -> None:
 
 
 @dataclass
-class TaskArgs(ModelArgs):
+class TaskSpec(ModelArgs):
+    """The model and the task it is scored on, as `eval`, `pairs` and `iterate` take them."""
+
     task: str = field(default="arithmetic", metadata={"help": "Built-in task (arithmetic:digits=3) or prompts file."})
     match: str | None = field(default=None, metadata={"help": "Prompts file answers: 'exact' or 'numeric' match."})
     reward: str | None = field(
@@ -445,9 +478,17 @@ class TaskArgs(ModelArgs):
             "reward(prompt, response, row) (row: the file's row as a dict) and returning a float."
         },
     )
+    reward_timeout: float | None = field(
+        default=None,
+        metadata={"help": "Seconds one --reward call may take; past it the run stops, naming the item."},
+    )
     prompt_field: str = field(
         default="prompt", metadata={"help": "Field of a prompts file holding the prompt (GSM8K: question)."}
     )
+
+
+@dataclass
+class TaskArgs(TaskSpec):
     split: str | None = field(
         default=None,
         metadata={
@@ -461,13 +502,28 @@ class TaskArgs(ModelArgs):
         super().__post_init__()
         if self.n is not None and self.n <= 0:
             raise ValueError(f"--n must be positive, got {self.n}: no prompts, nothing to measure")
+        if self.reward_timeout is not None and not 0 < self.reward_timeout < float("inf"):
+            raise ValueError(f"--reward_timeout must be a positive number of seconds, got {self.reward_timeout}")
+
+    def check_output(self, kind: str) -> None:
+        """Before any work: `--output` (and its items file, `<output>.<kind>.jsonl`) is a file to write, not
+        a folder nor the prompts file read."""
+        if not self.output:
+            return
+        output = Path(self.output)
+        if output.is_dir():
+            raise ValueError(f"--output {output} is a folder; it names the file to write")
+        task = Path(self.task)
+        for path in (output, output.with_suffix(f".{kind}.jsonl")):
+            if task.is_file() and path.exists() and path.samefile(task):  # also through a link
+                raise ValueError(f"--output {output} would overwrite the prompts file --task {self.task}")
 
 
-def _load_for_task(t: TaskArgs, block_size: int | None):
+def _load_for_task(t: TaskSpec, block_size: int | None):
     from dtrpo.tasks import load_task
 
     require(t, "model_name_or_path")
-    task = load_task(t.task, match=t.match, reward=t.reward, prompt_field=t.prompt_field)
+    task = load_task(t.task, t.match, t.reward, t.prompt_field, t.reward_timeout)
     model, tokenizer, adapter = t.load(block_size)
     return task, model, tokenizer, adapter
 
@@ -491,6 +547,7 @@ def eval_main(argv: list[str]) -> None:
     t, s, c = parse([TaskArgs, SamplingArgs, CompareArgs], argv, "dtrpo eval", COMMANDS["eval"][1])
     if c.compare is not None:
         return compare_main(c.compare)
+    t.check_output("items")
     task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
     rows = stream_prompts(task, t.split or "heldout", t.n, seed=s.seed)
     if t.output:  # streamed, resumable and sharded; the report is written by rank 0
@@ -547,6 +604,7 @@ def pairs_main(argv: list[str]) -> None:
 
     t, p, s = parse([TaskArgs, PairArgs, SamplingArgs], argv, "dtrpo pairs", COMMANDS["pairs"][1])
     require(t, "output")
+    t.check_output("samples")
     task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
     rows = stream_prompts(task, t.split or "train", t.n, seed=s.seed)
     stats = run_pairs(
@@ -571,10 +629,24 @@ def pairs_main(argv: list[str]) -> None:
         print("warning: no prompt had responses of different scores, so there is nothing to train on", file=sys.stderr)
 
 
+@command("iterate", "rounds of sample, verify, pair, train (dTRPO or RFT), evaluate; table, JSON and plot")
+def iterate_main(argv: list[str]) -> None:
+    from dtrpo.evaluate import SamplingArgs
+    from dtrpo.iterate import IterateArgs, IterateConfig, iterate
+    from dtrpo.trainer import DTRPOConfig
+
+    # --block_size, --steps_per_block (T_B: the estimator reduces the trajectory the sampler took), --seed
+    # and --max_prompt_length are each one flag for the sampler and the trainer
+    types = [TaskSpec, PairArgs, SamplingArgs, IterateArgs, DTRPOConfig]
+    task, pairs, sampling, loop, train = parse(types, argv, "dtrpo iterate", COMMANDS["iterate"][1], shared=True)
+    require(task, "model_name_or_path")
+    iterate(IterateConfig(task, pairs, sampling, loop, train))
+
+
 @dataclass
 class GenerateArgs(ModelArgs):
     prompt: list[str] = field(default=None, metadata={"help": "Prompt text(s) to complete."})
-    use_cache: bool = field(default=True, metadata={"help": "KV cache over finished blocks (block-causal models)."})
+    use_cache: bool = field(default=True, metadata={"help": "false: the same as --cache none."})
 
 
 @command("generate", "block-wise diffusion sampling from prompts; prints responses, NFE and tokens/s")
@@ -603,6 +675,7 @@ def generate_main(argv: list[str]) -> None:
         use_cache=g.use_cache,
         sub_block_size=s.sub_block_size,
         fix_first_token=s.fix_first_token,
+        cache=s.cache,
     )
     for p, seq in zip(g.prompt, out.sequences, strict=True):
         print(json.dumps({"prompt": p, "response": tokenizer.decode(seq, skip_special_tokens=True)}))
@@ -623,6 +696,36 @@ class ExportArgs(ModelArgs):
         default=None,
         metadata={"help": "Copy this folder's *.py (the family's remote code) beside a family-format export."},
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace another model in --output (without it, only an earlier export of this model)."},
+    )
+
+
+EXPORT_RECORD = "dtrpo_export.json"  # beside an export: the model folder it was exported from
+
+
+def claim_export_folder(e: ExportArgs) -> list[Path]:
+    """Refuse an --output that is a file, the model folder itself, or a folder holding another model (not an
+    earlier export of this one) without --overwrite true. Returns the weight files there, to be removed
+    once the model is loaded, so that no stale shard of the earlier model is left beside the new ones."""
+    out, source = Path(e.output), Path(e.model_name_or_path).resolve()
+    if out.is_file():
+        raise ValueError(f"--output {out} is a file; export writes a folder")
+    if out.is_dir() and out.resolve() == source:
+        raise ValueError(f"--output {out} is the model folder --model_name_or_path reads; export into another folder")
+    found = held_model(out)
+    if not found:
+        return []
+    try:
+        own = json.loads((out / EXPORT_RECORD).read_text()).get("source") == str(source)
+    except (OSError, ValueError, AttributeError):
+        own = False
+    if not (own or e.overwrite):
+        raise ValueError(
+            f"--output {out} holds another model ({found}); pass --overwrite true to replace it, or export elsewhere"
+        )
+    return [*out.glob("*.safetensors"), *out.glob("*.bin"), out / "model.safetensors.index.json"]
 
 
 @command("export", "write a trained model in its family's original format or the native transformers format")
@@ -631,8 +734,12 @@ def export_main(argv: list[str]) -> None:
 
     (e,) = parse([ExportArgs], argv, "dtrpo export", COMMANDS["export"][1])
     require(e, "model_name_or_path", "output")
+    stale = claim_export_folder(e)
     model, tokenizer, adapter = e.load()
+    for path in stale:
+        path.unlink(missing_ok=True)
     path = export_checkpoint(model, tokenizer, adapter, e.output, e.format, e.code_from)
+    (path / EXPORT_RECORD).write_text(json.dumps({"source": str(Path(e.model_name_or_path).resolve())}) + "\n")
     print(f"wrote {adapter.family} model in {e.format} format to {path}")
 
 
@@ -648,18 +755,42 @@ def demo_main(argv: list[str]) -> None:
     print(f"report: {args.output_dir}/report.json   plot: {args.output_dir}/curves.png")
 
 
-@command("bench", "time a training step of each estimator side by side; `bench quality`: the quality study")
+@command(
+    "bench",
+    "time a training step of each estimator side by side; `bench quality`: the quality study; "
+    "`bench sampler`: decoding speed and accuracy beside autoregressive generate",
+)
 def bench_main(argv: list[str]) -> None:
     from dtrpo.apps.bench import BenchArgs, estimator_costs, estimator_statistics, grid_costs, sampler_throughput
 
     if argv[:1] == ["quality"]:
-        from dtrpo.apps.quality import QualityArgs, run_study
+        from dtrpo.apps.quality import QualityArgs
+        from dtrpo.apps.quality_study import run_study
 
         (args,) = parse([QualityArgs], argv[1:], "dtrpo bench quality", "every arm from one SFT checkpoint; report")
         run_study(args, argv[1:])
         return
+    if argv[:1] == ["sampler"]:
+        from dtrpo.apps.bench_sampler import BenchSamplerArgs, format_table, run_bench
+
+        (args,) = parse([BenchSamplerArgs], argv[1:], "dtrpo bench sampler", "each decoding setting beside HF generate")
+        report = run_bench(args)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2))
+        print(format_table(report))
+        print(f"wrote {args.output}")
+        return
+
+    if argv[:1] == ["rounds"]:
+        from dtrpo.apps.rounds import RoundsArgs, run_rounds_study
+
+        (args,) = parse([RoundsArgs], argv[1:], "dtrpo bench rounds", "iterated dTRPO against RFT and one-shot arms")
+        print(f"wrote {run_rounds_study(args)}")
+        return
 
     (args,) = parse([BenchArgs], argv, "dtrpo bench", COMMANDS["bench"][1])
+    if Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a folder; it names the JSON file to write")
     report = estimator_costs(args)
     report["statistics"] = estimator_statistics(args)
     report["sampler"] = sampler_throughput(args)

@@ -10,13 +10,14 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from tqdm.auto import tqdm
 
 from dtrpo.data import encode_text, keep_prompt_end, render_chat
+from dtrpo.locks import hold
 from dtrpo.sampler import REMASKING, generate
 from dtrpo.tasks import score_batch
 
@@ -51,9 +52,17 @@ class SamplingArgs:
     )
     fix_first_token: bool = field(
         default=False,
-        metadata={"help": "Reveal a block's first token at its first step (Fast-dLLM v2's rule for shifted models)."},
+        metadata={"help": "Fix a block's first token before its first forward (Fast-dLLM v2's rule, shifted models)."},
     )
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (0 = greedy)."})
+    cache: Literal["auto", "none", "prefix", "dual"] = field(
+        default="auto",
+        metadata={
+            "help": "auto: the exact fast path (KV cache for block-causal models, recompute for full attention); "
+            "none: recompute every step; prefix / dual: Fast-dLLM's caches for full-attention models, APPROXIMATE "
+            "(K/V kept from a block's first step: prefix for the prompt and finished blocks, dual also the suffix)."
+        },
+    )
     batch_size: int = field(default=32, metadata={"help": "Prompts per sampler batch."})
     chat_template: bool = field(default=False, metadata={"help": "Wrap prompts in the tokenizer's chat template."})
     max_prompt_length: int | None = field(
@@ -67,6 +76,10 @@ class SamplingArgs:
             raise ValueError(f"--max_prompt_length must be positive, got {self.max_prompt_length}")
         if self.batch_size <= 0:
             raise ValueError(f"--batch_size must be positive, got {self.batch_size}")
+        for name in ("temperature", "threshold"):  # NaN or inf would sample garbage without an error
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name} must be a finite number, got {value}")
 
 
 def encode_prompt(
@@ -135,6 +148,7 @@ def sample_texts(model, tokenizer, adapter, prompts: list[str], s: SamplingArgs,
             eos_token_id=tokenizer.eos_token_id,
             sub_block_size=s.sub_block_size,
             fix_first_token=s.fix_first_token,
+            cache=s.cache,
         )
         texts += [tokenizer.decode(seq, skip_special_tokens=True) for seq in out.sequences]
         nfe, seconds, tokens = nfe + out.nfe, seconds + out.seconds, tokens + sum(out.lengths)
@@ -219,20 +233,31 @@ def evaluate(model, tokenizer, adapter, task, rows: list[dict], s: SamplingArgs,
     }
 
 
-def _scores_by_id(report: dict, name: str) -> dict[str, float]:
+def _scores_by_id(report: dict, name: str) -> tuple[dict[str, float], dict[str, str]]:
+    """({id: score}, {id: prompt}) of a report's items."""
     samples = report.get("samples") if isinstance(report, dict) else None
-    if not isinstance(samples, list) or not samples or any("id" not in x for x in samples):
+    if not isinstance(samples, list) or not samples or any(not isinstance(x, dict) or "id" not in x for x in samples):
         raise ValueError(f"{name}: not a `dtrpo eval` report with every item's id (write it with dtrpo eval --output)")
+    if any("prompt" not in x for x in samples):
+        raise ValueError(f"{name}: an item has no prompt, so the prompts of two reports cannot be checked to match")
     scores = {str(x["id"]): float(x["score"]) for x in samples}
     if len(scores) != len(samples):
         raise ValueError(f"{name}: item ids repeat; items cannot be paired")
-    return scores
+    return scores, {str(x["id"]): x["prompt"] for x in samples}
 
 
 def compare(a: dict, b: dict, names: tuple[str, str] = ("a", "b")) -> dict:
-    """Paired comparison of two eval reports on the same items: the mean of score(b) - score(a) over
-    items, with a 95% normal interval (1.96 standard errors of the paired differences)."""
-    sa, sb = _scores_by_id(a, names[0]), _scores_by_id(b, names[1])
+    """Paired comparison of two eval reports on the same items (the same ids with the same prompt texts):
+    the mean of score(b) - score(a) over items, with a 95% normal interval (1.96 standard errors of the
+    paired differences)."""
+    (sa, pa), (sb, pb) = _scores_by_id(a, names[0]), _scores_by_id(b, names[1])
+    differ = [k for k in sa if k in pb and pa[k] != pb[k]]
+    if differ:
+        k = differ[0]
+        raise ValueError(
+            f"{names[0]} and {names[1]} were made on different prompts: {len(differ)} items differ, such as id "
+            f"{k!r} ({pa[k][:40]!r} vs {pb[k][:40]!r}); evaluate both on the same prompts file"
+        )
     if sa.keys() != sb.keys():
         only_a, only_b = sorted(sa.keys() - sb.keys()), sorted(sb.keys() - sa.keys())
         raise ValueError(
@@ -279,25 +304,53 @@ def items_paths(output: Path, kind: str, world: int) -> list[Path]:
     return [output.with_suffix(f".{kind}.jsonl" if world == 1 else f".{kind}.rank{r}.jsonl") for r in range(world)]
 
 
-def _digest(ids: Iterable[str]) -> str:
+def made_by(model, task, s: SamplingArgs, **extra) -> dict:
+    """What the scores of an items file depend on: the model's weights (`reference.weights_fingerprint`),
+    the task and its scorer, the sampler settings, and `extra` (such as the samples per prompt). Stamped on
+    the first item of every chunk, so that a rerun into the same output with any of it changed is refused."""
+    from dtrpo.reference import weights_fingerprint
+
+    scorer = {key: getattr(task, key, None) for key in ("reward_name", "match", "prompt_field")}
+    path = getattr(task, "path", None)  # a prompts file: the same file however its path is written
+    name = str(Path(path).resolve()) if path is not None else task.name
+    return {"model_weights": weights_fingerprint(model), "task": name, **scorer, **extra, **asdict(s)}
+
+
+def _short(value) -> str:
+    return repr(value[:12] + "...") if isinstance(value, str) and len(value) > 40 else repr(value)
+
+
+def _differences(then: dict, now: dict) -> str:
+    keys = sorted(then.keys() | now.keys())
+    return ", ".join(f"{k}: {_short(then.get(k))} -> {_short(now.get(k))}" for k in keys if then.get(k) != now.get(k))
+
+
+def _entry(item: dict) -> bytes:
+    """What the digest of a chunk reads of an item or a prompt row: its id and its prompt text."""
+    return f"{item['id']}\n{item.get('prompt')}\n".encode()
+
+
+def _digest(rows: Iterable[dict]) -> str:
     h = hashlib.blake2b(digest_size=8)
-    for i in ids:
-        h.update(f"{i}\n".encode())
+    for row in rows:
+        h.update(_entry(row))
     return h.hexdigest()
 
 
 @dataclass
 class ChunkRecord:
-    """One chunk as an items file holds it: its id, how many items, a digest of their ids, and where it starts."""
+    """One chunk as an items file holds it: its id, how many items, a digest of their ids and prompts, where
+    it starts, and what made it (the `made_by` of its first item; None in files made before it was kept)."""
 
     chunk: int
     start: int  # byte offset of its first line
+    made_by: dict | None = None
     count: int = 0
     ids: object = field(default_factory=lambda: hashlib.blake2b(digest_size=8))
 
-    def add(self, item_id) -> None:
+    def add(self, item: dict) -> None:
         self.count += 1
-        self.ids.update(f"{item_id}\n".encode())
+        self.ids.update(_entry(item))
 
 
 def scan_items(path: Path) -> tuple[list[ChunkRecord], int]:
@@ -320,23 +373,31 @@ def scan_items(path: Path) -> tuple[list[ChunkRecord], int]:
             if not records or records[-1].chunk != item["chunk"]:
                 if records and item["chunk"] < records[-1].chunk:
                     raise ValueError(f"{path}: line {number}: chunk {item['chunk']} after chunk {records[-1].chunk}")
-                records.append(ChunkRecord(item["chunk"], end))
-            records[-1].add(item["id"])
+                records.append(ChunkRecord(item["chunk"], end, item.get("made_by")))
+            records[-1].add(item)
             end += len(line)
     return records, end
 
 
-def resume(path: Path, mine: Iterator[tuple[int, list[dict]]]) -> Iterator[tuple[int, list[dict]]]:
+def resume(
+    path: Path, mine: Iterator[tuple[int, list[dict]]], made: dict | None = None
+) -> Iterator[tuple[int, list[dict]]]:
     """The chunks of `mine` not yet in the items file at `path`. The file must hold a prefix of `mine` (a
     run appends its chunks in order); the chunk a kill cut short, always the last, and a torn last line
-    are cut off the file. A chunk that holds other prompts than `mine` gives (the prompts file, --n,
-    --seed, --batch_size or WORLD_SIZE changed) is an error, not a silent mixture."""
+    are cut off the file. A chunk made by another model, task or sampler settings than `made` (`made_by`),
+    or that holds other prompts than `mine` gives (the prompts file, --n, --seed, --batch_size or
+    WORLD_SIZE changed) is an error naming what changed, not a silent mixture."""
     records, end = scan_items(path)
     pending = []
     for i, rec in enumerate(records):
+        if made is not None and rec.made_by != made:
+            what = _differences(rec.made_by, made) if rec.made_by else "it does not record what made it (older file)"
+            raise ValueError(
+                f"{path}: chunk {rec.chunk} was made by another run ({what}); delete the file or write to another "
+                "--output"
+            )
         k, rows = next(mine, (None, []))
-        ids = [str(r["id"]) for r in rows[: rec.count]]
-        if rec.chunk != k or rec.count > len(rows) or rec.ids.hexdigest() != _digest(ids):
+        if rec.chunk != k or rec.count > len(rows) or rec.ids.hexdigest() != _digest(rows[: rec.count]):
             raise ValueError(
                 f"{path}: chunk {rec.chunk} (from byte {rec.start}) does not hold the prompts this run gives it "
                 f"(expected chunk {k} of {len(rows)} prompts); was the prompts file, --n, --seed, --batch_size or "
@@ -354,20 +415,34 @@ def resume(path: Path, mine: Iterator[tuple[int, list[dict]]]) -> Iterator[tuple
     return itertools.chain(pending, mine)
 
 
+def locked(paths: list[Path], output: Path):
+    """This rank's lock of its items file (`locks.hold`): a second run into the same --output is refused."""
+    return hold(Path(f"{paths[shard()[0]]}.lock"), f"--output {output}")
+
+
 def run_chunks(
-    rows: Iterable[dict], size: int, paths: list[Path], work: Callable[[int, list[dict]], list[dict]], desc=None
+    rows: Iterable[dict],
+    size: int,
+    paths: list[Path],
+    work: Callable[[int, list[dict]], list[dict]],
+    desc=None,
+    made: dict | None = None,
 ) -> None:
     """`work(k, chunk k)` for this rank's chunks (rank r of W does k = r, r + W, ...) that the rank's items
-    file does not hold yet, each chunk's items appended and synced as soon as they are made, so a kill
-    loses at most the chunk in progress. A `.done` marker says the rank's file is complete."""
+    file does not hold yet, each chunk's items appended (the first stamped with `made`) and synced as soon
+    as they are made, so a kill loses at most the chunk in progress. A `.done` marker says the rank's file
+    is complete."""
     rank, world = shard()
     path, done = paths[rank], Path(f"{paths[rank]}.done")
     done.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    todo = resume(path, ((k, c) for k, c in chunked(rows, size) if k % world == rank))
+    todo = resume(path, ((k, c) for k, c in chunked(rows, size) if k % world == rank), made)
     with path.open("a") as f:
         for k, chunk in tqdm(todo, desc=desc, disable=desc is None, leave=False):
-            f.write("".join(json.dumps(it) + "\n" for it in work(k, chunk)))
+            items = work(k, chunk)
+            if made is not None:
+                items[0]["made_by"] = made
+            f.write("".join(json.dumps(it) + "\n" for it in items))
             f.flush()
             os.fsync(f.fileno())
     done.touch()
@@ -436,9 +511,15 @@ def run_eval(model, tokenizer, adapter, task, rows: Iterable[dict], s: SamplingA
     output = Path(output)
     rank, world = shard()
     paths = items_paths(output, "items", world)
-    run_chunks(rows, s.batch_size, paths, lambda k, c: eval_chunk(model, tokenizer, adapter, task, c, s, k), desc)
-    if rank != 0:
-        return {}
+    made = made_by(model, task, s)
+    with locked(paths, output):
+        work = lambda k, c: eval_chunk(model, tokenizer, adapter, task, c, s, k)
+        run_chunks(rows, s.batch_size, paths, work, desc, made)
+        return _eval_report(task, paths, output, made) if rank == 0 else {}
+
+
+def _eval_report(task, paths: list[Path], output: Path, made: dict) -> dict:
+    """Rank 0's part of `run_eval`: the report from every rank's items, written to `output`."""
     wait_for(paths)
     moments, sampler = Moments(), dict.fromkeys(("nfe", "batches", "seconds", "tokens", "prompts_truncated"), 0)
     for item in merged_items(paths):
@@ -448,7 +529,7 @@ def run_eval(model, tokenizer, adapter, task, rows: Iterable[dict], s: SamplingA
         sampler["batches"] += "batch" in item
     if not moments.n:
         raise ValueError(f"{task.name}: no prompts to evaluate")
-    report = _report(task, moments, sampler)
+    report = {**_report(task, moments, sampler), "made_by": made}
     write_report(output, report, (_sample(it) for it in merged_items(paths)))
     for p in paths:
         p.unlink()

@@ -7,7 +7,7 @@ dtrpo loads (any family, no remote code):
 exists; from Python, `lm_eval.simple_evaluate(model=DTRPOLM(pretrained=PATH), ...)` after importing it.)
 
 - `generate_until` runs the block sampler; its settings are model_args (`gen_length`, `steps_per_block`,
-  `remasking`, `threshold`, `temperature`, `sub_block_size`, `fix_first_token`, `block_size`); a task's
+  `remasking`, `threshold`, `temperature`, `sub_block_size`, `fix_first_token`, `cache`, `block_size`); a task's
   `max_gen_toks` replaces `gen_length` (rounded up to a block), and the text is cut at the first `until`
   string.
 - `loglikelihood` of a continuation is an estimate, as every diffusion LM log-likelihood is: by default
@@ -50,6 +50,7 @@ class DTRPOLM(LM):
         temperature: float = 0.0,
         sub_block_size: int | None = None,
         fix_first_token: bool = False,
+        cache: str = "auto",
         block_size: int | None = None,
         loglikelihood_estimator: str = "vrpo",
         mc_samples: int = 16,
@@ -85,6 +86,7 @@ class DTRPOLM(LM):
             temperature=temperature,
             sub_block_size=sub_block_size,
             fix_first_token=fix_first_token,
+            cache=cache,
         )
         self.gen_length, self.seed = gen_length, seed
         self.estimator = EstimatorConfig(

@@ -24,6 +24,8 @@ from dtrpo.evaluate import (
     chunked,
     clear_markers,
     items_paths,
+    locked,
+    made_by,
     merged_items,
     run_chunks,
     sample_texts,
@@ -204,25 +206,42 @@ def run_pairs(
     output = Path(output)
     rank, world = shard()
     paths = items_paths(output, "samples", world)
+    made = made_by(model, task, sampling, samples=samples)
 
     def work(k: int, chunk: list[dict]) -> list[dict]:
-        return sample_chunk(model, tokenizer, adapter, task, chunk, samples, sampling, k)[0]
+        items, stats = sample_chunk(model, tokenizer, adapter, task, chunk, samples, sampling, k)
+        # the chunk's sampler cost rides on its first item, as eval's items carry theirs
+        items[0]["batch"] = {"nfe": stats["nfe_per_batch"], "sequences": len(chunk) * samples}
+        return items
 
-    run_chunks(rows, chunk_size(samples, sampling), paths, work, desc)
-    if rank != 0:
-        return {}
+    with locked(paths, output):
+        run_chunks(rows, chunk_size(samples, sampling), paths, work, desc, made)
+        if rank != 0:
+            return {}
+        provenance = {
+            **_provenance(model_name, task, samples, pairing, sampling),
+            "model_weights": made["model_weights"],
+        }
+        return write_pairs(paths, output, pairing, max_pairs_per_prompt, sampling.seed, provenance)
+
+
+def write_pairs(paths: list[Path], output: Path, pairing, max_pairs_per_prompt, seed: int, provenance: dict) -> dict:
+    """Rank 0's part of `run_pairs`: every rank's samples merged in prompt order, paired, written to `output`."""
     wait_for(paths)
-    provenance = _provenance(model_name, task, samples, pairing, sampling)
-    counts = PairStats()
+    counts, nfe, passes = PairStats(), [], 0
     tmp = output.with_name(f".{output.name}.tmp")
     with tmp.open("w") as f:
         for item in merged_items(paths):
-            pairs = item_pairs(item, pairing, max_pairs_per_prompt, sampling.seed, provenance)
+            pairs = item_pairs(item, pairing, max_pairs_per_prompt, seed, provenance)
             counts.add(item, pairs)
             f.write("".join(json.dumps(p) + "\n" for p in pairs))
+            if "batch" in item:  # a sampler step over a batch of k sequences is k sequence forward passes
+                nfe.append(item["batch"]["nfe"])
+                passes += round(item["batch"]["nfe"]) * item["batch"]["sequences"]
     os.replace(tmp, output)
     clear_markers(paths)
-    return {**counts.summary(), "items_file": [str(p) for p in paths]}
+    generation = {"nfe_per_batch": sum(nfe) / max(len(nfe), 1), "generation_passes": passes}
+    return {**counts.summary(), **generation, "items_file": [str(p) for p in paths]}
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:

@@ -20,6 +20,8 @@ import math
 import numbers
 import random
 import re
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from decimal import Decimal
@@ -194,12 +196,71 @@ class NoisyArithmetic(Arithmetic):
         return rows
 
 
+@dataclass(frozen=True)
+class NoisySort:
+    """Sort a string of digits, taught by a noisy teacher and scored with partial credit.
+
+    Prompt `"52918>"`, answer `"12589"`: the prompt's `length` digits in ascending order. The score is the
+    fraction of the answer's positions the response gets right (its first `length` characters against the
+    answer's), so a response can be half right: a reward, not a verifier. Train rows carry the teacher's
+    `demonstration`, which with probability `drop` (per problem and seed) writes the two largest digits in
+    the wrong order whenever they differ (`"12598"`, score 0.6): a consistent mistake that SFT learns as the
+    mode, as `NoisyArithmetic`'s forgotten carry is. A problem's split is fixed by a hash of its text.
+
+        52918>  ->  12589   (the teacher, 60% of the time: 12598)
+        33110>  ->  01133   (the two largest are equal: always taught right)
+    """
+
+    length: int = 5
+    drop: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.length <= 20:
+            raise ValueError(f"noisy_sort: length must be in [2, 20], got {self.length}")
+        if not 0 <= self.drop <= 1:
+            raise ValueError(f"noisy_sort: drop must be in [0, 1], got {self.drop}")
+
+    @property
+    def name(self) -> str:
+        return f"noisy_sort:length={self.length},drop={self.drop}"
+
+    def prompts(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
+        """`n` distinct problems of `split` (default 100), the same for the same arguments."""
+        _check_split(split)
+        n = 100 if n is None else n
+        rng = random.Random(f"noisy_sort:{split}:{seed}")
+        rows: dict[str, dict] = {}
+        misses = 0
+        while len(rows) < n:
+            digits = "".join(rng.choice("0123456789") for _ in range(self.length))
+            if digits in rows or problem_split("sort:" + digits) != split:
+                misses += 1
+                if misses > 10_000:
+                    raise ValueError(f"{self.name}: found only {len(rows)} distinct {split} problems, {n} asked")
+                continue
+            misses = 0
+            answer = "".join(sorted(digits))
+            wrong = answer[:-2] + answer[-1] + answer[-2]
+            forget = wrong != answer and random.Random(f"sort-teacher:{digits}:{seed}").random() < self.drop
+            rows[digits] = {
+                "id": digits,
+                "prompt": digits + ">",
+                "answer": answer,
+                "demonstration": wrong if forget else answer,
+            }
+        return list(rows.values())
+
+    def score(self, row: dict, response: str) -> float:
+        answer = row["answer"]
+        return sum(a == b for a, b in zip(answer, response.strip(), strict=False)) / len(answer)
+
+
 def demonstration(row: dict) -> str:
     """The SFT target of a task row: its teacher's `demonstration` when it has one, else its answer."""
     return row.get("demonstration", row["answer"])
 
 
-TASKS = {"arithmetic": Arithmetic, "noisy_arithmetic": NoisyArithmetic}
+TASKS = {"arithmetic": Arithmetic, "noisy_arithmetic": NoisyArithmetic, "noisy_sort": NoisySort}
 
 
 def _parse_options(cls: type, text: str) -> dict:
@@ -241,6 +302,7 @@ class FileTask:
     match: str = "exact"
     reward: Reward | None = None
     prompt_field: str = "prompt"
+    reward_name: str | None = None  # "module:function", as given: what made a run's scores
 
     @property
     def name(self) -> str:
@@ -287,6 +349,42 @@ def stream_prompts(task: Task, split: str, n: int | None = None, seed: int = 0) 
     has `prompts` (the built-ins, which make their rows in memory) gives its list."""
     stream = getattr(task, "stream", None)
     return stream(split, n, seed) if stream is not None else iter(task.prompts(split, n, seed))
+
+
+class RewardTimeout(BaseException):
+    """A reward call ran past its time limit. Not an `Exception`, so that a reward's own `except Exception`
+    does not swallow it."""
+
+
+def timed(fn: Reward, seconds: float) -> Reward:
+    """`fn`, stopped by `RewardTimeout` when one call runs longer than `seconds`: by SIGALRM in the main
+    thread (which interrupts Python code and sleeps); elsewhere the call runs in a daemon thread that is
+    abandoned when late."""
+
+    def expire(signum, frame):
+        raise RewardTimeout(seconds)
+
+    def in_thread(*args):
+        out = {}
+        worker = threading.Thread(target=lambda: out.update(value=fn(*args)), daemon=True)
+        worker.start()
+        worker.join(seconds)
+        if worker.is_alive():
+            raise RewardTimeout(seconds)
+        return out.get("value")  # None when fn raised: refused as not a number
+
+    def call(*args):
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+            return in_thread(*args)
+        before = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            return fn(*args)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, before)
+
+    return call
 
 
 REWARD_SIGNATURE = "reward(prompt, response) -> float or reward(prompt, response, row) -> float"
@@ -357,37 +455,52 @@ def _check_row(where: str, row: object, index: int, task: FileTask) -> dict:
 
 
 def load_prompts_file(
-    path: str | Path, match: str = "exact", reward: str | Reward | None = None, prompt_field: str = "prompt"
+    path: str | Path,
+    match: str = "exact",
+    reward: str | Reward | None = None,
+    prompt_field: str = "prompt",
+    reward_timeout: float | None = None,
 ) -> FileTask:
-    """A `FileTask` from a .jsonl / .json file of rows with `prompt` and `answer` (or a reward function).
-    `prompt_field` names another field to read prompts from (GSM8K's files call it `question`). Every
-    row is checked here, one line at a time, so that a bad row stops the run before a model loads."""
+    """A `FileTask` from a .jsonl / .json file of rows with `prompt` and `answer` (or a reward function,
+    each call limited to `reward_timeout` seconds when given). `prompt_field` names another field to read
+    prompts from (GSM8K's files call it `question`). Every row is checked here, one line at a time, so
+    that a bad row stops the run before a model loads."""
     if match not in MATCHES:
         raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
     fn = import_reward(reward) if isinstance(reward, str) else None if reward is None else as_reward(reward)
-    task = FileTask(path, match, fn, prompt_field)
+    if reward_timeout is not None:
+        if fn is None:
+            raise ValueError("--reward_timeout limits a reward function: give one with --reward module:function")
+        fn = timed(fn, reward_timeout)
+    name = reward if isinstance(reward, str) else None if reward is None else getattr(reward, "__qualname__", None)
+    task = FileTask(path, match, fn, prompt_field, name)
     if not sum(1 for _ in task.rows()):
         raise ValueError(f"{path}: no rows")
     return task
 
 
 def load_task(
-    spec: str, match: str | None = None, reward: str | Reward | None = None, prompt_field: str = "prompt"
+    spec: str,
+    match: str | None = None,
+    reward: str | Reward | None = None,
+    prompt_field: str = "prompt",
+    reward_timeout: float | None = None,
 ) -> Task:
     """A built-in task ("arithmetic", "arithmetic:digits=3,ops=+-") or a prompts file ("data.jsonl").
 
-    `match` ("exact" by default, or "numeric") and `reward` ("module:function") apply to prompts files.
+    `match` ("exact" by default, or "numeric"), `reward` ("module:function") and `reward_timeout` (seconds
+    per reward call) apply to prompts files.
     """
     if spec.endswith((".jsonl", ".json")):
-        return load_prompts_file(spec, match or "exact", reward, prompt_field)
+        return load_prompts_file(spec, match or "exact", reward, prompt_field, reward_timeout)
     name, _, options = spec.partition(":")
     if name not in TASKS:
         raise ValueError(f"unknown task {spec!r}: not a built-in ({', '.join(TASKS)}) nor a .jsonl/.json prompts file")
-    if match is not None or reward is not None:
-        raise ValueError(f"task {spec!r}: match and reward apply to prompts files, not to built-in tasks")
+    if match is not None or reward is not None or reward_timeout is not None:
+        raise ValueError(f"task {spec!r}: match, reward and reward_timeout apply to prompts files, not to built-ins")
     return TASKS[name](**_parse_options(TASKS[name], options))
 
 
@@ -401,20 +514,25 @@ def _describe(row: dict) -> str:
 
 def score_batch(task: Task, rows: list[dict], responses: list[str]) -> list[float]:
     """`task.score` of each (row, response) as floats. Anything that goes wrong in a scorer (an exception, a
-    value that is not a number, NaN) is one `ValueError` that names the item."""
+    value that is not a number, NaN or infinite, a call past its time limit) is one `ValueError` that names
+    the item."""
     if len(rows) != len(responses):
         raise ValueError(f"{task.name}: {len(rows)} rows but {len(responses)} responses")
     scores = []
     for row, response in zip(rows, responses, strict=True):
         try:
             value = task.score(row, response)
+        except RewardTimeout as e:
+            raise ValueError(
+                f"{task.name}: scoring {_describe(row)} did not return within {e.args[0]} s (--reward_timeout)"
+            ) from None
         except Exception as e:
             raise ValueError(f"{task.name}: scoring {_describe(row)} raised {type(e).__name__}: {e}") from e
         if not isinstance(value, numbers.Real):
             raise ValueError(
                 f"{task.name}: scoring {_describe(row)} returned {value!r} ({type(value).__name__}), not a number"
             )
-        if math.isnan(value):
-            raise ValueError(f"{task.name}: scoring {_describe(row)} returned NaN")
+        if not math.isfinite(value):
+            raise ValueError(f"{task.name}: scoring {_describe(row)} returned {value}, not a finite number")
         scores.append(float(value))
     return scores

@@ -400,8 +400,8 @@ def test_eval_keeps_every_item_with_its_id_and_compares_two_runs(setup, prompts,
     )
     report = json.loads((setup / "e.json").read_text())
     assert [s["id"] for s in report["samples"]] == [f"q{i}" for i in range(12)]  # all 12 items, not the first 10
-    a = {"samples": [{"id": i, "score": s} for i, s in zip("wxyz", [1, 0, 1, 0], strict=True)]}
-    b = {"samples": [{"id": i, "score": s} for i, s in zip("zyxw", [0, 1, 1, 1], strict=True)]}  # any order
+    a = {"samples": [{"id": i, "prompt": f"{i}?", "score": s} for i, s in zip("wxyz", [1, 0, 1, 0], strict=True)]}
+    b = {"samples": [{"id": i, "prompt": f"{i}?", "score": s} for i, s in zip("zyxw", [0, 1, 1, 1], strict=True)]}
     (setup / "a.json").write_text(json.dumps(a))
     (setup / "b.json").write_text(json.dumps(b))
     res = cli("eval", "--compare", setup / "a.json", setup / "b.json", capsys=capsys)

@@ -103,8 +103,14 @@ def test_a_run_with_other_prompts_is_refused_not_mixed(pair_setup, tmp_path):
 
     _, (model, tokenizer, adapter, task, rows) = pair_setup
     run(pair_setup, tmp_path / "out.jsonl")
-    s = SamplingArgs(gen_length=8, temperature=1.0, batch_size=4)  # 2 prompts per chunk: chunk 0 is another chunk
+    s = SamplingArgs(gen_length=8, temperature=1.0, batch_size=6)
+    other = [rows[0], {**rows[1], "prompt": "9+9="}, *rows[2:]]  # the ids of the first run, another prompt text
     with pytest.raises(ValueError, match=r"out.samples.jsonl: chunk 0 .* does not hold the prompts"):
+        run_pairs(
+            model, tokenizer, adapter, task, other, 2, s, "best_worst", None, "tiny", tmp_path / "out.jsonl", None
+        )
+    s = SamplingArgs(gen_length=8, temperature=1.0, batch_size=4)  # 2 prompts per chunk: chunk 0 is another chunk
+    with pytest.raises(ValueError, match=r"out.samples.jsonl: chunk 0 was made by another run \(batch_size: 6 -> 4\)"):
         run_pairs(model, tokenizer, adapter, task, rows, 2, s, "best_worst", None, "tiny", tmp_path / "out.jsonl", None)
 
 

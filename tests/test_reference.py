@@ -119,7 +119,7 @@ def test_two_gloo_processes_equal_one(setup, tmp_path):
         assert flat == pytest.approx([x for epoch in b["scores"][k] for x in epoch], abs=1e-5)
     # the training losses the main process printed ({'loss': '0.6931', ...} per step)
     two = [float(ln.split("'loss': ")[1].split(",")[0].strip("'")) for ln in out.stdout.splitlines() if "'loss'" in ln]
-    assert two == pytest.approx(losses(one), abs=1e-4)
+    assert two == pytest.approx(losses(one), rel=5e-4, abs=1e-4)  # printed to 4 significant digits
 
 
 @pytest.mark.parametrize("n, world", [(7, 2), (8, 2), (1, 2), (10, 3)])

@@ -20,8 +20,8 @@ V = 40
 class PositionModel(torch.nn.Module):
     """Mock LM whose logits depend only on the position id: `logits[b, s] = fn(position_ids[b, s])`.
 
-    Records the width and attention mask of every call. Honours a boolean `logits_to_keep` the way
-    transformers does (hidden states gathered, flattened to (N, V)).
+    Records the width and attention mask of every call. Honours `logits_to_keep` the way transformers does
+    (a boolean one gathers the hidden states, flattened to (N, V); an int n keeps the last n positions).
     """
 
     def __init__(self, fn):
@@ -33,11 +33,15 @@ class PositionModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, use_cache=False, **kwargs):
         assert "cache" not in kwargs, "the mock has no KV cache"
         self.calls.append(
-            SimpleNamespace(width=input_ids.shape[1], mask=attention_mask == 0, position_ids=position_ids)
+            SimpleNamespace(
+                rows=input_ids.shape[0], width=input_ids.shape[1], mask=attention_mask == 0, position_ids=position_ids
+            )
         )
         logits = torch.stack([torch.stack([self.fn(int(p)) for p in row]) for row in position_ids])  # (B, S, V)
         if isinstance(logits_to_keep, torch.Tensor):
             logits = logits[logits_to_keep]
+        elif logits_to_keep:  # an int n keeps the last n positions, as in transformers
+            logits = logits[:, -logits_to_keep:]
         return SimpleNamespace(logits=logits)
 
 
@@ -166,13 +170,15 @@ def test_block_causal_uncached_attention():
 
 def test_stops_at_eos():
     """Prompt A (2 tokens) hits EOS at position 7 = response token 5, in block 1; prompt B (12 tokens) never
-    does, so the batch runs all 4 blocks; alone, A stops after block 1 (NFE 2 blocks x 2 steps)."""
+    does, so the batch runs all 4 blocks, A leaving the batch after block 1; alone, A stops after block 1
+    (NFE 2 blocks x 2 steps)."""
     model = PositionModel(echo_fn(eos_at=7))
     alone = generate(mock_adapter(), model, [[10, 11]], 16, 2, eos_token_id=EOS, use_cache=False)
     assert alone.blocks == 2 and alone.nfe == 4
     assert alone.sequences == [[5, 6, 7, 8, 9]] and alone.finished == [True] and alone.lengths == [5]
     both = generate(mock_adapter(), model, [[10, 11], list(range(10, 22))], 16, 2, eos_token_id=EOS, use_cache=False)
     assert both.blocks == 4 and both.nfe == 8
+    assert [c.rows for c in model.calls[-8:]] == [2] * 4 + [1] * 4  # A stops costing compute once it has finished
     assert both.sequences[0] == [5, 6, 7, 8, 9] and len(both.sequences[1]) == 16
     assert both.finished == [True, False]
 
@@ -203,8 +209,7 @@ def test_cached_equals_uncached(tiny, shifted, prompt_attention, remasking):
     assert len(cached.step_logits) == len(plain.step_logits) == 3 * 2
     for a, b in zip(cached.step_logits, plain.step_logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert cached.nfe == 1 + 3 * 2 + 2  # prefill + steps + commits of blocks 0 and 1 (the last is never committed)
-    assert plain.nfe == 3 * 2
+    assert cached.nfe == plain.nfe == 3 * 2  # one forward per step: the prefill and commits ride on the steps
 
 
 def test_cached_equals_uncached_sampling_and_threshold(tiny):
@@ -212,7 +217,7 @@ def test_cached_equals_uncached_sampling_and_threshold(tiny):
     kw = dict(gen_length=8, steps_per_block=4, temperature=1.0, seed=7, threshold=0.02)
     cached = generate(adapter, model, prompts, use_cache=True, **kw)
     plain = generate(adapter, model, prompts, use_cache=False, **kw)
-    assert cached.sequences == plain.sequences and cached.nfe == plain.nfe + 1 + 1
+    assert cached.sequences == plain.sequences and cached.nfe == plain.nfe
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -233,17 +238,31 @@ def test_temperature_and_seed(tiny):
 
 def test_cached_eos_stop_and_nfe(tiny):
     """Declare a token the model produces as EOS: generation stops after the block holding its first
-    occurrence, without committing that block. NFE = 1 prefill + blocks * steps + (blocks - 1) commits."""
+    occurrence. NFE = blocks * steps: no forward of its own for the prefill or a commit."""
     model, adapter, prompts = tiny
     full = generate(adapter, model, prompts[:1], 16, 2)
-    assert full.nfe == 1 + 4 * 2 + 3 and full.blocks == 4
+    assert full.nfe == 4 * 2 and full.blocks == 4
     eos = full.sequences[0][5]
     first = full.sequences[0].index(eos)
     blocks = first // 4 + 1
     out = generate(adapter, model, prompts[:1], 16, 2, eos_token_id=eos)
-    assert out.blocks == blocks and out.nfe == 1 + blocks * 2 + (blocks - 1)
+    assert out.blocks == blocks and out.nfe == blocks * 2
     assert out.sequences == [full.sequences[0][:first]] and out.finished == [True]
     assert out.seconds > 0 and math.isclose(out.tokens_per_second, first / out.seconds)
+
+
+def test_finished_rows_leave_the_batch_without_changing_the_others(tiny):
+    """A token that prompt 0 produces in its first block but another prompt does not, declared EOS: prompt 0
+    leaves the batch after block 0 (later steps run fewer rows) and every sequence equals its decoding alone."""
+    model, adapter, prompts = tiny
+    full = generate(adapter, model, prompts, 16, 2)
+    eos = next(t for t in full.sequences[0][:4] if any(t not in s[:4] for s in full.sequences[1:]))
+    for cache in ("auto", "none"):
+        out = generate(adapter, model, prompts, 16, 2, eos_token_id=eos, output_logits=True, cache=cache)
+        assert out.step_logits[0].shape[0] == 3 and out.step_logits[-1].shape[0] < 3
+        for p, seq in zip(prompts, out.sequences, strict=True):
+            assert generate(adapter, model, [p], 16, 2, eos_token_id=eos, cache=cache).sequences == [seq]
+    assert out.finished[0] and out.sequences[0] == full.sequences[0][: full.sequences[0].index(eos)]
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -274,3 +293,107 @@ def test_bad_prompts_and_full_attention_block_size():
     # a full-attention model may be sampled with any block size
     out = generate(mock_adapter(attention="full"), PositionModel(echo_fn()), [PROMPT], 8, 2, block_size=8)
     assert out.blocks == 1 and out.nfe == 2
+
+
+# ----------------------------------------------------------------------------- Fast-dLLM's caches (full attention)
+
+
+@pytest.fixture(scope="module")
+def full_attention_models(tmp_path_factory):
+    from dtrpo.families import load_model
+    from tests.families.test_loading import write_dream, write_llada
+
+    root = tmp_path_factory.mktemp("full")
+    torch.manual_seed(0)
+    return {
+        name: load_model(write(root / name), block_size=4)[::2]
+        for name, write in (("llada", write_llada), ("dream", write_dream))
+    }
+
+
+def canvas_logits(model, ids: list[int]) -> torch.Tensor:
+    """One full-attention forward of an unpadded sequence (n, V): every position sees every position."""
+    n = len(ids)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, 1, n, n, dtype=torch.bool),
+            position_ids=torch.arange(n)[None],
+        )
+    return out.logits[0].float()
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_approximate_caches_are_exact_at_a_blocks_first_step(full_attention_models, family, cache):
+    """At each block's first step the prefix and dual caches run the whole canvas: the logits equal one
+    independent forward of the canvas as it stands (earlier blocks final, the rest [MASK]). With one step per
+    block every step is a first step, so the tokens equal the recompute path's."""
+    model, adapter = full_attention_models[family]
+    prompts = [[10, 11, 12, 13, 14], [20, 21]]
+    kw = dict(gen_length=12, steps_per_block=2, output_logits=True)
+    out = generate(adapter, model, prompts, cache=cache, **kw)
+    assert out.nfe == 3 * 2 == len(out.step_logits)
+    for b in range(3):
+        first = out.step_logits[2 * b]  # (B, bs, V)
+        for i, p in enumerate(prompts):
+            seq = out.sequences[i]
+            state = p + seq[: 4 * b] + [adapter.mask_token_id] * (12 - 4 * b)
+            ref = canvas_logits(model, state)
+            reads = [len(p) + 4 * b + s - int(adapter.shifted) for s in range(4)]
+            torch.testing.assert_close(first[i], ref[reads], atol=1e-5, rtol=0)
+    one = dict(gen_length=12, steps_per_block=1)
+    assert (
+        generate(adapter, model, prompts, cache=cache, **one).sequences
+        == generate(adapter, model, prompts, cache="none", **one).sequences
+    )
+
+
+def test_approximate_caches_run_fewer_columns_and_differ_from_recompute(full_attention_models):
+    """Later steps of a block run the block and the suffix (prefix) or the block alone (dual), against K/V kept
+    from the block's first step: the logits there are not the recomputed ones (the approximation is real)."""
+    model, adapter = full_attention_models["llada"]
+    prompts = [[10, 11, 12, 13, 14]]
+    kw = dict(gen_length=8, steps_per_block=4, output_logits=True)
+    plain = generate(adapter, model, prompts, cache="none", **kw)
+    for cache in ("prefix", "dual"):
+        out = generate(adapter, model, prompts, cache=cache, **kw)
+        torch.testing.assert_close(out.step_logits[0], plain.step_logits[0], atol=1e-5, rtol=0)
+        assert (out.step_logits[1] - plain.step_logits[1]).abs().max() > 1e-4
+
+
+def test_cache_option_errors():
+    with pytest.raises(ValueError, match="cache must be one of"):
+        generate(mock_adapter(attention="full"), PositionModel(echo_fn()), [PROMPT], 8, 2, cache="full")
+    with pytest.raises(ValueError, match="approximate cache for full-attention models"):
+        generate(mock_adapter(), PositionModel(echo_fn()), [PROMPT], 8, 2, cache="dual")
+
+
+def test_cache_option_reaches_the_sampler(tmp_path, monkeypatch, capsys):
+    """`--cache` of `dtrpo generate`, `SamplingArgs.cache` (eval, pairs, the demo) and the harness's model_args
+    all reach `generate`; the default is the exact fast path, 'auto'."""
+    import dtrpo.evaluate as evaluate
+    import dtrpo.sampler as sampler
+    from dtrpo.cli import main
+    from dtrpo.evaluate import SamplingArgs, sample_texts
+    from dtrpo.families import load_model
+    from dtrpo.harness import DTRPOLM
+    from tests.families.test_loading import write_llada
+
+    seen = []
+    real = sampler.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("cache"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "generate", spy)
+    monkeypatch.setattr(evaluate, "generate", spy)
+    path = write_llada(tmp_path / "llada")
+    main(["generate", "--model_name_or_path", str(path), "--prompt", "ab", "--gen_length", "32", "--cache", "dual"])
+    assert "NFE 32" in capsys.readouterr().out
+    model, tokenizer, adapter = load_model(path)
+    sample_texts(model, tokenizer, adapter, ["ab"], SamplingArgs(gen_length=32, cache="prefix"), seed=0)
+    sample_texts(model, tokenizer, adapter, ["ab"], SamplingArgs(gen_length=32), seed=0)
+    assert seen == ["dual", "prefix", "auto"]
+    assert DTRPOLM(pretrained=str(path), cache="dual").sampling["cache"] == "dual"

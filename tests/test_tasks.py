@@ -175,8 +175,9 @@ def test_reward_function_module(tmp_path, monkeypatch):
 def test_reward_returning_nan_or_tensor(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"id": "q", "prompt": "p"}])
     rows = load_task(str(path), reward=lambda p, r, row: 0.0).prompts("train")
-    with pytest.raises(ValueError, match="id='q'.*NaN"):
-        score_batch(load_task(str(path), reward=lambda p, r, row: float("nan")), rows, ["x"])
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(ValueError, match=f"id='q' \\(prompt 'p'\\) returned {value}, not a finite number"):
+            score_batch(load_task(str(path), reward=lambda p, r, row, v=value: float(v)), rows, ["x"])
     with pytest.raises(ValueError, match=r"id='q'.*returned \[1.0\] \(list\)"):
         score_batch(load_task(str(path), reward=lambda p, r, row: [1.0]), rows, ["x"])
     with pytest.raises(ValueError, match="1 rows but 2 responses"):
@@ -249,3 +250,26 @@ def test_a_prompts_file_streams_lazily_and_as_prompts_gives_it(tmp_path):
     assert list(task.stream("heldout")) == task.prompts("heldout")
     assert list(task.stream("train", 3, seed=2)) == task.prompts("train", 3, seed=2)
     assert list(stream_prompts(Arithmetic(), "train", 5)) == Arithmetic().prompts("train", 5)  # a built-in: its list
+
+
+def test_noisy_sort_partial_credit_by_hand():
+    task = load_task("noisy_sort:length=5")
+    row = {"id": "52918", "prompt": "52918>", "answer": "12589"}
+    # positions right out of 5: all; the teacher's swap of the two largest (9 and 8): 3; one short: 4; none
+    assert [task.score(row, r) for r in ("12589", "12598", "1258", "", "98521")] == [1.0, 0.6, 0.8, 0.0, 0.2]
+
+
+def test_noisy_sort_rows_splits_and_teacher():
+    task = load_task("noisy_sort:length=5,drop=0.6")
+    train, heldout = task.prompts("train", 400, seed=0), task.prompts("heldout", 100, seed=0)
+    assert not {r["id"] for r in train} & {r["id"] for r in heldout}
+    for r in train[:50]:
+        assert r["prompt"] == r["id"] + ">" and r["answer"] == "".join(sorted(r["id"]))
+    wrong = [r for r in train if r["demonstration"] != r["answer"]]
+    can_err = [r for r in train if r["answer"][-1] != r["answer"][-2]]
+    for r in wrong:  # the teacher's only mistake: the two largest digits swapped
+        assert r["demonstration"] == r["answer"][:-2] + r["answer"][-1] + r["answer"][-2]
+        assert task.score(r, r["demonstration"]) == 0.6
+    assert 0.5 < len(wrong) / len(can_err) < 0.7  # drop = 0.6 of the problems where the swap is a mistake
+    assert task.prompts("train", 400, seed=0) == train  # seeded
+    assert load_task("noisy_sort:drop=0").prompts("train", 50, seed=0)[0]["demonstration"] == train[0]["answer"]

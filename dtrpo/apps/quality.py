@@ -14,17 +14,16 @@ neither for SFT nor for pairs); the chosen setting then runs on the other seeds.
 measured along training, with the optimizer steps, sequence forward passes and training seconds spent
 so far, so arms compare at equal steps and at equal compute.
 
-Every run writes its own JSON under `results_dir`, so an interrupted study resumes where it stopped, and
-`--workers 2` runs two processes that claim runs in order. `dtrpo bench quality` runs what is missing,
-then the diagnostics (`quality_diagnostics.py`), then writes the report (`quality_report.py`).
+Every run writes its own JSON under `results_dir`, so an interrupted study resumes where it stopped.
+This module holds the study's settings, arms, shared start and one run; `quality_diagnostics.py` and
+`quality_report.py` build on it, and `quality_study.py` (`dtrpo bench quality`) drives all three: it runs
+what is missing (`--workers 2`: two processes that claim runs in order), then the diagnostics, then
+writes the report. Imports go one way: study -> report, diagnostics -> this module.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +124,12 @@ class Arm:
 
     @property
     def config(self) -> dict:
-        return dict(self.overrides)
+        """The arm's DTRPOConfig fields: a preference arm starts from the paper's plain loss (newly unmasked
+        targets, no likelihood term), pinned here so that the library's defaults never change an arm."""
+        return {**(PLAIN if self.kind == "preference" else {}), **dict(self.overrides)}
+
+
+PLAIN = {"targets": "newly_unmasked", "rpo_alpha": 0.0}
 
 
 def arm_table(block_size: int, rpo_alpha: float) -> dict[str, Arm]:
@@ -194,6 +198,11 @@ def _train_args(cls, out: Path, steps: int, lr: float, seed: int, batch: int, sc
         report_to=[],
         **extra,
     )
+
+
+def stored_scores(scores: list[float]) -> str | list[float]:
+    """Per-prompt scores as a string of 0/1 digits when every score is 0 or 1 (a verifier), else the list."""
+    return "".join(str(int(s)) for s in scores) if set(scores) <= {0.0, 1.0} else [float(s) for s in scores]
 
 
 def greedy_scores(model, tok, adapter, task, rows: list[dict], gen_length: int) -> list[float]:
@@ -282,7 +291,7 @@ def build(args: QualityArgs, index: int, log=print) -> Path:
         "sft_curve": stop.curve,
         "sft_seconds": sft_seconds,
         "pairs": pair_stats,
-        "heldout_scores": "".join(str(int(s)) for s in heldout),
+        "heldout_scores": stored_scores(heldout),
         "validation_accuracy": sum(validation) / len(validation),
     }
     results = Path(args.results_dir) / task_slug(spec)
@@ -458,10 +467,12 @@ def jobs_in_order(args: QualityArgs) -> list[tuple]:
     return out
 
 
+def diagnostics_path(args: QualityArgs, part: str) -> Path:
+    return Path(args.results_dir) / task_slug(args.task_list()[0]) / f"diagnostics_{part}.json"
+
+
 def complete(args: QualityArgs, task_index: int) -> bool:
     """Whether every run (and, for the first task, every diagnostic) of a task has its result."""
-    from dtrpo.apps.quality_diagnostics import diagnostics_path
-
     for arm in selected_arms(args, task_index):
         chosen = choose(args, task_index, arm)
         if chosen is None or not all(
@@ -470,80 +481,3 @@ def complete(args: QualityArgs, task_index: int) -> bool:
             return False
     parts = filter(None, args.diagnostics.split(",")) if task_index == 0 else ()
     return all(diagnostics_path(args, part).exists() for part in parts)
-
-
-def _claim(path: Path) -> bool:
-    claim = path.with_suffix(".claim")
-    claim.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
-        return True
-    except FileExistsError:
-        return False
-
-
-def work(args: QualityArgs, log=print) -> None:
-    """Run every missing job in order, claiming each so that parallel workers never run the same one.
-    A final-seed job waits for its arm's tuning to finish (another worker may hold it)."""
-    torch.set_num_threads(args.threads)
-    n_tasks = len(args.task_list())
-    todo = [t for t in range(n_tasks) if not complete(args, t)]  # a finished task needs no checkpoint
-    for t in range(n_tasks):  # worker k builds task k first, then the rest
-        i = (t + max(args.worker, 0)) % n_tasks
-        if i in todo and _claim(Path(args.output_dir) / task_slug(args.task_list()[i]) / "build"):
-            build(args, i, log)
-    for t in todo:
-        while not (Path(args.output_dir) / task_slug(args.task_list()[t]) / "build.json").exists():
-            time.sleep(5)
-    for stage, t, arm, point in jobs_in_order(args):
-        if stage == "diagnostics":
-            from dtrpo.apps.quality_diagnostics import diagnostics_path, run_diagnostics
-
-            if not diagnostics_path(args, point).exists() and _claim(diagnostics_path(args, point)):
-                run_diagnostics(args, point, log)
-                diagnostics_path(args, point).with_suffix(".claim").unlink(missing_ok=True)
-            continue
-        if stage == "tune":
-            job = Job(t, arm.name, point[0], point[1], 0)
-        else:
-            while (chosen := choose(args, t, arm)) is None:
-                time.sleep(5)
-            job = Job(t, arm.name, chosen[0], chosen[1], point)
-        path = job.path(args)
-        if path.exists() or not _claim(path):
-            continue
-        start = time.perf_counter()
-        result = run_job(args, job)
-        acc, seconds = result["curve"][-1]["accuracy"], time.perf_counter() - start
-        log(f"[{stage}] {job} held-out {acc:.3f} val {result['validation_accuracy']:.3f} ({seconds:.0f}s)")
-        path.with_suffix(".claim").unlink(missing_ok=True)
-
-
-def run_study(args: QualityArgs, argv: list[str], log=print) -> None:
-    """Launch `workers` processes (or work here), then write the report."""
-    if args.worker >= 0:  # one of the launcher's workers
-        work(args, log)
-        return
-    if not args.report_only:
-        for claim in Path(args.results_dir).rglob("*.claim"):  # left by an interrupted run
-            claim.unlink()
-        for claim in Path(args.output_dir).glob("*/build.claim"):
-            if not (claim.parent / "build.json").exists():
-                claim.unlink()
-        if args.workers > 1:
-            base = [sys.executable, "-m", "dtrpo.cli", "bench", "quality", *argv]
-            procs = [subprocess.Popen([*base, "--worker", str(k)]) for k in range(args.workers)]
-            codes = [p.wait() for p in procs]
-            if any(codes):
-                raise RuntimeError(f"quality workers exited with {codes}")
-        else:
-            work(args, log)
-    from dtrpo.apps.quality_diagnostics import run_diagnostics
-
-    for part in filter(None, args.diagnostics.split(",")):
-        run_diagnostics(args, part, log)
-    if args.report:
-        from dtrpo.apps.quality_report import write_report
-
-        write_report(args)
-        log(f"wrote {args.report}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dtrpo.apps.quality import QualityArgs, _train_args, greedy_scores, task_data, task_slug
+from dtrpo.apps.quality import QualityArgs, _train_args, diagnostics_path, greedy_scores, task_data
 from dtrpo.estimators import EstimatorConfig
 from dtrpo.families import load_model
 from dtrpo.models import init_tiny
@@ -30,7 +30,7 @@ from dtrpo.tasks import demonstration
 
 # the losses the full-attention model trains with, one seed each, lr 2e-4, beta 0.1
 FULL_ATTENTION_TRAINING = {
-    "dTRPO": {},
+    "dTRPO": {"targets": "newly_unmasked", "rpo_alpha": 0.0},
     "dTRPO all_masked_weighted + rpo_alpha 1": {"targets": "all_masked_weighted", "rpo_alpha": 1.0},
 }
 
@@ -38,7 +38,7 @@ FULL_ATTENTION_TRAINING = {
 def _trainer(policy, ref, tok, adapter, pairs: Path, out: Path, steps: int = 1, lr: float = 2e-4, **extra):
     from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
 
-    args = _train_args(DTRPOConfig, out, steps, lr, 0, 16, "cosine", beta=0.1, **extra)
+    args = _train_args(DTRPOConfig, out, steps, lr, 0, 16, "cosine", beta=0.1, **{"rpo_alpha": 0.0, **extra})
     return DTRPOTrainer(
         model=policy, ref_model=ref, args=args, adapter=adapter, processing_class=tok, train_dataset=str(pairs)
     )
@@ -185,10 +185,6 @@ def full_attention(args: QualityArgs, draws: int, train: bool, log=print) -> dic
                 out["training"].append({**row, "steps": args.steps, "lr": 2e-4, "beta": 0.1, "seed": 0})
                 log(f"full attention, {loss}, training with mode={mode}: held-out {acc:.3f} ({seconds:.0f}s)")
     return out
-
-
-def diagnostics_path(args: QualityArgs, part: str) -> Path:
-    return Path(args.results_dir) / task_slug(args.task_list()[0]) / f"diagnostics_{part}.json"
 
 
 def run_diagnostics(args: QualityArgs, part: str, log=print, train_full: bool = True) -> Path:

@@ -12,7 +12,7 @@ import random
 import statistics
 from pathlib import Path
 
-from dtrpo.apps.quality import QualityArgs, choose, grid, selected_arms, task_slug
+from dtrpo.apps.quality import Job, QualityArgs, choose, diagnostics_path, grid, selected_arms, task_slug
 from dtrpo.evaluate import interval95
 
 CONTROLS = ("sft", "rft")
@@ -21,8 +21,6 @@ NOTES = "benchmarks_notes.md"  # the hand-written reading, next to the report, i
 
 def load_runs(args: QualityArgs, task_index: int) -> dict:
     """{arm: {"chosen": (lr, beta), "grid": {(lr, beta): result}, "seeds": [result per seed]}} for finished arms."""
-    from dtrpo.apps.quality import Job
-
     out = {}
     for arm in selected_arms(args, task_index):
         tuning = {}
@@ -42,8 +40,9 @@ def load_runs(args: QualityArgs, task_index: int) -> dict:
     return out
 
 
-def _bits(text: str) -> list[float]:
-    return [float(c) for c in text]
+def _bits(scores: str | list[float]) -> list[float]:
+    """Per-prompt scores as stored: a string of 0/1 digits for a verifier, a list of floats for a reward."""
+    return [float(c) for c in scores]
 
 
 def point_at(result: dict, step: int | None = None, passes: float | None = None) -> dict | None:
@@ -271,8 +270,6 @@ def _ms(row: dict) -> str:
 
 
 def diagnostics_section(args: QualityArgs) -> str:
-    from dtrpo.apps.quality_diagnostics import diagnostics_path
-
     paths = {part: diagnostics_path(args, part) for part in ("block_causal", "full_attention")}
     d = {part: json.loads(p.read_text()) for part, p in paths.items() if p.exists()}
     if "block_causal" not in d:

@@ -78,6 +78,9 @@ def native_config(config: dict, family: Family, attn_implementation: str = "sdpa
     return family.to_native_config(config, family, attn_implementation)
 
 
+SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
 def family_config(model_config, family: Family, adapter: ModelAdapter) -> dict:
     """config.json in the family's own format: the source config.json (kept on the model config at load
     time) with its structural keys updated from the native config."""
@@ -92,6 +95,9 @@ def family_config(model_config, family: Family, adapter: ModelAdapter) -> dict:
     )
     rope_theta = (getattr(model_config, "rope_parameters", None) or {}).get("rope_theta")
     family.update_family_config(out, model_config, family)
+    for key in SPECIAL_ID_KEYS if source else ():  # the Trainer aligns the model config's ids with the tokenizer's;
+        if key in source:  # the family's own (Fast-dLLM v2's pad_token_id is its embedding's padding_idx) stay
+            out[key] = source[key]
     if rope_theta is not None:
         out["rope_theta"] = rope_theta
     if family.config_has_mask_id or "mask_token_id" in out:

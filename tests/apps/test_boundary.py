@@ -46,3 +46,25 @@ def test_the_cli_imports_the_apps_only_inside_commands():
     top_level = [name for name in imported_modules(tree.body) if is_apps(name)]
     assert not top_level, f"dtrpo/cli.py imports {top_level} at module level"
     assert any(is_apps(name) for name in imported_modules(ast.walk(tree)))  # the demo and bench commands
+
+
+def test_the_apps_import_one_another_one_way():
+    """No circle among the applications (imports inside functions included): the quality study's driver imports
+    its report and diagnostics, which import the study's definitions, never back."""
+    apps = {p.stem: p for p in (PACKAGE / "apps").glob("*.py") if p.stem != "__init__"}
+    edges = {
+        name: {m.split(".")[2] for m in imported_modules(ast.walk(ast.parse(path.read_text()))) if is_apps(m)}
+        & set(apps)
+        for name, path in apps.items()
+    }
+    assert {"quality_report", "quality_diagnostics"} <= edges["quality_study"] and not edges["quality"] & {
+        "quality_report",
+        "quality_diagnostics",
+        "quality_study",
+    }
+
+    def reaches(start: str, goal: str, seen: frozenset = frozenset()) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in edges[start])
+
+    circles = [name for name in apps if reaches(name, name)]
+    assert not circles, f"apps modules in an import circle: {circles} ({edges})"

@@ -709,7 +709,33 @@ def test_generate_with_each_familys_own_attention(family, checkpoints):
     assert again.sequences == out.sequences
     if adapter.block_causal:  # bs = 4: prompts of 2 and 5 leave 2 and 3 response slots in the shared first block
         assert out.blocks == 3 and out.lengths == [2 + 2 * bs, 3 + 2 * bs]
-        assert out.nfe == 1 + (3 + bs + bs) + 2  # prefill, steps (one token each), two cache commits
+        assert out.nfe == 3 + bs + bs  # one forward per step (one token each): prefill and commits ride on steps
     else:
         assert out.blocks == 2 and out.lengths == [2 * bs, 2 * bs]
         assert out.nfe == 2 * bs  # one full-canvas pass per step, no cache
+
+
+def test_family_export_after_training_keeps_the_special_token_ids(tmp_path):
+    """The Trainer aligns the model config's pad id with the tokenizer's. Fast-dLLM v2's config pads with
+    <|im_end|> (the 7B: 151645) while its tokenizer pads with <|endoftext|> (151643), and the family's code
+    uses config.pad_token_id as the embedding's padding_idx: the family export keeps the source's ids."""
+    from dtrpo.cli import main
+    from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
+
+    folder = write_fast_dllm(tmp_path / "source", pad_token_id=2)  # <|im_end|>, as the 7B's config
+    model, tokenizer, adapter = load_model(folder)
+    source = json.loads((folder / "config.json").read_text())
+    assert source["pad_token_id"] != tokenizer.pad_token_id  # else the test could not fail
+    args = DTRPOConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2, use_cpu=True,
+                       save_strategy="no", report_to=[], disable_tqdm=True, max_completion_length=8)  # fmt: skip
+    trainer = DTRPOTrainer(model=model, args=args, adapter=adapter, processing_class=tokenizer, train_dataset=PAIRS)
+    trainer.train()
+    trainer.save_model()
+    assert model.config.pad_token_id == tokenizer.pad_token_id  # what the Trainer did
+    main(["export", "--model_name_or_path", str(tmp_path / "run"), "--output", str(tmp_path / "family")])
+    exported = json.loads((tmp_path / "family" / "config.json").read_text())
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert exported[key] == source[key], key
+    reloaded, _, _ = load_model(tmp_path / "family")
+    assert reloaded.config.pad_token_id == source["pad_token_id"]
+    assert_same_tensors(reloaded, model)

@@ -1,0 +1,307 @@
+"""`dtrpo bench rounds`: do rounds of on-policy pairs beat rejection-sampling FT and one-shot training?
+
+A benchmark application of `dtrpo.iterate`. From one SFT checkpoint per task (built by the quality
+study's `build`), every arm runs over seeds, each seed sampling its own pairs:
+
+- `iter_rpo`: iterated dTRPO with the chosen response's likelihood term (`rpo_alpha`), the round's start
+  model as reference; `iter_dtrpo`: the same without it; `iter_rft`: iterated SFT on the chosen responses;
+- `iter_rpo_keep`, `iter_rft_keep` (not run by default): the iterated arms trained each round on every round's
+  pairs so far (`keep_pairs`), so that a round's steps are not spent on its own few pairs alone;
+- `once_rpo`, `once_rft`: one round on pairs sampled once from the SFT model, with the rounds' total
+  prompts (so the same samples) and the rounds' total optimizer steps.
+
+Every round of every arm samples the same number of prompts and answers and trains the same number of
+steps, so arms compare at equal samples and steps; the forward passes (generation + training) are
+counted as `iterate` counts them. Learning rates are given per kind of arm (`--learning_rate` for
+dTRPO, `--control_learning_rate` for RFT), not tuned here. One JSON per (arm, seed) in `results_dir`
+(a rerun skips those present; an interrupted arm resumes through `iterate`'s own resume), then a
+markdown table with pooled intervals and paired differences (`quality_report.pooled` / `paired`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dtrpo.apps.quality import QualityArgs, build, stored_scores, task_data, task_slug
+from dtrpo.apps.quality_report import _fmt, _fmt_diff, paired, pooled
+
+# arm: (method, with the likelihood term, one-shot, training on every round's pairs so far)
+ARMS = {
+    "iter_rpo": ("dtrpo", True, False, False),
+    "iter_dtrpo": ("dtrpo", False, False, False),
+    "iter_rft": ("rft", False, False, False),
+    "once_rpo": ("dtrpo", True, True, False),
+    "once_rft": ("rft", False, True, False),
+    "iter_rpo_keep": ("dtrpo", True, False, True),
+    "iter_rft_keep": ("rft", False, False, True),
+}
+DEFAULT_ARMS = ("iter_rpo", "iter_dtrpo", "iter_rft", "once_rpo", "once_rft")
+SUBJECT = "iter_rpo"  # the arm the study asks about; every other arm is a control
+
+
+@dataclass
+class RoundsArgs:
+    output_dir: str = field(default="runs/rounds", metadata={"help": "Checkpoints and round folders (not committed)."})
+    results_dir: str = field(default="docs/results/rounds", metadata={"help": "One JSON per (arm, seed) (committed)."})
+    report: str = field(default="docs/rounds.md", metadata={"help": "Markdown report to write."})
+    task: str = field(
+        default="noisy_arithmetic:digits=2",
+        metadata={"help": "Built-in task: a verifier (0/1 scores) or a reward (partial credit, e.g. noisy_sort)."},
+    )
+    arms: str = field(default=",".join(DEFAULT_ARMS), metadata={"help": f"Comma-separated arms among {list(ARMS)}."})
+    seeds: int = field(default=3, metadata={"help": "Seeds per arm; each samples its own pairs."})
+    rounds: int = field(default=3, metadata={"help": "Rounds of the iterated arms."})
+    prompts_per_round: int = field(default=400, metadata={"help": "Train prompts sampled per round."})
+    samples: int = field(default=8, metadata={"help": "Samples per prompt at temperature 1."})
+    steps: int = field(default=100, metadata={"help": "Optimizer steps per round."})
+    batch_size: int = field(default=16, metadata={"help": "Pairs (or RFT examples) per optimizer step."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the dTRPO arms with the NLL term."})
+    plain_learning_rate: float = field(
+        default=3e-5, metadata={"help": "Learning rate of the plain dTRPO arm (the quality study's choice for it)."}
+    )
+    control_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the RFT arms."})
+    beta: float = field(default=0.1, metadata={"help": "beta of the dTRPO arms."})
+    rpo_alpha: float = field(default=1.0, metadata={"help": "rpo_alpha of the arms with the likelihood term."})
+    heldout: int = field(default=500, metadata={"help": "Held-out prompts evaluated after every round."})
+    validation: int = field(default=200, metadata={"help": "Validation prompts of the SFT stop (train split, unused)."})
+    hidden_size: int = field(default=96, metadata={"help": "Width of the tiny model."})
+    num_layers: int = field(default=3, metadata={"help": "Layers of the tiny model."})
+    block_size: int = field(default=8, metadata={"help": "Block size B."})
+    sft_examples: int = field(default=3000, metadata={"help": "Train-split problems with the teacher's answers."})
+    sft_steps: int = field(default=2000, metadata={"help": "Most SFT steps."})
+    sft_target: float = field(default=1.0, metadata={"help": "SFT stops at this validation accuracy (1.0: never)."})
+    threads: int = field(default=1, metadata={"help": "torch threads."})
+
+    def arm_list(self) -> list[str]:
+        names = [a for a in self.arms.split(",") if a]
+        unknown = sorted(set(names) - set(ARMS))
+        if unknown:
+            raise ValueError(f"--arms: unknown arm(s) {unknown}; known: {list(ARMS)}")
+        return names
+
+
+def quality_args(args: RoundsArgs) -> QualityArgs:
+    """The quality study's settings that build this study's SFT checkpoint (its pairs are not used here)."""
+    return QualityArgs(
+        output_dir=args.output_dir,
+        results_dir=args.results_dir,
+        tasks=args.task,
+        heldout=args.heldout,
+        validation=args.validation,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        block_size=args.block_size,
+        sft_examples=args.sft_examples,
+        sft_steps=str(args.sft_steps),
+        sft_targets=str(args.sft_target),
+        pair_prompts=args.prompts_per_round,
+        samples=args.samples,
+    )
+
+
+def arm_config(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int):
+    """The `IterateConfig` of one arm and seed: every arm samples `prompts_per_round` prompts and trains `steps`
+    steps per round; a one-shot arm does the rounds' total in one round."""
+    from dtrpo.cli import PairArgs, TaskSpec
+    from dtrpo.evaluate import SamplingArgs
+    from dtrpo.iterate import IterateArgs, IterateConfig
+    from dtrpo.trainer import DTRPOConfig
+
+    method, nll, once, keep = ARMS[arm]
+    rounds, per_round, steps = (
+        (1, args.rounds * args.prompts_per_round, args.rounds * args.steps)
+        if once
+        else (
+            args.rounds,
+            args.prompts_per_round,
+            args.steps,
+        )
+    )
+    train = DTRPOConfig(
+        output_dir=str(Path(args.output_dir) / task_slug(args.task) / "arms" / arm / f"s{seed}"),
+        max_steps=steps,
+        learning_rate=(
+            args.control_learning_rate if method == "rft" else args.learning_rate if nll else args.plain_learning_rate
+        ),
+        per_device_train_batch_size=args.batch_size,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(20, steps // 10),
+        beta=args.beta,
+        rpo_alpha=args.rpo_alpha if nll else 0.0,
+        steps_per_block=args.block_size,
+        precompute_ref_log_probs=True,
+        save_steps=max(steps // 4, 1),
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        max_prompt_length=64,
+        max_completion_length=64,
+        disable_tqdm=True,
+        logging_steps=10,
+        report_to=[],
+    )
+    return IterateConfig(
+        TaskSpec(model_name_or_path=str(sft), task=args.task),
+        PairArgs(samples=args.samples),
+        SamplingArgs(
+            gen_length=gen_length, temperature=1.0, batch_size=200, seed=seed, steps_per_block=args.block_size
+        ),
+        IterateArgs(rounds=rounds, prompts_per_round=per_round, method=method, keep_pairs=keep, eval_n=args.heldout),
+        train,
+    )
+
+
+def _scores(eval_path: Path) -> str | list[float]:
+    """Every held-out item's score of one round, as the quality study stores them (0/1 digits or floats)."""
+    return stored_scores([s["score"] for s in json.loads(eval_path.read_text())["samples"]])
+
+
+def result_path(args: RoundsArgs, arm: str, seed: int) -> Path:
+    return Path(args.results_dir) / task_slug(args.task) / arm / f"s{seed}.json"
+
+
+def run_arm(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int, log=print) -> dict:
+    """One arm and seed through `iterate`; its curve (round 0 = the SFT model) with every item's score."""
+    from dtrpo.iterate import iterate
+
+    config = arm_config(args, arm, seed, sft, gen_length)
+    out = Path(config.train.output_dir)
+    done = sorted(out.parent.parent.glob(f"*/s{seed}/round-0/eval.json"))  # the SFT model, as this arm evaluates it
+    if done and not (out / "round-0").exists():
+        (out / "round-0").mkdir(parents=True)
+        shutil.copy(done[0], out / "round-0" / "eval.json")
+    report = iterate(config, log=lambda line: log(f"[{arm} s{seed}] {line}"))
+    start = {**report["initial"], "round": 0, "cumulative_passes": 0, "pairs": 0, "mean_score": None}
+    curve = [
+        {
+            **{k: row[k] for k in ("round", "accuracy", "ci95", "cumulative_passes", "pairs", "mean_score")},
+            "scores": _scores(out / f"round-{row['round']}" / "eval.json"),
+        }
+        for row in [start, *report["rounds"]]
+    ]
+    result = {"task": args.task, "arm": arm, "seed": seed, "settings": report["config"], "curve": curve}
+    path = result_path(args, arm, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_rounds_study(args: RoundsArgs, log=print) -> Path:
+    """Every missing (arm, seed), then the report."""
+    torch.set_num_threads(args.threads)
+    arms = args.arm_list()
+    qargs = quality_args(args)
+    build(qargs, 0, log)
+    d = task_data(qargs, args.task)
+    sft = d.root / "sft"
+    for seed in range(args.seeds):
+        for arm in arms:
+            if not result_path(args, arm, seed).exists():
+                run_arm(args, arm, seed, sft, d.gen_length, log)
+    return write_rounds_report(args)
+
+
+def write_rounds_report(args: RoundsArgs) -> Path:
+    """The table of arms per round (accuracy pooled over seeds with its interval), the paired difference of every
+    arm's final round to the best control, and the plot."""
+    runs = {a: [json.loads(result_path(args, a, s).read_text()) for s in range(args.seeds)] for a in args.arm_list()}
+    final = {a: [r["curve"][-1] for r in rs] for a, rs in runs.items()}
+    controls = [a for a in runs if a != SUBJECT]
+    best = max(controls, key=lambda a: pooled(final[a])["mean"]) if controls else None
+    width = max(len(r["curve"]) for rs in runs.values() for r in rs)
+    lines = [
+        "| arm | " + " | ".join(f"round {k}" for k in range(width)) + f" | passes (final) | paired diff. to {best} |",
+        "|---|" + "---|" * (width + 2),
+    ]
+    for arm, rs in runs.items():
+        cells = []
+        for k in range(width):
+            points = [c[k] for c in (columns(arm, r, width) for r in rs) if k in c]
+            cells.append(_fmt(pooled(points)) if len(points) == len(rs) else "")
+        diff = paired(final[arm], final[best]) if best and arm != best else None
+        passes = statistics.mean(p["cumulative_passes"] for p in final[arm])
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {passes:,.0f} | {_fmt_diff(diff)} |")
+    lines += ["", *round_inputs(runs, width)]
+    report, figure = Path(args.report), Path(args.report).parent / "figures" / f"rounds_{task_slug(args.task)}.png"
+    head = [
+        f"# Rounds on `{args.task}`",
+        "",
+        "Generated by `dtrpo bench rounds`. Held-out accuracy (greedy) after each round, pooled over "
+        f"{args.seeds} seed(s) (Wilson interval for 0/1 scores, normal otherwise; n = held-out x seeds); round 0 is "
+        f"the SFT start. Every round samples "
+        f"{args.prompts_per_round} prompts x {args.samples} answers and trains {args.steps} steps of "
+        f"{args.batch_size}; a one-shot arm does {args.rounds} rounds' worth in one round. The paired difference is "
+        "the final round's, per prompt and seed, with a bootstrap interval over prompts (per-seed in brackets). "
+        f"Learning rates: dTRPO + NLL {args.learning_rate:g}, plain dTRPO {args.plain_learning_rate:g}, RFT "
+        f"{args.control_learning_rate:g}: the quality study's tuned values for these arms (not retuned per round).",
+        "",
+    ]
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(
+        "\n".join([*head, *lines, "", f"![accuracy against round and passes](figures/{figure.name})", ""])
+    )
+    plot_rounds(runs, figure, args.task)
+    return report
+
+
+def round_inputs(runs: dict, width: int) -> list[str]:
+    """What each round trained on, mean over seeds: pairs formed and the samples' mean score (the on-policy
+    signal: as the model improves, fewer prompts have both a right and a wrong answer)."""
+    lines = [
+        "Pairs formed / samples' mean score per round (mean over seeds):",
+        "",
+        "| arm | " + " | ".join(f"round {k}" for k in range(1, width)) + " |",
+        "|---|" + "---|" * (width - 1),
+    ]
+    for arm, rs in runs.items():
+        cells = []
+        for k in range(1, width):
+            points = [c[k] for c in (columns(arm, r, width) for r in rs) if k in c]
+            ok = len(points) == len(rs) and all(p["mean_score"] is not None for p in points)
+            pairs = statistics.mean(p["pairs"] for p in points) if ok else None
+            cells.append(f"{pairs:.0f} / {statistics.mean(p['mean_score'] for p in points):.3f}" if ok else "")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def columns(arm: str, result: dict, width: int) -> dict[int, dict]:
+    """A run's curve points by round column: a one-shot arm's single round spends what `width - 1` rounds
+    spend, so it stands in the last column."""
+    curve = result["curve"]
+    return {0: curve[0], width - 1: curve[-1]} if ARMS[arm][2] else dict(enumerate(curve))
+
+
+def plot_rounds(runs: dict, path: Path, title: str) -> None:
+    """Mean accuracy over seeds against round and against forward passes, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = max(len(r["curve"]) for rs in runs.values() for r in rs)
+    for arm, rs in runs.items():
+        points = [columns(arm, r, width) for r in rs]
+        rounds = sorted(set.intersection(*(set(c) for c in points)))
+        mean = [statistics.mean(c[k]["accuracy"] for c in points) for k in rounds]
+        passes = [statistics.mean(c[k]["cumulative_passes"] for c in points) for k in rounds]
+        style = "--" if ARMS[arm][2] else "-"
+        axes[0].plot(rounds, mean, style, marker="o", label=arm)
+        axes[1].plot(passes, mean, style, marker="o", label=arm)
+    axes[0].set_xlabel("round")
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].set_xlabel("sequence forward passes (generation + training)")
+    for ax in axes:
+        ax.set_ylabel("held-out accuracy")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
