@@ -324,7 +324,9 @@ def task_workload(model, adapter, tok, a: BenchSamplerArgs, arms: dict, log=prin
     for name, result in results.items():
         texts = [tok.decode(s, skip_special_tokens=True) for r in result["runs"] for s in r.sequences]
         scores = score_batch(task, rows, texts)
-        items[name] = {"samples": [{"id": r["id"], "score": s} for r, s in zip(rows, scores, strict=True)]}
+        items[name] = {
+            "samples": [{"id": r["id"], "prompt": r["prompt"], "score": s} for r, s in zip(rows, scores, strict=True)]
+        }
         moments = Moments.of(scores)
         report[name].update(accuracy=moments.total / moments.n, ci95=list(moments.interval95()))
     for name in results:
