@@ -63,6 +63,26 @@ def problem_split(problem: str) -> str:
     return "heldout" if h % 1000 < HELDOUT_PER_MILLE else "train"
 
 
+def distinct_problems(name: str, split: str, n: int | None, draw: Callable[[], tuple[str, str]]) -> list[str]:
+    """`n` (default 100) distinct problems of `split`, in the order `draw` first gives them. `draw()` returns a
+    problem and the text whose hash fixes its split (`problem_split`); draws of the other split or repeats are
+    skipped, and 10,000 misses in a row mean the split has fewer distinct problems than asked."""
+    _check_split(split)
+    n = 100 if n is None else n
+    problems: dict[str, None] = {}
+    misses = 0
+    while len(problems) < n:
+        problem, hashed = draw()
+        if problem in problems or problem_split(hashed) != split:
+            misses += 1
+            if misses > 10_000:
+                raise ValueError(f"{name}: found only {len(problems)} distinct {split} problems, {n} asked")
+            continue
+        misses = 0
+        problems[problem] = None
+    return list(problems)
+
+
 # one column, right to left: (x, y, carry in) -> (carry out, written digit); "-" borrows instead of carrying
 _COLUMN = {
     "+": lambda x, y, c: divmod(x + y + c, 10),
@@ -140,22 +160,20 @@ class Arithmetic:
 
     def prompts(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
         """`n` distinct problems of `split` (default 100), the same for the same arguments."""
-        _check_split(split)
-        n = 100 if n is None else n
         rng = random.Random(f"arithmetic:{split}:{seed}")
-        rows: dict[str, dict] = {}
-        misses = 0
-        while len(rows) < n:
+
+        parts: dict[str, tuple[int, str, int]] = {}
+
+        def draw() -> tuple[str, str]:
             a, op, b = self._draw(rng)
-            problem = f"{a}{op}{b}"
-            if problem in rows or problem_split(problem) != split:
-                misses += 1
-                if misses > 10_000:  # the split has fewer distinct problems than asked for
-                    raise ValueError(f"{self.name}: found only {len(rows)} distinct {split} problems, {n} asked")
-                continue
-            misses = 0
-            rows[problem] = {"id": problem, "prompt": problem + "=", "answer": worked_answer(a, op, b, self.digits)}
-        return list(rows.values())
+            parts[f"{a}{op}{b}"] = (a, op, b)
+            return f"{a}{op}{b}", f"{a}{op}{b}"
+
+        rows = []
+        for problem in distinct_problems(self.name, split, n, draw):
+            answer = worked_answer(*parts[problem], self.digits)
+            rows.append({"id": problem, "prompt": problem + "=", "answer": answer})
+        return rows
 
     def score(self, row: dict, response: str) -> float:
         got = read_result(response)
@@ -226,29 +244,20 @@ class NoisySort:
 
     def prompts(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
         """`n` distinct problems of `split` (default 100), the same for the same arguments."""
-        _check_split(split)
-        n = 100 if n is None else n
         rng = random.Random(f"noisy_sort:{split}:{seed}")
-        rows: dict[str, dict] = {}
-        misses = 0
-        while len(rows) < n:
+
+        def draw() -> tuple[str, str]:
             digits = "".join(rng.choice("0123456789") for _ in range(self.length))
-            if digits in rows or problem_split("sort:" + digits) != split:
-                misses += 1
-                if misses > 10_000:
-                    raise ValueError(f"{self.name}: found only {len(rows)} distinct {split} problems, {n} asked")
-                continue
-            misses = 0
+            return digits, "sort:" + digits
+
+        rows = []
+        for digits in distinct_problems(self.name, split, n, draw):
             answer = "".join(sorted(digits))
             wrong = answer[:-2] + answer[-1] + answer[-2]
             forget = wrong != answer and random.Random(f"sort-teacher:{digits}:{seed}").random() < self.drop
-            rows[digits] = {
-                "id": digits,
-                "prompt": digits + ">",
-                "answer": answer,
-                "demonstration": wrong if forget else answer,
-            }
-        return list(rows.values())
+            demonstration = wrong if forget else answer
+            rows.append({"id": digits, "prompt": digits + ">", "answer": answer, "demonstration": demonstration})
+        return rows
 
     def score(self, row: dict, response: str) -> float:
         answer = row["answer"]
