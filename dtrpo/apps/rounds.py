@@ -8,14 +8,17 @@ study's `build`), every arm runs over seeds, each seed sampling its own pairs:
 - `iter_rpo_keep`, `iter_rft_keep` (not run by default): the iterated arms trained each round on every round's
   pairs so far (`keep_pairs`), so that a round's steps are not spent on its own few pairs alone;
 - `once_rpo`, `once_rft`: one round on pairs sampled once from the SFT model, with the rounds' total
-  prompts (so the same samples) and the rounds' total optimizer steps.
+  prompts (so the same samples) and the rounds' total optimizer steps;
+- `sft_more`: more SFT on the teacher's demonstrations (the SFT data), the rounds' total steps, no sampling:
+  on a clean task the obvious alternative to any use of a verifier.
 
 Every round of every arm samples the same number of prompts and answers and trains the same number of
 steps, so arms compare at equal samples and steps; the forward passes (generation + training) are
-counted as `iterate` counts them. Learning rates are given per kind of arm (`--learning_rate` for
-dTRPO, `--control_learning_rate` for RFT), not tuned here. One JSON per (arm, seed) in `results_dir`
-(a rerun skips those present; an interrupted arm resumes through `iterate`'s own resume), then a
-markdown table with pooled intervals and paired differences (`quality_report.pooled` / `paired`).
+counted as `iterate` counts them. Every arm gets the same tuning: seed 0 runs each rate of
+`--learning_rates`, and the rate whose final model scores best on a validation split (train-split prompts
+that neither the SFT nor any seed's rounds use) is the one every seed runs. One JSON per (arm, rate, seed)
+in `results_dir` (a rerun skips those present; an interrupted arm resumes through `iterate`'s own resume),
+then a markdown table with pooled intervals and paired differences (`quality_report.pooled` / `paired`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from dtrpo.apps.quality import QualityArgs, build, stored_scores, task_data, task_slug
+from dtrpo.apps.quality import QualityArgs, build, greedy_scores, stored_scores, task_data, task_slug
 from dtrpo.apps.quality_report import _fmt, _fmt_diff, paired, pooled
 
 # arm: (method, with the likelihood term, one-shot, training on every round's pairs so far)
@@ -40,8 +43,9 @@ ARMS = {
     "once_rft": ("rft", False, True, False),
     "iter_rpo_keep": ("dtrpo", True, False, True),
     "iter_rft_keep": ("rft", False, False, True),
+    "sft_more": ("sft", False, True, False),
 }
-DEFAULT_ARMS = ("iter_rpo", "iter_dtrpo", "iter_rft", "once_rpo", "once_rft")
+DEFAULT_ARMS = ("iter_rpo", "iter_dtrpo", "iter_rft", "once_rpo", "once_rft", "sft_more")
 SUBJECT = "iter_rpo"  # the arm the study asks about; every other arm is a control
 
 
@@ -61,11 +65,13 @@ class RoundsArgs:
     samples: int = field(default=8, metadata={"help": "Samples per prompt at temperature 1."})
     steps: int = field(default=100, metadata={"help": "Optimizer steps per round."})
     batch_size: int = field(default=16, metadata={"help": "Pairs (or RFT examples) per optimizer step."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the dTRPO arms with the NLL term."})
-    plain_learning_rate: float = field(
-        default=3e-5, metadata={"help": "Learning rate of the plain dTRPO arm (the quality study's choice for it)."}
+    learning_rates: str = field(
+        default="3e-5,2e-4,1e-3",
+        metadata={
+            "help": "Learning-rate grid, the same for every arm: seed 0 runs each rate, and the rate whose final model "
+            "scores best on the validation split is the one every seed runs."
+        },
     )
-    control_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the RFT arms."})
     beta: float = field(default=0.1, metadata={"help": "beta of the dTRPO arms."})
     rpo_alpha: float = field(default=1.0, metadata={"help": "rpo_alpha of the arms with the likelihood term."})
     heldout: int = field(default=500, metadata={"help": "Held-out prompts evaluated after every round."})
@@ -77,6 +83,17 @@ class RoundsArgs:
     sft_steps: int = field(default=2000, metadata={"help": "Most SFT steps."})
     sft_target: float = field(default=1.0, metadata={"help": "SFT stops at this validation accuracy (1.0: never)."})
     threads: int = field(default=1, metadata={"help": "torch threads."})
+
+    def rates(self) -> list[float]:
+        try:
+            rates = [float(x) for x in self.learning_rates.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--learning_rates: a comma-separated list of numbers, got {self.learning_rates!r}"
+            ) from None
+        if not rates or not all(0 < r < float("inf") for r in rates):
+            raise ValueError(f"--learning_rates: positive finite numbers, got {self.learning_rates!r}")
+        return rates
 
     def arm_list(self) -> list[str]:
         names = [a for a in self.arms.split(",") if a]
@@ -105,7 +122,7 @@ def quality_args(args: RoundsArgs) -> QualityArgs:
     )
 
 
-def arm_config(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int):
+def arm_config(args: RoundsArgs, arm: str, seed: int, lr: float, sft: Path, gen_length: int):
     """The `IterateConfig` of one arm and seed: every arm samples `prompts_per_round` prompts and trains `steps`
     steps per round; a one-shot arm does the rounds' total in one round."""
     from dtrpo.cli import PairArgs, TaskSpec
@@ -124,11 +141,9 @@ def arm_config(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int
         )
     )
     train = DTRPOConfig(
-        output_dir=str(Path(args.output_dir) / task_slug(args.task) / "arms" / arm / f"s{seed}"),
+        output_dir=str(Path(args.output_dir) / task_slug(args.task) / "arms" / arm / f"lr{lr:g}" / f"s{seed}"),
         max_steps=steps,
-        learning_rate=(
-            args.control_learning_rate if method == "rft" else args.learning_rate if nll else args.plain_learning_rate
-        ),
+        learning_rate=lr,
         per_device_train_batch_size=args.batch_size,
         lr_scheduler_type="cosine",
         warmup_steps=min(20, steps // 10),
@@ -151,7 +166,13 @@ def arm_config(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int
         SamplingArgs(
             gen_length=gen_length, temperature=1.0, batch_size=200, seed=seed, steps_per_block=args.block_size
         ),
-        IterateArgs(rounds=rounds, prompts_per_round=per_round, method=method, keep_pairs=keep, eval_n=args.heldout),
+        IterateArgs(
+            rounds=rounds,
+            prompts_per_round=per_round,
+            method="rft" if method == "sft" else method,
+            keep_pairs=keep,
+            eval_n=args.heldout,
+        ),
         train,
     )
 
@@ -161,21 +182,77 @@ def _scores(eval_path: Path) -> str | list[float]:
     return stored_scores([s["score"] for s in json.loads(eval_path.read_text())["samples"]])
 
 
-def result_path(args: RoundsArgs, arm: str, seed: int) -> Path:
-    return Path(args.results_dir) / task_slug(args.task) / arm / f"s{seed}.json"
+def result_path(args: RoundsArgs, arm: str, seed: int, lr: float) -> Path:
+    return Path(args.results_dir) / task_slug(args.task) / arm / f"lr{lr:g}" / f"s{seed}.json"
 
 
-def run_arm(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int, log=print) -> dict:
-    """One arm and seed through `iterate`; its curve (round 0 = the SFT model) with every item's score."""
+def validation_rows(args: RoundsArgs, d) -> list[dict]:
+    """The tuning split: the quality study's validation prompts (train split, not in the SFT data) less every
+    prompt that any seed's rounds sample, so that no arm has trained on the prompts that choose its rate."""
+    from dtrpo.iterate import train_prompts
+
+    used = {
+        r["id"] for seed in range(args.seeds) for r in train_prompts(d.task, args.rounds * args.prompts_per_round, seed)
+    }
+    return [r for r in d.validation if r["id"] not in used]
+
+
+def more_sft(config, sft: Path, data: Path, log) -> dict:
+    """Arm `sft_more`: the rounds' total steps of SFT on the teacher's demonstrations from the SFT checkpoint
+    (resumed from its newest checkpoint after a kill), evaluated as `iterate` evaluates a round."""
+    from dtrpo.base import last_checkpoint
+    from dtrpo.iterate import Models, _write_json, eval_stage, examples_seen, round_args
+    from dtrpo.sft import DiffusionSFTTrainer
+    from dtrpo.tasks import load_task
+
+    out = Path(config.train.output_dir)
+    rd, task, models = out / "round-1", load_task(config.task.task), Models(config)
+    start = eval_stage(config, task, out / "round-0", str(sft), models, "round 0 (the initial model)", log)
+    done = rd / "train.json"
+    if not done.is_file():
+        resume, _ = last_checkpoint(rd / "model")
+        train_args = round_args(config, 1, rd / "model", fresh=resume is None)
+        log(f"more SFT on the teacher's demonstrations ({data.name}), {train_args.max_steps} steps")
+        model, tokenizer, adapter = models.get(str(sft))
+        trainer = DiffusionSFTTrainer(
+            model=model, args=train_args, adapter=adapter, processing_class=tokenizer, train_dataset=str(data)
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(str(rd / "model"))
+        models.moved(rd / "model")
+        for checkpoint in (rd / "model").glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+        n = sum(1 for _ in data.open())
+        passes = examples_seen(n, trainer.state.global_step, train_args.per_device_train_batch_size)
+        _write_json(done, {"steps": trainer.state.global_step, "training_passes": passes})
+    train = json.loads(done.read_text())
+    evaluation = eval_stage(config, task, rd, str(rd / "model"), models, "more SFT", log)
+    row = {"round": 1, "model": str(rd / "model"), "pairs": 0, "mean_score": None, **train, **evaluation}
+    return {
+        "config": config.resolved(),
+        "initial": start,
+        "rounds": [{**row, "cumulative_passes": train["training_passes"]}],
+    }
+
+
+def run_arm(args: RoundsArgs, arm: str, seed: int, lr: float, d, log=print) -> dict:
+    """One arm, rate and seed through `iterate` (or `more_sft`); its curve (round 0 = the SFT model) with every
+    item's score, and its final model's accuracy on the validation split."""
+    from dtrpo.families import load_model
     from dtrpo.iterate import iterate
 
-    config = arm_config(args, arm, seed, sft, gen_length)
+    sft = d.root / "sft"
+    config = arm_config(args, arm, seed, lr, sft, d.gen_length)
     out = Path(config.train.output_dir)
-    done = sorted(out.parent.parent.glob(f"*/s{seed}/round-0/eval.json"))  # the SFT model, as this arm evaluates it
+    done = sorted(out.parents[2].glob(f"*/*/s{seed}/round-0/eval.json"))  # the SFT model, as any arm evaluates it
     if done and not (out / "round-0").exists():
         (out / "round-0").mkdir(parents=True)
         shutil.copy(done[0], out / "round-0" / "eval.json")
-    report = iterate(config, log=lambda line: log(f"[{arm} s{seed}] {line}"))
+    label = lambda line: log(f"[{arm} lr={lr:g} s{seed}] {line}")
+    if ARMS[arm][0] == "sft":
+        report = more_sft(config, sft, d.root / "sft_data.jsonl", label)
+    else:
+        report = iterate(config, log=label)
     start = {**report["initial"], "round": 0, "cumulative_passes": 0, "pairs": 0, "mean_score": None}
     curve = [
         {
@@ -184,32 +261,64 @@ def run_arm(args: RoundsArgs, arm: str, seed: int, sft: Path, gen_length: int, l
         }
         for row in [start, *report["rounds"]]
     ]
-    result = {"task": args.task, "arm": arm, "seed": seed, "settings": report["config"], "curve": curve}
-    path = result_path(args, arm, seed)
+    model, tok, adapter = load_model(report["rounds"][-1]["model"])
+    rows = validation_rows(args, d)
+    validation = greedy_scores(model, tok, adapter, d.task, rows, d.gen_length)
+    result = {
+        "task": args.task,
+        "arm": arm,
+        "seed": seed,
+        "learning_rate": lr,
+        "validation_accuracy": sum(validation) / len(validation),
+        "validation_n": len(validation),
+        "settings": report["config"],
+        "curve": curve,
+    }
+    path = result_path(args, arm, seed, lr)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
 
 
+def chosen_rate(args: RoundsArgs, arm: str) -> float | None:
+    """The grid rate whose seed-0 run scores best on the validation split (ties: the first in grid order);
+    None until every rate has its seed-0 result."""
+    paths = [result_path(args, arm, 0, lr) for lr in args.rates()]
+    if not all(p.exists() for p in paths):
+        return None
+    accuracy = [json.loads(p.read_text())["validation_accuracy"] for p in paths]
+    return args.rates()[accuracy.index(max(accuracy))]
+
+
 def run_rounds_study(args: RoundsArgs, log=print) -> Path:
-    """Every missing (arm, seed), then the report."""
+    """Seed 0 of every arm at every rate, then the later seeds at each arm's chosen rate (each skipped when its
+    result exists), then the report."""
     torch.set_num_threads(args.threads)
-    arms = args.arm_list()
+    arms, rates = args.arm_list(), args.rates()
     qargs = quality_args(args)
     build(qargs, 0, log)
     d = task_data(qargs, args.task)
-    sft = d.root / "sft"
-    for seed in range(args.seeds):
+    if not validation_rows(args, d):
+        raise ValueError(
+            f"{args.task}: no validation prompt is left once the rounds' prompts are set aside; raise --validation"
+        )
+    for arm in arms:
+        for lr in rates:
+            if not result_path(args, arm, 0, lr).exists():
+                run_arm(args, arm, 0, lr, d, log)
+    for seed in range(1, args.seeds):
         for arm in arms:
-            if not result_path(args, arm, seed).exists():
-                run_arm(args, arm, seed, sft, d.gen_length, log)
+            lr = chosen_rate(args, arm)
+            if not result_path(args, arm, seed, lr).exists():
+                run_arm(args, arm, seed, lr, d, log)
     return write_rounds_report(args)
 
 
 def write_rounds_report(args: RoundsArgs) -> Path:
     """The table of arms per round (accuracy pooled over seeds with its interval), the paired difference of every
     arm's final round to the best control, and the plot."""
-    runs = {a: [json.loads(result_path(args, a, s).read_text()) for s in range(args.seeds)] for a in args.arm_list()}
+    rates = {a: chosen_rate(args, a) for a in args.arm_list()}
+    runs = {a: [json.loads(result_path(args, a, s, rates[a]).read_text()) for s in range(args.seeds)] for a in rates}
     final = {a: [r["curve"][-1] for r in rs] for a, rs in runs.items()}
     controls = [a for a in runs if a != SUBJECT]
     best = max(controls, key=lambda a: pooled(final[a])["mean"]) if controls else None
@@ -226,7 +335,7 @@ def write_rounds_report(args: RoundsArgs) -> Path:
         diff = paired(final[arm], final[best]) if best and arm != best else None
         passes = statistics.mean(p["cumulative_passes"] for p in final[arm])
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {passes:,.0f} | {_fmt_diff(diff)} |")
-    lines += ["", *round_inputs(runs, width)]
+    lines += ["", *round_inputs(runs, width), "", *tuning_table(args)]
     report = Path(args.report)
     figure = report.parent / "figures" / f"{report.stem}.png"  # one per report: two studies of a task never share it
     head = [
@@ -238,8 +347,10 @@ def write_rounds_report(args: RoundsArgs) -> Path:
         f"{args.prompts_per_round} prompts x {args.samples} answers and trains {args.steps} steps of "
         f"{args.batch_size}; a one-shot arm does {args.rounds} rounds' worth in one round. The paired difference is "
         "the final round's, per prompt and seed, with a bootstrap interval over prompts (per-seed in brackets). "
-        f"Learning rates: dTRPO + NLL {args.learning_rate:g}, plain dTRPO {args.plain_learning_rate:g}, RFT "
-        f"{args.control_learning_rate:g}: the quality study's tuned values for these arms (not retuned per round).",
+        f"Learning rate per arm: the rate of {args.learning_rates} whose seed-0 run scores best on the validation "
+        "split (train-split prompts that neither the SFT nor any round samples), the same grid for every arm; the "
+        "rates and their validation accuracies are below the table. `sft_more` trains on the teacher's "
+        "demonstrations (no sampling: its passes are training only).",
         "",
     ]
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -254,6 +365,26 @@ def command_line(args: RoundsArgs) -> str:
     """The `dtrpo bench rounds` command that makes this report: the flags that differ from their defaults."""
     changed = [f for f in fields(args) if getattr(args, f.name) != f.default]
     return " ".join(["dtrpo bench rounds", *(f"--{f.name} {getattr(args, f.name)}" for f in changed)])
+
+
+def tuning_table(args: RoundsArgs) -> list[str]:
+    """Each arm's seed-0 validation accuracy at every rate of the grid, the chosen one in bold."""
+    rates = args.rates()
+    lines = [
+        "Validation accuracy of seed 0 at each learning rate (the chosen rate in bold):",
+        "",
+        "| arm | " + " | ".join(f"{lr:g}" for lr in rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
+    for arm in args.arm_list():
+        chosen = chosen_rate(args, arm)
+        cells = []
+        for lr in rates:
+            result = json.loads(result_path(args, arm, 0, lr).read_text())
+            text = f"{result['validation_accuracy']:.3f} (n={result['validation_n']})"
+            cells.append(f"**{text}**" if lr == chosen else text)
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def round_inputs(runs: dict, width: int) -> list[str]:
