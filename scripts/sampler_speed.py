@@ -15,6 +15,9 @@ ratio to the autoregressive arm of the same run. Speed only: on random weights t
 number of steps (one or two tokens per step) do the same work as on trained weights; a threshold's speed
 depends on the model's confidence and is not meaningful here, so none is timed. EOS is ignored by every arm.
 
+`--profile` adds where one `one_per_step` call spends its time (cProfile, by internal time: matrix products
+against attention, copies and the Python around them), to tell compute from overhead.
+
 `--compile default|reduce-overhead` wraps the model's forward in `torch.compile` (dynamic shapes) for every
 arm; `reduce-overhead` is CUDA graphs, a GPU option.
 """
@@ -22,8 +25,10 @@ arm; `reduce-overhead` is CUDA graphs, a GPU option.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import platform
+import pstats
 import sys
 import tempfile
 from pathlib import Path
@@ -98,7 +103,9 @@ def measure(args: argparse.Namespace, log=print) -> dict:
     )
     tok = SimpleNamespace(pad_token_id=0)
     results = side_by_side(model, adapter, tok, [prompts], args.new_tokens, arms, None, args.repeats, log)
+    profile = one_step_profile(model, adapter, prompts, args.new_tokens) if args.profile else None
     return {
+        "profile": profile,
         "shape": what,
         "params": sum(p.numel() for p in model.parameters()),
         "attention": adapter.attention,
@@ -108,6 +115,32 @@ def measure(args: argparse.Namespace, log=print) -> dict:
         "torch": torch.__version__,
         "settings": vars(args),
         "arms": _speed_table(results),
+    }
+
+
+def one_step_profile(model, adapter, prompts: list[list[int]], new_tokens: int, top: int = 8) -> dict:
+    """cProfile of one `generate` call at one token per step: the total and the `top` functions by internal time
+    (seconds and share of the total)."""
+    from dtrpo.sampler import generate
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    generate(adapter, model, prompts, new_tokens, adapter.block_size)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, internal, cumulative, _)
+    total = sum(v[2] for v in stats.values())
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return {
+        "seconds": total,
+        "top": [
+            {
+                "function": f"{Path(f).name}:{name}" if f != "~" else name,
+                "calls": v[0],
+                "seconds": v[2],
+                "share": v[2] / total,
+            }
+            for (f, _, name), v in rows
+        ],  # fmt: skip
     }
 
 
@@ -134,12 +167,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="also profile one one_per_step call")
     parser.add_argument("--output", help="write the result as JSON here too")
     args = parser.parse_args(argv)
     if args.new_tokens % args.block_size:
         parser.error(f"--new_tokens {args.new_tokens} must be a multiple of --block_size {args.block_size}")
     result = measure(args)
     print(table(result))
+    for row in (result["profile"] or {}).get("top", []):
+        print(f"  {row['share']:6.1%}  {row['seconds']:7.3f} s  {row['calls']:6d} calls  {row['function']}")
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1))
 

@@ -24,13 +24,15 @@ def run(tmp_path, *flags) -> dict:
 
 
 def test_tiny_model_arms_take_one_forward_per_step(tmp_path):
-    result = run(tmp_path, "--shape", "tiny:32x1", "--prompt_length", "8", "--new_tokens", "16")
+    result = run(tmp_path, "--shape", "tiny:32x1", "--prompt_length", "8", "--new_tokens", "16", "--profile")
     arms = result["arms"]
     assert set(arms) == {"autoregressive", "one_per_step", "one_per_step_no_cache", "two_per_step"}
     assert arms["autoregressive"]["ratio_to_autoregressive"] == 1.0
     assert arms["autoregressive"]["nfe_per_batch"] == arms["one_per_step"]["nfe_per_batch"] == 16
     assert arms["two_per_step"]["nfe_per_batch"] == 8 and arms["two_per_step"]["tokens_per_forward"] == 2.0
     assert all(row["positions"] == 4 * 16 for row in arms.values())  # EOS ignored: every arm decodes it all
+    shares = [row["share"] for row in result["profile"]["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
 
 
 def test_a_family_config_runs_on_its_own_grid(tmp_path):
