@@ -95,9 +95,10 @@ def measure(args: argparse.Namespace, log=print) -> dict:
     vocab = min(model.config.vocab_size, adapter.mask_token_id)
     g = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(1, vocab, (args.prompts, args.prompt_length), generator=g).tolist()
-    arms = {name: SETTINGS[name] for name in ARMS if args.block_size % SETTINGS[name]["steps"] == 0}
+    names = [a for a in args.arms.split(",") if a]
+    arms = {name: SETTINGS[name] for name in names if args.block_size % SETTINGS[name]["steps"] == 0}
     if adapter.attention == "full":  # full attention always recomputes: no separate no-cache arm
-        arms.pop("one_per_step_no_cache")
+        arms.pop("one_per_step_no_cache", None)
     log(
         f"{what}: {args.prompts} prompts of {args.prompt_length}, {args.new_tokens} new tokens, block {args.block_size}"
     )
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per batch")
     parser.add_argument("--prompt_length", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=64, help="a multiple of --block_size")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, among {ARMS}")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -170,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="also profile one one_per_step call")
     parser.add_argument("--output", help="write the result as JSON here too")
     args = parser.parse_args(argv)
+    unknown = set(args.arms.split(",")) - set(ARMS)
+    if unknown:
+        parser.error(f"--arms: unknown arm(s) {sorted(unknown)}; known: {list(ARMS)}")
     if args.new_tokens % args.block_size:
         parser.error(f"--new_tokens {args.new_tokens} must be a multiple of --block_size {args.block_size}")
     result = measure(args)
