@@ -324,8 +324,10 @@ def write_rounds_report(args: RoundsArgs) -> Path:
     best = max(controls, key=lambda a: pooled(final[a])["mean"]) if controls else None
     width = max(len(r["curve"]) for rs in runs.values() for r in rs)
     lines = [
-        "| arm | " + " | ".join(f"round {k}" for k in range(width)) + f" | passes (final) | paired diff. to {best} |",
-        "|---|" + "---|" * (width + 2),
+        "| arm | "
+        + " | ".join(f"round {k}" for k in range(width))
+        + f" | passes (final) | paired diff. to {best} | {SUBJECT} minus this arm |",
+        "|---|" + "---|" * (width + 3),
     ]
     for arm, rs in runs.items():
         cells = []
@@ -334,7 +336,10 @@ def write_rounds_report(args: RoundsArgs) -> Path:
             cells.append(_fmt(pooled(points)) if len(points) == len(rs) else "")
         diff = paired(final[arm], final[best]) if best and arm != best else None
         passes = statistics.mean(p["cumulative_passes"] for p in final[arm])
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {passes:,.0f} | {_fmt_diff(diff)} |")
+        versus = paired(final[SUBJECT], final[arm]) if SUBJECT in final and arm != SUBJECT else None
+        lines.append(
+            f"| {arm} | " + " | ".join(cells) + f" | {passes:,.0f} | {_fmt_diff(diff)} | {_fmt_diff(versus)} |"
+        )
     lines += ["", *round_inputs(runs, width), "", *tuning_table(args)]
     report = Path(args.report)
     figure = report.parent / "figures" / f"{report.stem}.png"  # one per report: two studies of a task never share it
@@ -346,7 +351,8 @@ def write_rounds_report(args: RoundsArgs) -> Path:
         f"the SFT start. Every round samples "
         f"{args.prompts_per_round} prompts x {args.samples} answers and trains {args.steps} steps of "
         f"{args.batch_size}; a one-shot arm does {args.rounds} rounds' worth in one round. The paired difference is "
-        "the final round's, per prompt and seed, with a bootstrap interval over prompts (per-seed in brackets). "
+        "the final round's, per prompt and seed, with a bootstrap interval over prompts (per-seed in brackets), to the "
+        f"best control and from the arm the study asks about ({SUBJECT}) to each other arm. "
         f"Learning rate per arm: the rate of {args.learning_rates} whose seed-0 run scores best on the validation "
         "split (train-split prompts that neither the SFT nor any round samples), the same grid for every arm; the "
         "rates and their validation accuracies are below the table. `sft_more` trains on the teacher's "
