@@ -91,6 +91,9 @@ def measure(args: argparse.Namespace, log=print) -> dict:
         model, adapter, what = model_for(args.shape, args.block_size, dtype, Path(folder))
     model.to(device).eval()
     if args.compile != "none":
+        # the sampler's shapes change within a generation (a block's first step also commits the previous block;
+        # the keys grow by a block per block): let every shape compile rather than fall back to eager after 8
+        torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 256
         model.forward = torch.compile(model.forward, mode=args.compile, dynamic=True)
     vocab = min(model.config.vocab_size, adapter.mask_token_id)
     g = torch.Generator().manual_seed(args.seed)
