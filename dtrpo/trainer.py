@@ -199,6 +199,12 @@ class DTRPOTrainer(DiffusionTrainer):
         self.ref_model = None if ref_model is None else prepare_reference(_frozen(ref_model), self.accelerator)
         if args.precompute_ref_log_probs and self.train_dataset is not None:
             self.train_dataset = self.precompute_reference(self.train_dataset)
+            if isinstance(self.eval_dataset, dict):  # the collator now expects the scores in every batch
+                self.eval_dataset = {
+                    k: self.precompute_reference(d, for_eval=True) for k, d in self.eval_dataset.items()
+                }
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self.precompute_reference(self.eval_dataset, for_eval=True)
             self.data_collator = WithReference(self.data_collator)
         elif self.ref_model is None and not _is_peft(self.model):
             self.ref_model = self._reference_copy()
@@ -234,23 +240,26 @@ class DTRPOTrainer(DiffusionTrainer):
             return draw(self.adapter, batch, seeds, self.estimator_config, ref_model=ref)
 
     @torch.no_grad()
-    def precompute_reference(self, dataset):
+    def precompute_reference(self, dataset, for_eval: bool = False):
         """`dataset` with `ref_chosen` / `ref_rejected`: per pair, the reference's score of each planned
         epoch's draw. Read from the scores file when its fingerprint matches (no reference model is then
         built); else each process scores its shard of the pairs, the shards are gathered, and the main
-        process writes the file."""
+        process writes the file. An eval set (`for_eval`) has no scores file, and one draw more: evaluation
+        also runs at the end of the last epoch, where the epoch counter has reached the number of epochs."""
         from accelerate.utils import broadcast_object_list, gather_object
 
         from dtrpo.reference import fingerprint, load_scores, planned_epochs, rank_shard, save_scores
 
         a = self.args
         updates = -(-len(self.get_train_dataloader()) // a.gradient_accumulation_steps)
-        epochs = planned_epochs(a.max_steps, a.num_train_epochs, updates)
-        reference = self.ref_model or self.accelerator.unwrap_model(self.model)  # the base, for PEFT or a copy
-        want = fingerprint(reference, dataset, self.estimator_config, self.adapter, a.seed)
-        if a.world_size > 1:  # a sharded reference hashes its own shard on each rank: rank 0's stands for all
-            want = broadcast_object_list([want])[0]
+        epochs = planned_epochs(a.max_steps, a.num_train_epochs, updates) + int(for_eval)
         path = a.ref_log_probs_file or (f"{self.dataset_name}.ref_logps.json" if self.dataset_name else None)
+        path = None if for_eval else path
+        if path:
+            reference = self.ref_model or self.accelerator.unwrap_model(self.model)  # the base, for PEFT or a copy
+            want = fingerprint(reference, dataset, self.estimator_config, self.adapter, a.seed)
+            if a.world_size > 1:  # a sharded reference hashes its own shard on each rank: rank 0's stands for all
+                want = broadcast_object_list([want])[0]
         scores = load_scores(Path(path), want, epochs, list(dataset["index"])) if path else None
         if scores is not None:
             confidence = self.estimator_config.reveal_order == "confidence" and not _is_peft(self.model)

@@ -195,3 +195,26 @@ def test_damaged_scores_file_is_refused_and_kept_and_a_matching_one_is_reused_wi
             else:
                 load_scores(saved, body["fingerprint"], 2, [int(k) for k in body["scores"]])
         assert "\n" not in str(e.value) and saved.read_text() == before, case
+
+
+def test_an_eval_set_is_scored_by_the_precomputed_reference_as_by_a_live_one(setup, tmp_path):
+    """With an eval set, the precompute scores its pairs too (each planned epoch's draw, not written to the
+    training set's scores file), so evaluation runs (it failed with KeyError 'ref_chosen') and gives the eval
+    losses a live reference gives."""
+    model, data = setup
+    evaluation = dict(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
+    live = DTRPOTrainer(str(model), args=config(tmp_path / "a", **evaluation), train_dataset=str(data),
+                        eval_dataset=str(data))  # fmt: skip
+    live.train()
+    ref_file = tmp_path / "ref.json"
+    pre = DTRPOTrainer(
+        str(model),
+        args=config(tmp_path / "b", precompute_ref_log_probs=True, ref_log_probs_file=str(ref_file), **evaluation),
+        train_dataset=str(data),
+        eval_dataset=str(data),
+    )
+    pre.train()
+    evals = [[h["eval_loss"] for h in t.state.log_history if "eval_loss" in h] for t in (live, pre)]
+    assert len(evals[0]) == 2 and evals[0] == pytest.approx(evals[1], abs=1e-6)
+    assert losses(live) == pytest.approx(losses(pre), abs=1e-6)
+    assert len(json.loads(ref_file.read_text())["scores"]) == 8  # the training pairs only
