@@ -587,19 +587,10 @@ def compare_main(paths: list[str]) -> None:
     )
 
 
-@dataclass
-class PairArgs:
-    samples: int = field(default=8, metadata={"help": "Responses sampled per prompt."})
-    pairing: Literal["best_worst", "all"] = field(
-        default="best_worst", metadata={"help": "How pairs are formed: best_worst or all."}
-    )
-    max_pairs_per_prompt: int | None = field(default=None, metadata={"help": "At most this many pairs per prompt."})
-
-
 @command("pairs", "sample responses, score them with the task's verifier, write preference pairs (JSONL)")
 def pairs_main(argv: list[str]) -> None:
     from dtrpo.evaluate import SamplingArgs
-    from dtrpo.pairs import run_pairs
+    from dtrpo.pairs import PairArgs, run_pairs
     from dtrpo.tasks import stream_prompts
 
     t, p, s = parse([TaskArgs, PairArgs, SamplingArgs], argv, "dtrpo pairs", COMMANDS["pairs"][1])
@@ -608,18 +599,7 @@ def pairs_main(argv: list[str]) -> None:
     task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
     rows = stream_prompts(task, t.split or "train", t.n, seed=s.seed)
     stats = run_pairs(
-        model,
-        tokenizer,
-        adapter,
-        task,
-        rows,
-        p.samples,
-        s,
-        p.pairing,
-        p.max_pairs_per_prompt,
-        t.model_name_or_path,
-        t.output,
-        desc="pairs",
+        model, tokenizer, adapter, task, rows, p, s, model_name=t.model_name_or_path, output=t.output, desc="pairs"
     )
     if not stats:  # a rank other than 0 of a sharded run: rank 0 writes the pairs
         return
@@ -633,6 +613,7 @@ def pairs_main(argv: list[str]) -> None:
 def iterate_main(argv: list[str]) -> None:
     from dtrpo.evaluate import SamplingArgs
     from dtrpo.iterate import IterateArgs, IterateConfig, iterate
+    from dtrpo.pairs import PairArgs
     from dtrpo.trainer import DTRPOConfig
 
     # --block_size, --steps_per_block (T_B: the estimator reduces the trajectory the sampler took), --seed

@@ -32,9 +32,9 @@ from typing import Literal
 from transformers import TrainerCallback
 
 from dtrpo.base import RESUME_FREE, last_checkpoint
-from dtrpo.cli import PairArgs, TaskSpec
+from dtrpo.cli import TaskSpec
 from dtrpo.evaluate import SamplingArgs, run_eval
-from dtrpo.pairs import run_pairs
+from dtrpo.pairs import PairArgs, run_pairs
 from dtrpo.tasks import load_task, stream_prompts
 from dtrpo.trainer import DTRPOConfig
 
@@ -235,12 +235,10 @@ def pairs_stage(config: IterateConfig, task, r: int, rd: Path, start: str, model
         adapter,
         task,
         rows,
-        p.samples,
+        p,
         sampling,
-        p.pairing,
-        p.max_pairs_per_prompt,
-        start,
-        rd / "pairs.jsonl",
+        model_name=start,
+        output=rd / "pairs.jsonl",
         desc=f"round {r} samples",
     )
     log(

@@ -14,8 +14,9 @@ import json
 import os
 import random
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from tqdm.auto import tqdm
 
@@ -35,6 +36,17 @@ from dtrpo.evaluate import (
 from dtrpo.tasks import score_batch
 
 PAIRINGS = ("best_worst", "all")
+
+
+@dataclass
+class PairArgs:
+    """How `dtrpo pairs` (and each round of `dtrpo iterate`) turns a prompt's scored samples into pairs."""
+
+    samples: int = field(default=8, metadata={"help": "Responses sampled per prompt."})
+    pairing: Literal["best_worst", "all"] = field(
+        default="best_worst", metadata={"help": "How pairs are formed: best_worst or all."}
+    )
+    max_pairs_per_prompt: int | None = field(default=None, metadata={"help": "At most this many pairs per prompt."})
 
 
 def form_pairs(scored: list[tuple[str, float]], pairing: str, max_pairs: int | None, rng: random.Random):
@@ -192,7 +204,7 @@ def build_pairs(
 
 
 def run_pairs(
-    model, tokenizer, adapter, task, rows, samples, sampling, pairing, max_pairs_per_prompt, model_name, output, desc
+    model, tokenizer, adapter, task, rows, options: PairArgs, sampling, *, model_name: str, output, desc=None
 ) -> dict:
     """`build_pairs` to files, resumable and sharded, with memory bounded by one chunk whatever the number of
     prompts (`rows` may be a stream, such as `FileTask.stream`). Every chunk's items are appended to
@@ -202,6 +214,7 @@ def run_pairs(
     uninterrupted run's). Under `torchrun` (RANK, WORLD_SIZE) rank r does chunks r, r + W, ...; rank 0
     waits for the others' files, merges them in chunk order (prompt order) and writes each prompt's pairs as
     it reads them. Returns the statistics on rank 0, an empty dict on the others."""
+    samples, pairing = options.samples, options.pairing
     _check(samples, sampling)
     output = Path(output)
     rank, world = shard()
@@ -222,7 +235,7 @@ def run_pairs(
             **_provenance(model_name, task, samples, pairing, sampling),
             "model_weights": made["model_weights"],
         }
-        return write_pairs(paths, output, pairing, max_pairs_per_prompt, sampling.seed, provenance)
+        return write_pairs(paths, output, pairing, options.max_pairs_per_prompt, sampling.seed, provenance)
 
 
 def write_pairs(paths: list[Path], output: Path, pairing, max_pairs_per_prompt, seed: int, provenance: dict) -> dict:

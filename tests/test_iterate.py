@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import dtrpo.pairs
-from dtrpo.cli import PairArgs, TaskSpec, main, parse
+from dtrpo.cli import TaskSpec, main, parse
 from dtrpo.evaluate import SamplingArgs
 from dtrpo.families import load_model
 from dtrpo.iterate import IterateArgs, IterateConfig, examples_seen, iterate, round_prompts
+from dtrpo.pairs import PairArgs
 from dtrpo.reference import weights_fingerprint
 from dtrpo.tasks import load_task
 from dtrpo.trainer import DTRPOConfig

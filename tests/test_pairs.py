@@ -6,7 +6,7 @@ import random
 import pytest
 
 from dtrpo.evaluate import interval95
-from dtrpo.pairs import form_pairs
+from dtrpo.pairs import PairArgs, form_pairs
 
 SCORED = [("a", 0.0), ("b", 1.0), ("c", 0.5), ("d", 1.0)]
 
@@ -58,7 +58,7 @@ def run(pair_setup, output, **env):
 
     _, (model, tokenizer, adapter, task, rows) = pair_setup
     s = SamplingArgs(gen_length=8, temperature=1.0, batch_size=6)  # 3 prompts x 2 samples per chunk: 4 chunks
-    return run_pairs(model, tokenizer, adapter, task, rows, 2, s, "best_worst", None, "tiny", output, None)
+    return run_pairs(model, tokenizer, adapter, task, rows, PairArgs(samples=2), s, model_name="tiny", output=output)
 
 
 def lines(path):
@@ -102,16 +102,15 @@ def test_a_run_with_other_prompts_is_refused_not_mixed(pair_setup, tmp_path):
     from dtrpo.pairs import run_pairs
 
     _, (model, tokenizer, adapter, task, rows) = pair_setup
-    run(pair_setup, tmp_path / "out.jsonl")
+    out = tmp_path / "out.jsonl"
+    run(pair_setup, out)
     s = SamplingArgs(gen_length=8, temperature=1.0, batch_size=6)
     other = [rows[0], {**rows[1], "prompt": "9+9="}, *rows[2:]]  # the ids of the first run, another prompt text
     with pytest.raises(ValueError, match=r"out.samples.jsonl: chunk 0 .* does not hold the prompts"):
-        run_pairs(
-            model, tokenizer, adapter, task, other, 2, s, "best_worst", None, "tiny", tmp_path / "out.jsonl", None
-        )
+        run_pairs(model, tokenizer, adapter, task, other, PairArgs(samples=2), s, model_name="tiny", output=out)
     s = SamplingArgs(gen_length=8, temperature=1.0, batch_size=4)  # 2 prompts per chunk: chunk 0 is another chunk
     with pytest.raises(ValueError, match=r"out.samples.jsonl: chunk 0 was made by another run \(batch_size: 6 -> 4\)"):
-        run_pairs(model, tokenizer, adapter, task, rows, 2, s, "best_worst", None, "tiny", tmp_path / "out.jsonl", None)
+        run_pairs(model, tokenizer, adapter, task, rows, PairArgs(samples=2), s, model_name="tiny", output=out)
 
 
 def test_two_ranks_split_the_chunks_and_rank_0_writes_the_pairs(pair_setup, tmp_path, monkeypatch):
