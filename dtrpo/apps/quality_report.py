@@ -78,13 +78,13 @@ def paired(a: list[dict], b: list[dict], reps: int = 2000) -> dict:
     }
 
 
-def _fmt(p: dict | None) -> str:
+def fmt_interval(p: dict | None) -> str:
     if p is None:
         return "-"
     return f"{p['mean']:.3f} [{p['low']:.3f}, {p['high']:.3f}]"
 
 
-def _fmt_diff(p: dict | None) -> str:
+def fmt_difference(p: dict | None) -> str:
     if p is None:
         return "-"
     seeds = ", ".join(f"{d:+.2f}" for d in p["per_seed"])
@@ -136,9 +136,10 @@ def task_section(args: QualityArgs, t: int, runs: dict, figures: Path) -> tuple[
         s["diff_to_best_control"] = diff
         lines.append(
             f"| {name} | {r['chosen'][0]:g} | {_g(r['chosen'][1])} "
-            f"| {seed0['validation_accuracy']:.3f} | {len(s['final'])} | {_fmt(_pooled(s['equal_step']))} "
-            f"| {_fmt(_pooled(s['equal_compute']))} | {seed0['steps']} | {seed0['forward_passes_per_step']:.0f} "
-            f"| {seed0['curve'][-1]['train_seconds']:.0f} | {_fmt_diff(diff)} |"
+            f"| {seed0['validation_accuracy']:.3f} | {len(s['final'])} | {fmt_interval(_pooled(s['equal_step']))} "
+            f"| {fmt_interval(_pooled(s['equal_compute']))} | {seed0['steps']} "
+            f"| {seed0['forward_passes_per_step']:.0f} "
+            f"| {seed0['curve'][-1]['train_seconds']:.0f} | {fmt_difference(diff)} |"
         )
     text = [
         f"## Task `{spec}`",

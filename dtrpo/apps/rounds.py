@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from dtrpo.apps.quality import QualityArgs, build, greedy_scores, stored_scores, task_data, task_slug
-from dtrpo.apps.quality_report import _fmt, _fmt_diff, paired, pooled
+from dtrpo.apps.quality_report import fmt_difference, fmt_interval, paired, pooled
 
 # arm: (method, with the likelihood term, one-shot, training on every round's pairs so far)
 ARMS = {
@@ -334,12 +334,14 @@ def write_rounds_report(args: RoundsArgs) -> Path:
         cells = []
         for k in range(width):
             points = [c[k] for c in (columns(arm, r, width) for r in rs) if k in c]
-            cells.append(_fmt(pooled(points)) if len(points) == len(rs) else "")
+            cells.append(fmt_interval(pooled(points)) if len(points) == len(rs) else "")
         diff = paired(final[arm], final[best]) if best and arm != best else None
         passes = statistics.mean(p["cumulative_passes"] for p in final[arm])
         versus = paired(final[SUBJECT], final[arm]) if SUBJECT in final and arm != SUBJECT else None
         lines.append(
-            f"| {arm} | " + " | ".join(cells) + f" | {passes:,.0f} | {_fmt_diff(diff)} | {_fmt_diff(versus)} |"
+            f"| {arm} | "
+            + " | ".join(cells)
+            + f" | {passes:,.0f} | {fmt_difference(diff)} | {fmt_difference(versus)} |"
         )
     lines += ["", *round_inputs(runs, width), "", *tuning_table(args)]
     report = Path(args.report)
