@@ -339,10 +339,23 @@ class Job:
     beta: float | None
     seed: int
 
-    def path(self, args: QualityArgs) -> Path:
+    def path_name(self) -> str:
         beta = "" if self.beta is None else f"_b{self.beta:g}"
-        name = f"lr{self.lr:g}{beta}_s{self.seed}.json"
-        return Path(args.results_dir) / task_slug(args.task_list()[self.task_index]) / self.arm / name
+        return f"lr{self.lr:g}{beta}_s{self.seed}"
+
+    def path(self, args: QualityArgs) -> Path:
+        return (
+            Path(args.results_dir)
+            / task_slug(args.task_list()[self.task_index])
+            / self.arm
+            / f"{self.path_name()}.json"
+        )
+
+
+def job_dir(d: TaskData, job: Job) -> Path:
+    """The training folder of one job: its own, since workers run jobs of one arm side by side (the trainer
+    locks its output folder)."""
+    return d.root / "runs" / job.arm / job.path_name()
 
 
 def run_job(args: QualityArgs, job: Job) -> dict:
@@ -358,7 +371,7 @@ def run_job(args: QualityArgs, job: Job) -> dict:
     eval_at = sorted({s for s in (int(x) for x in args.eval_steps.split(",")) if s < steps} | {steps, equal_compute})
     eval_at = [s for s in eval_at if 0 < s <= steps]
     curve = Curve(lambda m: greedy_scores(m, tok, adapter, d.task, d.heldout, d.gen_length), eval_at)
-    out = d.root / "runs" / job.arm
+    out = job_dir(d, job)
     torch.manual_seed(job.seed)
     if arm.kind == "preference":
         config = _train_args(

@@ -111,6 +111,21 @@ def test_every_arm_trains_from_the_shared_start(built):
         assert result["forward_passes_per_step"] > 0 and 0 <= result["validation_accuracy"] <= 1
 
 
+def test_two_workers_train_one_arm_at_two_rates_at_once(built):
+    """`--workers 2` runs jobs of one arm side by side: each trains in a folder of its own, so the run lock of
+    the other worker's job (held here) does not stop it (it did: both shared the arm's folder)."""
+    from dtrpo.apps.quality import Job, job_dir, run_job, task_data
+    from dtrpo.base import LOCK_FILE
+    from dtrpo.locks import hold
+
+    args = _args(built, "--arms", "dtrpo")
+    busy, free = Job(0, "dtrpo", 1e-3, 0.1, 0), Job(0, "dtrpo", 3e-4, 0.1, 0)
+    folder = job_dir(task_data(args, args.task_list()[0]), busy)
+    with hold(folder / LOCK_FILE, "the other worker's job"):
+        result = run_job(args, free)
+    assert result["curve"][-1]["step"] == result["steps"]
+
+
 def test_study_resumes_and_writes_a_well_formed_report(built):
     arms = ["dtrpo", "vrpo8", "sft", "rft"]
     _cli(built, "--arms", ",".join(arms), "--diagnostics", "")
