@@ -54,12 +54,12 @@ class DTRPOConfig(DiffusionArguments, EstimatorConfig, TrainingArguments):
         default=0.0, metadata={"help": "Label noise rate for 'sigmoid' (conservative DPO) and 'robust' losses."}
     )
     rpo_alpha: float = field(
-        default=1.0,
+        default=4.0,
         metadata={
             "help": "Weight of a likelihood term on the chosen response (TRL's rpo_alpha): its per-token negative "
             "log-likelihood estimate, read from the policy pass the estimator already makes. 0: off (the paper's "
-            "loss). Default 1 (TRL: off): with the default all_masked_weighted targets, the combination the study "
-            "ranks first (docs/benchmarks.md)."
+            "loss). Default 4 (TRL: off): with the default all_masked_weighted targets, the weight the studies "
+            "rank first, above 1 and 0, at a tuned learning rate (docs/benchmarks.md, Rounds)."
         },
     )
     loss_weights: list[float] | None = field(

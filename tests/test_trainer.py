@@ -274,9 +274,11 @@ def test_evaluate_reports_eval_loss_and_rewards(tmp_path, tokenizer):
         eval_dataset=PAIRS[:4],
     )
     metrics = trainer.evaluate()
-    # policy == reference: every log-ratio is 0, so the DPO part is log 2; the default rpo_alpha = 1 adds the
-    # chosen responses' mean NLL estimate
-    assert abs(metrics["eval_loss"] - (0.693147 + metrics["eval_rpo/nll"])) < 1e-4 and metrics["eval_rpo/nll"] > 0
+    # policy == reference: every log-ratio is 0, so the DPO part is log 2; the default rpo_alpha (4) adds that
+    # many times the chosen responses' mean NLL estimate
+    alpha = trainer.args.rpo_alpha
+    assert alpha == 4.0 and metrics["eval_rpo/nll"] > 0
+    assert abs(metrics["eval_loss"] - (0.693147 + alpha * metrics["eval_rpo/nll"])) < 1e-4
     assert metrics["eval_rewards/margins"] == 0 and "eval_estimator/targets_per_seq" in metrics
 
 

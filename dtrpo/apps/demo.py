@@ -66,12 +66,15 @@ class DemoArgs:
     samples: int = field(default=8, metadata={"help": "Samples per prompt for pairs."})
     dtrpo_steps: int = field(default=200, metadata={"help": "dTRPO optimizer steps (and the controls')."})
     beta: float = field(default=0.1, metadata={"help": "beta of the dTRPO loss."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "dTRPO learning rate (docs/benchmarks.md)."})
+    learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "dTRPO learning rate (the studies' tuned rate for rpo_alpha 4: docs/benchmarks.md)."},
+    )
     targets: str = field(
         default="all_masked_weighted", metadata={"help": "Positions read per state (docs/benchmarks.md)."}
     )
     rpo_alpha: float = field(
-        default=1.0, metadata={"help": "Weight of the chosen response's NLL beside the dTRPO loss (0: pure dTRPO)."}
+        default=4.0, metadata={"help": "Weight of the chosen response's NLL beside the dTRPO loss (0: pure dTRPO)."}
     )
     control: bool = field(
         default=True,
