@@ -72,6 +72,24 @@ def work(args: QualityArgs, log=print) -> None:
         path.with_suffix(".claim").unlink(missing_ok=True)
 
 
+def wait_all(procs: list[subprocess.Popen], poll: float = 1.0) -> None:
+    """Wait for every worker; the first that fails stops the others (they would wait for its tuning results
+    forever) and raises, naming the exit codes."""
+    while any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs):
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            codes = [p.wait() for p in procs]
+            raise RuntimeError(
+                f"a quality worker failed (exit codes {codes}); the others were stopped: rerun to resume"
+            )
+        time.sleep(poll)
+    codes = [p.returncode for p in procs]
+    if any(codes):
+        raise RuntimeError(f"quality workers exited with {codes}")
+
+
 def run_study(args: QualityArgs, argv: list[str], log=print) -> None:
     """Launch `workers` processes (or work here), then write the report."""
     if args.worker >= 0:  # one of the launcher's workers
@@ -85,10 +103,7 @@ def run_study(args: QualityArgs, argv: list[str], log=print) -> None:
                 claim.unlink()
         if args.workers > 1:
             base = [sys.executable, "-m", "dtrpo.cli", "bench", "quality", *argv]
-            procs = [subprocess.Popen([*base, "--worker", str(k)]) for k in range(args.workers)]
-            codes = [p.wait() for p in procs]
-            if any(codes):
-                raise RuntimeError(f"quality workers exited with {codes}")
+            wait_all([subprocess.Popen([*base, "--worker", str(k)]) for k in range(args.workers)])
         else:
             work(args, log)
     for part in filter(None, args.diagnostics.split(",")):

@@ -153,3 +153,20 @@ def test_diagnostics_are_reported(built):
     path = built / "results" / "noisy_arithmetic" / "diagnostics_block_causal.json"
     t1 = [r for r in json.loads(path.read_text())["rows"] if r["T_B"] == 1 and r["option"] == "dtrpo"][0]
     assert t1["abs_bias"] < 1e-5 and t1["grad_cosine"] > 0.999  # one step per block: dTRPO is the trajectory
+
+
+def test_a_failed_worker_stops_the_others():
+    """A worker that dies leaves the others waiting for its tuning results: the launcher stops them and says so
+    (it waited forever)."""
+    import subprocess
+    import sys
+    import time
+
+    from dtrpo.apps.quality_study import wait_all
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    failed = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"a quality worker failed \(exit codes \[-15, 3\]\)"):
+        wait_all([sleeper, failed], poll=0.1)
+    assert sleeper.returncode is not None and time.perf_counter() - start < 60
