@@ -326,22 +326,28 @@ def training_passes(trainer, n: int) -> int:
 
 
 def train_stage(config, r: int, rd: Path, start: str, models: Models, callbacks, log) -> dict:
-    from dtrpo.sft import DiffusionSFTTrainer
-    from dtrpo.trainer import DTRPOTrainer
-
-    loop, out = config.loop, rd / "model"
     data, n = training_data(config, r, rd)
     if not n:
         log(f"round {r}: no pairs to train on (no prompt had samples of different scores): the model carries over")
         return {"trained": False, "examples": 0, "steps": 0, "training_passes": 0}
-    resume, _ = last_checkpoint(out)
-    args = round_args(config, r, out, fresh=resume is None)
-    reference = "the initial model" if loop.reference == "initial" else f"round {r}'s start model"
+    reference = "the initial model" if config.loop.reference == "initial" else f"round {r}'s start model"
     what = (
         f"SFT on the chosen responses of {n} pairs"
-        if loop.method == "rft"
+        if config.loop.method == "rft"
         else f"dTRPO on {n} pairs, reference {reference}"
     )
+    return train_on(config, r, rd, start, models, callbacks, log, data=data, n=n, what=what)
+
+
+def train_on(config, r: int, rd: Path, start: str, models: Models, callbacks, log, *, data: Path, n: int, what: str):
+    """Round r's training from `start` on the `n` rows of `data` (pairs, or SFT examples for `method=rft`) into
+    `<rd>/model`, resumed from its newest checkpoint; the stage's result."""
+    from dtrpo.sft import DiffusionSFTTrainer
+    from dtrpo.trainer import DTRPOTrainer
+
+    loop, out = config.loop, rd / "model"
+    resume, _ = last_checkpoint(out)
+    args = round_args(config, r, out, fresh=resume is None)
     log(f"round {r}: {what}, {args.max_steps} steps" + (f"; resuming from {resume}" if resume else ""))
     model, tokenizer, adapter = models.get(start)
     common = dict(adapter=adapter, processing_class=tokenizer, train_dataset=str(data))

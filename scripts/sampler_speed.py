@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # gpu_throughput's model builder
 
 from gpu_throughput import build_model  # noqa: E402
 
-from dtrpo.apps.bench_sampler import SETTINGS, _speed_table, side_by_side  # noqa: E402
+from dtrpo.apps.bench_sampler import SETTINGS, side_by_side, speed_table  # noqa: E402
 
 ARMS = ("one_per_step", "one_per_step_no_cache", "two_per_step")  # fixed steps: the same work on any weights
 
@@ -118,7 +118,7 @@ def measure(args: argparse.Namespace, log=print) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "settings": vars(args),
-        "arms": _speed_table(results),
+        "arms": speed_table(results),
     }
 
 

@@ -319,7 +319,7 @@ def task_workload(model, adapter, tok, a: BenchSamplerArgs, arms: dict, log=prin
     batches = [ids[i : i + a.batch_size] for i in range(0, len(ids), a.batch_size)]
     log(f" task: {len(rows)} held-out problems, {gen_length} new tokens, batches of {a.batch_size}")
     results = side_by_side(model, adapter, tok, batches, gen_length, arms, tok.eos_token_id, a.repeats, log)
-    report = _speed_table(results)
+    report = speed_table(results)
     items = {}
     for name, result in results.items():
         texts = [tok.decode(s, skip_special_tokens=True) for r in result["runs"] for s in r.sequences]
@@ -347,11 +347,11 @@ def fixed_workload(model, adapter, tok, spec: ModelSpec, a: BenchSamplerArgs, ar
         "prompt_length": spec.prompt_length,
         "gen_length": spec.new_tokens,
         "prompts": a.batch_size,
-        "arms": _speed_table(results),
+        "arms": speed_table(results),
     }
 
 
-def _speed_table(results: dict) -> dict:
+def speed_table(results: dict) -> dict:
     """Each arm's speed row with its speed ratio to the autoregressive arm's from the same run: decoded
     positions per second, i.e. the same work (every arm decodes gen_length positions per prompt unless a
     whole batch stops at EOS early)."""
