@@ -482,9 +482,39 @@ class TaskSpec(ModelArgs):
         default=None,
         metadata={"help": "Seconds one --reward call may take; past it the run stops, naming the item."},
     )
+    reward_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward model folder (transformers sequence-classification, one label) scoring a prompts file's "
+            "responses instead of --reward: its own tokenizer and chat template, on the training device, in --dtype."
+        },
+    )
+    reward_batch_size: int = field(default=16, metadata={"help": "Texts per --reward_model forward pass."})
     prompt_field: str = field(
         default="prompt", metadata={"help": "Field of a prompts file holding the prompt (GSM8K: question)."}
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reward is not None and self.reward_model is not None:
+            raise ValueError("--reward and --reward_model both given: score with one, a function or a model")
+        if self.reward_batch_size <= 0:
+            raise ValueError(f"--reward_batch_size must be positive, got {self.reward_batch_size}")
+
+    def load_task(self):
+        """The task with its scorer (a reward model loaded last, after every check)."""
+        from dtrpo.tasks import load_task
+
+        return load_task(
+            self.task,
+            self.match,
+            self.reward,
+            self.prompt_field,
+            self.reward_timeout,
+            self.reward_model,
+            self.reward_batch_size,
+            self.dtype,
+        )
 
 
 @dataclass
@@ -520,10 +550,8 @@ class TaskArgs(TaskSpec):
 
 
 def _load_for_task(t: TaskSpec, block_size: int | None):
-    from dtrpo.tasks import load_task
-
     require(t, "model_name_or_path")
-    task = load_task(t.task, t.match, t.reward, t.prompt_field, t.reward_timeout)
+    task = t.load_task()
     model, tokenizer, adapter = t.load(block_size)
     return task, model, tokenizer, adapter
 
@@ -605,6 +633,8 @@ def pairs_main(argv: list[str]) -> None:
         return
     print(json.dumps(stats, indent=2))
     print(f"wrote {stats['pairs']} pairs to {t.output}, and every prompt's samples and scores to {stats['items_file']}")
+    if stats["ties_dropped"]:
+        print(f"dropped {stats['ties_dropped']} candidate pairs whose scores differ by {p.min_score_gap} or less")
     if not stats["pairs"]:
         print("warning: no prompt had responses of different scores, so there is nothing to train on", file=sys.stderr)
 

@@ -306,11 +306,14 @@ def items_paths(output: Path, kind: str, world: int) -> list[Path]:
 
 def made_by(model, task, s: SamplingArgs, **extra) -> dict:
     """What the scores of an items file depend on: the model's weights (`reference.weights_fingerprint`),
-    the task and its scorer, the sampler settings, and `extra` (such as the samples per prompt). Stamped on
-    the first item of every chunk, so that a rerun into the same output with any of it changed is refused."""
+    the task and its scorer (a reward model by its weights' fingerprint), the sampler settings, and `extra`
+    (such as the samples per prompt). Stamped on the first item of every chunk, so that a rerun into the same
+    output with any of it changed is refused."""
     from dtrpo.reference import weights_fingerprint
+    from dtrpo.reward_model import reward_record
 
     scorer = {key: getattr(task, key, None) for key in ("reward_name", "match", "prompt_field")}
+    scorer |= {k: v for k, v in reward_record(task).items() if k == "reward_model_weights"}  # the weights, not where
     path = getattr(task, "path", None)  # a prompts file: the same file however its path is written
     name = str(Path(path).resolve()) if path is not None else task.name
     return {"model_weights": weights_fingerprint(model), "task": name, **scorer, **extra, **asdict(s)}
