@@ -549,6 +549,16 @@ class TaskArgs(TaskSpec):
                 raise ValueError(f"--output {output} would overwrite the prompts file --task {self.task}")
 
 
+def family_decoding(s, family: str):
+    """Sampler settings `s` with the family's decoding rule where no flag was given (`dtrpo.decoding`), and their
+    one line printed (to stderr: stdout stays the command's output)."""
+    from dtrpo.decoding import describe, given, resolve
+
+    resolved = resolve(s, family)
+    print(describe(resolved, family, given(s)), file=sys.stderr)
+    return resolved
+
+
 def _load_for_task(t: TaskSpec, block_size: int | None):
     require(t, "model_name_or_path")
     task = t.load_task()
@@ -577,6 +587,7 @@ def eval_main(argv: list[str]) -> None:
         return compare_main(c.compare)
     t.check_output("items")
     task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
+    s = family_decoding(s, adapter.family)
     rows = stream_prompts(task, t.split or "heldout", t.n, seed=s.seed)
     if t.output:  # streamed, resumable and sharded; the report is written by rank 0
         report = run_eval(model, tokenizer, adapter, task, rows, s, t.output, desc="eval")
@@ -625,6 +636,7 @@ def pairs_main(argv: list[str]) -> None:
     require(t, "output")
     t.check_output("samples")
     task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
+    s = family_decoding(s, adapter.family)
     rows = stream_prompts(task, t.split or "train", t.n, seed=s.seed)
     stats = run_pairs(
         model, tokenizer, adapter, task, rows, p, s, model_name=t.model_name_or_path, output=t.output, desc="pairs"
@@ -662,12 +674,14 @@ class GenerateArgs(ModelArgs):
 
 @command("generate", "block-wise diffusion sampling from prompts; prints responses, NFE and tokens/s")
 def generate_main(argv: list[str]) -> None:
+    from dtrpo.decoding import sampler_kwargs
     from dtrpo.evaluate import SamplingArgs, encode_prompts
     from dtrpo.sampler import generate
 
     g, s = parse([GenerateArgs, SamplingArgs], argv, "dtrpo generate", COMMANDS["generate"][1])
     require(g, "model_name_or_path", "prompt")
     model, tokenizer, adapter = g.load(s.block_size)
+    s = family_decoding(s, adapter.family)
     model.eval()
     prompts, cut = encode_prompts(tokenizer, g.prompt, s, adapter, model)
     if cut:
@@ -678,15 +692,12 @@ def generate_main(argv: list[str]) -> None:
         prompts,
         s.gen_length,
         s.steps_per_block or adapter.block_size,
-        s.remasking,
-        s.threshold,
-        s.temperature,
+        temperature=s.temperature,
         seed=s.seed,
         eos_token_id=tokenizer.eos_token_id,
         use_cache=g.use_cache,
-        sub_block_size=s.sub_block_size,
-        fix_first_token=s.fix_first_token,
         cache=s.cache,
+        **sampler_kwargs(s),
     )
     for p, seq in zip(g.prompt, out.sequences, strict=True):
         print(json.dumps({"prompt": p, "response": tokenizer.decode(seq, skip_special_tokens=True)}))

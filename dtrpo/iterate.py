@@ -428,6 +428,17 @@ def run_round(config: IterateConfig, task, r: int, start: str, models: Models, c
     }
 
 
+def _family_decoding(config: IterateConfig, log) -> SamplingArgs:
+    """The sampler settings with the initial model's family rule where no flag was given, logged in one line (kept
+    resolved in iterate_config.json, so a rerun compares the settings it samples with)."""
+    from dtrpo.decoding import describe, folder_family, given, resolve
+
+    family = folder_family(config.task.model_name_or_path, config.task.family)
+    resolved = resolve(config.sampling, family)
+    log(describe(resolved, family, given(config.sampling)))
+    return resolved
+
+
 def iterate(config: IterateConfig, log: Callable[[str], None] = print, callbacks=()) -> dict:
     """Run (or resume, or extend) `config.loop.rounds` rounds; returns the report (also `report.json`), with
     a table printed by `log` and the plot `rounds.png` in the run folder. `callbacks` go to every trainer."""
@@ -446,6 +457,7 @@ def iterate(config: IterateConfig, log: Callable[[str], None] = print, callbacks
         spec.reward_batch_size,
         spec.dtype,
     )
+    config = replace(config, sampling=_family_decoding(config, log))
     claim_run(out, config, log, reward_record(task))
     models = Models(config)
     initial = config.task.model_name_or_path
