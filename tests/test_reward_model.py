@@ -254,6 +254,9 @@ def test_iterate_scored_by_a_reward_model(setup, rm, capsys):
     flags[flags.index("--task") + 1] = str(setup / "p.jsonl")
     res = cli("iterate", *flags, "--rounds", 1, capsys=capsys)
     assert "ties dropped" in res.stdout
+    assert "decoding (native defaults unless a flag): steps_per_block block size" in res.stdout  # iterate's log
+    config = json.loads((setup / "rounds/iterate_config.json").read_text())
+    assert config["sampling"]["remasking"] == "low_confidence"  # kept resolved: a rerun compares what it samples with
     items = [json.loads(line) for line in (setup / "rounds/round-1/pairs.samples.jsonl").read_text().splitlines()]
     item = items[0]
     want = [direct_score(rm["chat"], item["prompt"], r) for r in item["responses"]]
