@@ -482,9 +482,39 @@ class TaskSpec(ModelArgs):
         default=None,
         metadata={"help": "Seconds one --reward call may take; past it the run stops, naming the item."},
     )
+    reward_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward model folder (transformers sequence-classification, one label) scoring a prompts file's "
+            "responses instead of --reward: its own tokenizer and chat template, on the training device, in --dtype."
+        },
+    )
+    reward_batch_size: int = field(default=16, metadata={"help": "Texts per --reward_model forward pass."})
     prompt_field: str = field(
         default="prompt", metadata={"help": "Field of a prompts file holding the prompt (GSM8K: question)."}
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reward is not None and self.reward_model is not None:
+            raise ValueError("--reward and --reward_model both given: score with one, a function or a model")
+        if self.reward_batch_size <= 0:
+            raise ValueError(f"--reward_batch_size must be positive, got {self.reward_batch_size}")
+
+    def load_task(self):
+        """The task with its scorer (a reward model loaded last, after every check)."""
+        from dtrpo.tasks import load_task
+
+        return load_task(
+            self.task,
+            self.match,
+            self.reward,
+            self.prompt_field,
+            self.reward_timeout,
+            self.reward_model,
+            self.reward_batch_size,
+            self.dtype,
+        )
 
 
 @dataclass
@@ -519,11 +549,19 @@ class TaskArgs(TaskSpec):
                 raise ValueError(f"--output {output} would overwrite the prompts file --task {self.task}")
 
 
-def _load_for_task(t: TaskSpec, block_size: int | None):
-    from dtrpo.tasks import load_task
+def family_decoding(s, family: str):
+    """Sampler settings `s` with the family's decoding rule where no flag was given (`dtrpo.decoding`), and their
+    one line printed (to stderr: stdout stays the command's output)."""
+    from dtrpo.decoding import describe, given, resolve
 
+    resolved = resolve(s, family)
+    print(describe(resolved, family, given(s)), file=sys.stderr)
+    return resolved
+
+
+def _load_for_task(t: TaskSpec, block_size: int | None):
     require(t, "model_name_or_path")
-    task = load_task(t.task, t.match, t.reward, t.prompt_field, t.reward_timeout)
+    task = t.load_task()
     model, tokenizer, adapter = t.load(block_size)
     return task, model, tokenizer, adapter
 
@@ -549,6 +587,7 @@ def eval_main(argv: list[str]) -> None:
         return compare_main(c.compare)
     t.check_output("items")
     task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
+    s = family_decoding(s, adapter.family)
     rows = stream_prompts(task, t.split or "heldout", t.n, seed=s.seed)
     if t.output:  # streamed, resumable and sharded; the report is written by rank 0
         report = run_eval(model, tokenizer, adapter, task, rows, s, t.output, desc="eval")
@@ -597,6 +636,7 @@ def pairs_main(argv: list[str]) -> None:
     require(t, "output")
     t.check_output("samples")
     task, model, tokenizer, adapter = _load_for_task(t, s.block_size)
+    s = family_decoding(s, adapter.family)
     rows = stream_prompts(task, t.split or "train", t.n, seed=s.seed)
     stats = run_pairs(
         model, tokenizer, adapter, task, rows, p, s, model_name=t.model_name_or_path, output=t.output, desc="pairs"
@@ -605,6 +645,8 @@ def pairs_main(argv: list[str]) -> None:
         return
     print(json.dumps(stats, indent=2))
     print(f"wrote {stats['pairs']} pairs to {t.output}, and every prompt's samples and scores to {stats['items_file']}")
+    if stats["ties_dropped"]:
+        print(f"dropped {stats['ties_dropped']} candidate pairs whose scores differ by {p.min_score_gap} or less")
     if not stats["pairs"]:
         print("warning: no prompt had responses of different scores, so there is nothing to train on", file=sys.stderr)
 
@@ -632,12 +674,14 @@ class GenerateArgs(ModelArgs):
 
 @command("generate", "block-wise diffusion sampling from prompts; prints responses, NFE and tokens/s")
 def generate_main(argv: list[str]) -> None:
+    from dtrpo.decoding import sampler_kwargs
     from dtrpo.evaluate import SamplingArgs, encode_prompts
     from dtrpo.sampler import generate
 
     g, s = parse([GenerateArgs, SamplingArgs], argv, "dtrpo generate", COMMANDS["generate"][1])
     require(g, "model_name_or_path", "prompt")
     model, tokenizer, adapter = g.load(s.block_size)
+    s = family_decoding(s, adapter.family)
     model.eval()
     prompts, cut = encode_prompts(tokenizer, g.prompt, s, adapter, model)
     if cut:
@@ -648,15 +692,12 @@ def generate_main(argv: list[str]) -> None:
         prompts,
         s.gen_length,
         s.steps_per_block or adapter.block_size,
-        s.remasking,
-        s.threshold,
-        s.temperature,
+        temperature=s.temperature,
         seed=s.seed,
         eos_token_id=tokenizer.eos_token_id,
         use_cache=g.use_cache,
-        sub_block_size=s.sub_block_size,
-        fix_first_token=s.fix_first_token,
         cache=s.cache,
+        **sampler_kwargs(s),
     )
     for p, seq in zip(g.prompt, out.sequences, strict=True):
         print(json.dumps({"prompt": p, "response": tokenizer.decode(seq, skip_special_tokens=True)}))

@@ -295,16 +295,23 @@ class Rendered(str):
     pieces: tuple[tuple[str, bool], ...]
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str = MEMORY, field: str = "prompt"):
-    """The chat template applied with a generation prompt, as a `Rendered` text. A message holding a special
-    token's text is rendered around a placeholder so that its content can be tokenized apart, as plain text."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    where: str = MEMORY,
+    field: str = "prompt",
+    generation_prompt: bool = True,
+):
+    """The chat template applied (with a generation prompt unless `generation_prompt` is False), as a `Rendered`
+    text. A message holding a special token's text is rendered around a placeholder so that its content can be
+    tokenized apart, as plain text."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
     specials = [t for t in tokenizer.all_special_tokens if t]
     if not any(t in m["content"] for m in messages for t in specials):
         return _rendered(text, ((text, True),))
     marks = [f"\x00{j}\x00" for j in range(len(messages))]
     held = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
-    template = tokenizer.apply_chat_template(held, add_generation_prompt=True, tokenize=False)
+    template = tokenizer.apply_chat_template(held, add_generation_prompt=generation_prompt, tokenize=False)
     pieces = []
     for m, mark in zip(messages, marks, strict=True):
         before, found, template = template.partition(mark)

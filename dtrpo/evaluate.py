@@ -39,20 +39,34 @@ class SamplingArgs:
         default=None,
         metadata={"help": "Block size; default: the model's own (required where its config.json has none)."},
     )
-    steps_per_block: int | None = field(default=None, metadata={"help": "Denoising steps per block; default: B."})
-    remasking: Literal["low_confidence", "random", "margin", "entropy"] = field(
-        default="low_confidence", metadata={"help": f"Which positions a step reveals: {REMASKING}."}
+    # the decoding settings below default to the model family's own rule (dtrpo.decoding; README's family table)
+    steps_per_block: int | None = field(
+        default=None, metadata={"help": "Denoising steps per block; default: the family's (every family: B)."}
     )
-    threshold: float | None = field(default=None, metadata={"help": "Reveal every position above this confidence."})
+    remasking: Literal["low_confidence", "random", "margin", "entropy"] | None = field(
+        default=None,
+        metadata={"help": f"Which positions a step reveals: {REMASKING}; default: the family's (Dream: entropy)."},
+    )
+    threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Reveal every position above this confidence; default: the family's (Fast-dLLM v2 0.9, SDAR "
+            "0.85, others none); 0: none."
+        },
+    )
     sub_block_size: int | None = field(
         default=None,
         metadata={
-            "help": "Decode each block in sub-blocks of this size left to right (needs --threshold; Fast-dLLM v2: 8)."
+            "help": "Decode each block in sub-blocks of this size left to right (needs a threshold); default: the "
+            "family's (Fast-dLLM v2: 8); 0: none."
         },
     )
-    fix_first_token: bool = field(
-        default=False,
-        metadata={"help": "Fix a block's first token before its first forward (Fast-dLLM v2's rule, shifted models)."},
+    fix_first_token: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Fix a block's first token before its first forward (shifted models); default: the family's "
+            "(Fast-dLLM v2: true)."
+        },
     )
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (0 = greedy)."})
     cache: Literal["auto", "none", "prefix", "dual"] = field(
@@ -127,7 +141,11 @@ def check_positions(model, prompt_length: int, gen_length: int, adapter=None) ->
 
 
 def sample_texts(model, tokenizer, adapter, prompts: list[str], s: SamplingArgs, seed: int, desc: str | None = None):
-    """Generate for every prompt, in batches; returns (texts, stats) with NFE and tokens/s."""
+    """Generate for every prompt, in batches, decoding settings not given in `s` by the family's rule (they are
+    resolved here if the caller has not); returns (texts, stats) with NFE and tokens/s."""
+    from dtrpo.decoding import resolve, sampler_kwargs
+
+    s = resolve(s, adapter.family)
     model.eval()
     texts, nfe, seconds, tokens, truncated = [], 0, 0.0, 0, 0
     steps = s.steps_per_block or adapter.block_size
@@ -141,14 +159,11 @@ def sample_texts(model, tokenizer, adapter, prompts: list[str], s: SamplingArgs,
             chunk,
             s.gen_length,
             steps,
-            s.remasking,
-            s.threshold,
-            s.temperature,
+            temperature=s.temperature,
             seed=seed + n,
             eos_token_id=tokenizer.eos_token_id,
-            sub_block_size=s.sub_block_size,
-            fix_first_token=s.fix_first_token,
             cache=s.cache,
+            **sampler_kwargs(s),
         )
         texts += [tokenizer.decode(seq, skip_special_tokens=True) for seq in out.sequences]
         nfe, seconds, tokens = nfe + out.nfe, seconds + out.seconds, tokens + sum(out.lengths)
@@ -306,11 +321,14 @@ def items_paths(output: Path, kind: str, world: int) -> list[Path]:
 
 def made_by(model, task, s: SamplingArgs, **extra) -> dict:
     """What the scores of an items file depend on: the model's weights (`reference.weights_fingerprint`),
-    the task and its scorer, the sampler settings, and `extra` (such as the samples per prompt). Stamped on
-    the first item of every chunk, so that a rerun into the same output with any of it changed is refused."""
+    the task and its scorer (a reward model by its weights' fingerprint), the sampler settings, and `extra`
+    (such as the samples per prompt). Stamped on the first item of every chunk, so that a rerun into the same
+    output with any of it changed is refused."""
     from dtrpo.reference import weights_fingerprint
+    from dtrpo.reward_model import reward_record
 
     scorer = {key: getattr(task, key, None) for key in ("reward_name", "match", "prompt_field")}
+    scorer |= {k: v for k, v in reward_record(task).items() if k == "reward_model_weights"}  # the weights, not where
     path = getattr(task, "path", None)  # a prompts file: the same file however its path is written
     name = str(Path(path).resolve()) if path is not None else task.name
     return {"model_weights": weights_fingerprint(model), "task": name, **scorer, **extra, **asdict(s)}

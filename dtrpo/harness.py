@@ -7,8 +7,9 @@ dtrpo loads (any family, no remote code):
 exists; from Python, `lm_eval.simple_evaluate(model=DTRPOLM(pretrained=PATH), ...)` after importing it.)
 
 - `generate_until` runs the block sampler; its settings are model_args (`gen_length`, `steps_per_block`,
-  `remasking`, `threshold`, `temperature`, `sub_block_size`, `fix_first_token`, `cache`, `block_size`); a task's
-  `max_gen_toks` replaces `gen_length` (rounded up to a block), and the text is cut at the first `until`
+  `remasking`, `threshold`, `temperature`, `sub_block_size`, `fix_first_token`, `cache`, `block_size`); the
+  decoding ones not given take the family's own rule (`dtrpo.decoding`, logged in one line at the start); a
+  task's `max_gen_toks` replaces `gen_length` (rounded up to a block), and the text is cut at the first `until`
   string.
 - `loglikelihood` of a continuation is an estimate, as every diffusion LM log-likelihood is: by default
   the masked-diffusion ELBO with `mc_samples` Monte Carlo samples (the `vrpo` estimator with
@@ -29,12 +30,15 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from dtrpo.decoding import describe, given, resolve, sampler_kwargs
 from dtrpo.estimators import Batch, EstimatorConfig, draw, score
+from dtrpo.evaluate import SamplingArgs
 from dtrpo.families import load_model
 from dtrpo.masking import example_seed, packed_layout, single_layout
 from dtrpo.sampler import generate
 
 logger = logging.getLogger(__name__)
+HARNESS_LOG = logging.getLogger("lm_eval.models.dtrpo")  # shown by the harness's command line, as its own lines
 
 
 @register_model("dtrpo")
@@ -45,11 +49,11 @@ class DTRPOLM(LM):
         batch_size: int | str = 8,
         gen_length: int = 256,
         steps_per_block: int | None = None,
-        remasking: str = "low_confidence",
+        remasking: str | None = None,
         threshold: float | None = None,
         temperature: float = 0.0,
         sub_block_size: int | None = None,
-        fix_first_token: bool = False,
+        fix_first_token: bool | None = None,
         cache: str = "auto",
         block_size: int | None = None,
         loglikelihood_estimator: str = "vrpo",
@@ -79,14 +83,20 @@ class DTRPOLM(LM):
         )
         self.model.eval()
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
-        self.sampling = dict(
-            steps_per_block=steps_per_block or self.adapter.block_size,
+        asked = SamplingArgs(
+            steps_per_block=steps_per_block,
             remasking=remasking,
-            threshold=threshold,
-            temperature=temperature,
+            threshold=None if threshold is None else float(threshold),
             sub_block_size=sub_block_size,
             fix_first_token=fix_first_token,
+        )
+        self.decoding = resolve(asked, self.adapter.family)
+        HARNESS_LOG.info("dtrpo %s", describe(self.decoding, self.adapter.family, given(asked)))
+        self.sampling = dict(
+            steps_per_block=self.decoding.steps_per_block or self.adapter.block_size,
+            temperature=temperature,
             cache=cache,
+            **sampler_kwargs(self.decoding),
         )
         self.gen_length, self.seed = gen_length, seed
         self.estimator = EstimatorConfig(

@@ -35,6 +35,7 @@ from dtrpo.base import RESUME_FREE, last_checkpoint
 from dtrpo.cli import TaskSpec
 from dtrpo.evaluate import SamplingArgs, run_eval
 from dtrpo.pairs import PairArgs, run_pairs
+from dtrpo.reward_model import reward_record
 from dtrpo.tasks import load_task, stream_prompts
 from dtrpo.trainer import DTRPOConfig
 
@@ -128,10 +129,11 @@ def stage(path: Path, run: Callable[[], dict], log, what: str) -> dict:
     return result
 
 
-def claim_run(out: Path, config: IterateConfig, log) -> None:
+def claim_run(out: Path, config: IterateConfig, log, scorer: dict | None = None) -> None:
     """Store the settings in a new run folder; in a folder holding a run, refuse other settings (naming each
-    flag that differs) unless `overwrite_output_dir`, which deletes that run first."""
-    path, now = out / CONFIG_FILE, config.resolved()
+    flag that differs) unless `overwrite_output_dir`, which deletes that run first. `scorer` (a reward model's
+    record) is kept and checked with them, so another reward model at the same path is refused too."""
+    path, now = out / CONFIG_FILE, {**config.resolved(), **({"scorer": scorer} if scorer else {})}
     if path.is_file() and config.train.overwrite_output_dir:
         log(f"overwrite_output_dir: deleting the earlier run in {out}")
         for old in [*out.glob("round-*"), path, out / "report.json", out / "rounds.png"]:
@@ -242,8 +244,8 @@ def pairs_stage(config: IterateConfig, task, r: int, rd: Path, start: str, model
         desc=f"round {r} samples",
     )
     log(
-        f"round {r}: {stats['pairs']} pairs from {stats['prompts']} prompts, samples' mean score "
-        f"{stats['mean_score']:.3f}"
+        f"round {r}: {stats['pairs']} pairs from {stats['prompts']} prompts ({stats['ties_dropped']} ties dropped), "
+        f"samples' mean score {stats['mean_score']:.3f}"
     )
     return {**stats, "prompts_from": which}
 
@@ -426,6 +428,17 @@ def run_round(config: IterateConfig, task, r: int, start: str, models: Models, c
     }
 
 
+def _family_decoding(config: IterateConfig, log) -> SamplingArgs:
+    """The sampler settings with the initial model's family rule where no flag was given, logged in one line (kept
+    resolved in iterate_config.json, so a rerun compares the settings it samples with)."""
+    from dtrpo.decoding import describe, folder_family, given, resolve
+
+    family = folder_family(config.task.model_name_or_path, config.task.family)
+    resolved = resolve(config.sampling, family)
+    log(describe(resolved, family, given(config.sampling)))
+    return resolved
+
+
 def iterate(config: IterateConfig, log: Callable[[str], None] = print, callbacks=()) -> dict:
     """Run (or resume, or extend) `config.loop.rounds` rounds; returns the report (also `report.json`), with
     a table printed by `log` and the plot `rounds.png` in the run folder. `callbacks` go to every trainer."""
@@ -433,8 +446,19 @@ def iterate(config: IterateConfig, log: Callable[[str], None] = print, callbacks
 
     out = Path(config.train.output_dir)
     _check(config.pairs.samples, config.sampling)
-    task = load_task(config.task.task, config.task.match, config.task.reward, config.task.prompt_field)
-    claim_run(out, config, log)
+    spec = config.task
+    task = load_task(
+        spec.task,
+        spec.match,
+        spec.reward,
+        spec.prompt_field,
+        None,
+        spec.reward_model,
+        spec.reward_batch_size,
+        spec.dtype,
+    )
+    config = replace(config, sampling=_family_decoding(config, log))
+    claim_run(out, config, log, reward_record(task))
     models = Models(config)
     initial = config.task.model_name_or_path
     start = eval_stage(config, task, out / "round-0", initial, models, "round 0 (the initial model)", log)

@@ -1,16 +1,20 @@
-"""Preference pairs from a model's own generations and a verifier (or reward function).
+"""Preference pairs from a model's own generations and a verifier, a reward function or a reward model.
 
 For each prompt, N responses are sampled (seeded), scored, and prompts that have both a better and a
 worse response give pairs:
 - `best_worst`: one pair, the best response against the worst;
 - `all`: every ordered pair with a strictly higher score first;
-then at most `max_pairs_per_prompt` of them, chosen with the seed. Each row keeps the scores and the
-provenance (model, sampler settings, seed), so a pair file says where it came from.
+a pair needs its chosen score above its rejected one by more than `min_score_gap` (0: any strict
+difference); candidates within it (ties) are dropped and counted (`ties_dropped`: for `best_worst` a
+prompt's best and worst, for `all` every two responses); then at most `max_pairs_per_prompt` pairs are
+kept, chosen with the seed. Each row keeps the scores and the provenance (model, scorer, sampler settings,
+seed), so a pair file says where it came from.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Iterable
@@ -33,6 +37,7 @@ from dtrpo.evaluate import (
     shard,
     wait_for,
 )
+from dtrpo.reward_model import reward_record
 from dtrpo.tasks import score_batch
 
 PAIRINGS = ("best_worst", "all")
@@ -47,10 +52,34 @@ class PairArgs:
         default="best_worst", metadata={"help": "How pairs are formed: best_worst or all."}
     )
     max_pairs_per_prompt: int | None = field(default=None, metadata={"help": "At most this many pairs per prompt."})
+    min_score_gap: float = field(
+        default=0.0,
+        metadata={
+            "help": "A pair's chosen score must exceed its rejected score by more than this (default 0: any strict "
+            "difference); pairs within it are dropped and counted (ties_dropped)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.min_score_gap) and self.min_score_gap >= 0):
+            raise ValueError(f"--min_score_gap must be a finite number >= 0, got {self.min_score_gap}")
 
 
-def form_pairs(scored: list[tuple[str, float]], pairing: str, max_pairs: int | None, rng: random.Random):
-    """(chosen, rejected) index pairs of one prompt's scored responses."""
+def ties(scores: list[float], pairing: str, min_gap: float = 0.0) -> int:
+    """The candidate pairs of one prompt dropped for scores within `min_gap` of each other: for best_worst its
+    best and worst (0 or 1), for all every two responses (unordered)."""
+    if len(scores) < 2:
+        return 0
+    if pairing == "best_worst":
+        return int(max(scores) - min(scores) <= min_gap)
+    return sum(abs(a - b) <= min_gap for i, a in enumerate(scores) for b in scores[i + 1 :])
+
+
+def form_pairs(
+    scored: list[tuple[str, float]], pairing: str, max_pairs: int | None, rng: random.Random, min_gap: float = 0.0
+):
+    """(chosen, rejected) index pairs of one prompt's scored responses, the chosen score above the rejected by
+    more than `min_gap`."""
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     scores = [s for _, s in scored]
@@ -58,9 +87,9 @@ def form_pairs(scored: list[tuple[str, float]], pairing: str, max_pairs: int | N
         return []
     if pairing == "best_worst":
         best, worst = scores.index(max(scores)), scores.index(min(scores))
-        pairs = [(best, worst)] if scores[best] > scores[worst] else []
+        pairs = [(best, worst)] if scores[best] - scores[worst] > min_gap else []
     else:
-        pairs = [(i, j) for i in range(len(scored)) for j in range(len(scored)) if scores[i] > scores[j]]
+        pairs = [(i, j) for i in range(len(scored)) for j in range(len(scored)) if scores[i] - scores[j] > min_gap]
     if max_pairs is not None and len(pairs) > max_pairs:
         pairs = rng.sample(pairs, max_pairs)
     return pairs
@@ -92,9 +121,11 @@ def sample_chunk(model, tokenizer, adapter, task, rows, samples, sampling, chunk
     return items, stats
 
 
-def item_pairs(item: dict, pairing: str, max_pairs: int | None, seed: int, provenance: dict) -> list[dict]:
+def item_pairs(
+    item: dict, pairing: str, max_pairs: int | None, seed: int, provenance: dict, min_gap: float = 0.0
+) -> list[dict]:
     """The pair rows of one prompt's scored responses (empty responses are never training data)."""
-    scored = [(t, sc) for t, sc in zip(item["responses"], item["scores"], strict=True) if t.strip()]
+    scored = _nonempty(item)
     rng = random.Random(f"{seed}/{item['id']}")  # per prompt: the same pairs however the run was split
     return [
         {
@@ -106,8 +137,12 @@ def item_pairs(item: dict, pairing: str, max_pairs: int | None, seed: int, prove
             "rejected_score": scored[r][1],
             "provenance": provenance,
         }
-        for c, r in form_pairs(scored, pairing, max_pairs, rng)
+        for c, r in form_pairs(scored, pairing, max_pairs, rng, min_gap)
     ]
+
+
+def _nonempty(item: dict) -> list[tuple[str, float]]:
+    return [(t, sc) for t, sc in zip(item["responses"], item["scores"], strict=True) if t.strip()]
 
 
 def _check(samples: int, sampling: SamplingArgs) -> None:
@@ -117,12 +152,14 @@ def _check(samples: int, sampling: SamplingArgs) -> None:
         raise ValueError("pairs need diverse samples: set temperature > 0 (or remasking='random')")
 
 
-def _provenance(model_name, task, samples, pairing, sampling) -> dict:
+def _provenance(model_name, task, samples, pairing, sampling, min_gap: float = 0.0) -> dict:
     return {
         "model": model_name,
         "task": task.name,
+        **reward_record(task),
         "samples": samples,
         "pairing": pairing,
+        **({"min_score_gap": min_gap} if min_gap else {}),
         "sampling": asdict(sampling),
     }
 
@@ -135,11 +172,13 @@ class PairStats:
     prompts_with_pairs: int = 0
     pairs: int = 0
     empty_responses_dropped: int = 0
+    ties_dropped: int = 0
     score_total: float = 0.0
     scores: int = 0
 
-    def add(self, item: dict, pairs: list[dict]) -> None:
+    def add(self, item: dict, pairs: list[dict], ties: int = 0) -> None:
         self.prompts += 1
+        self.ties_dropped += ties
         self.prompts_with_pairs += bool(pairs)
         self.pairs += len(pairs)
         self.empty_responses_dropped += sum(not t.strip() for t in item["responses"])
@@ -152,6 +191,7 @@ class PairStats:
             "prompts_with_pairs": self.prompts_with_pairs,
             "pairs": self.pairs,
             "empty_responses_dropped": self.empty_responses_dropped,
+            "ties_dropped": self.ties_dropped,
             "mean_score": self.score_total / max(self.scores, 1),
         }
 
@@ -169,12 +209,13 @@ def build_pairs(
     model_name: str = "",
     desc: str | None = None,
     keep_items: bool = False,
+    min_score_gap: float = 0.0,
 ) -> tuple[list[dict], dict]:
     """Sample `samples` responses per prompt, score them, and return (pair rows, statistics), in memory. With
     `keep_items`, the statistics also hold `items`: every prompt's id, responses and scores, pairs or not.
     For many prompts, `run_pairs` writes pairs to a file with bounded memory."""
     _check(samples, sampling)
-    provenance = _provenance(model_name, task, samples, pairing, sampling)
+    provenance = _provenance(model_name, task, samples, pairing, sampling, min_score_gap)
     pairs, items, counts = [], [], PairStats()
     nfe, seconds, tokens, batches = 0.0, 0.0, 0.0, 0
     chunks = chunked(rows, chunk_size(samples, sampling))
@@ -187,8 +228,8 @@ def build_pairs(
             batches + 1,
         )
         for item in got:
-            mine = item_pairs(item, pairing, max_pairs_per_prompt, sampling.seed, provenance)
-            counts.add(item, mine)
+            mine = item_pairs(item, pairing, max_pairs_per_prompt, sampling.seed, provenance, min_score_gap)
+            counts.add(item, mine, ties([sc for _, sc in _nonempty(item)], pairing, min_score_gap))
             pairs += mine
             if keep_items:
                 items.append({**item, "pairs": len(mine)})
@@ -232,21 +273,25 @@ def run_pairs(
         if rank != 0:
             return {}
         provenance = {
-            **_provenance(model_name, task, samples, pairing, sampling),
+            **_provenance(model_name, task, samples, pairing, sampling, options.min_score_gap),
             "model_weights": made["model_weights"],
         }
-        return write_pairs(paths, output, pairing, options.max_pairs_per_prompt, sampling.seed, provenance)
+        return write_pairs(
+            paths, output, pairing, options.max_pairs_per_prompt, sampling.seed, provenance, options.min_score_gap
+        )
 
 
-def write_pairs(paths: list[Path], output: Path, pairing, max_pairs_per_prompt, seed: int, provenance: dict) -> dict:
+def write_pairs(
+    paths: list[Path], output: Path, pairing, max_pairs_per_prompt, seed: int, provenance: dict, min_gap: float = 0.0
+) -> dict:
     """Rank 0's part of `run_pairs`: every rank's samples merged in prompt order, paired, written to `output`."""
     wait_for(paths)
     counts, nfe, passes = PairStats(), [], 0
     tmp = output.with_name(f".{output.name}.tmp")
     with tmp.open("w") as f:
         for item in merged_items(paths):
-            pairs = item_pairs(item, pairing, max_pairs_per_prompt, seed, provenance)
-            counts.add(item, pairs)
+            pairs = item_pairs(item, pairing, max_pairs_per_prompt, seed, provenance, min_gap)
+            counts.add(item, pairs, ties([sc for _, sc in _nonempty(item)], pairing, min_gap))
             f.write("".join(json.dumps(p) + "\n" for p in pairs))
             if "batch" in item:  # a sampler step over a batch of k sequences is k sequence forward passes
                 nfe.append(item["batch"]["nfe"])

@@ -7,8 +7,8 @@ evaluation averages the scores on the `heldout` split. `score_batch` is the chec
 names the item when a scorer raises or returns something that is not a number.
 
 `load_task` resolves a spec: a built-in name from `TASKS` with options (`"arithmetic:digits=3"`), or a
-prompts file (.jsonl / .json) scored by exact or numeric match against each row's answer, or by a
-reward function `"module:function"`.
+prompts file (.jsonl / .json) scored by exact or numeric match against each row's answer, by a
+reward function `"module:function"`, or by a reward model folder (`dtrpo.reward_model`, scored in batches).
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from dtrpo.data import json_rows, unicode_text
+
+if TYPE_CHECKING:
+    from dtrpo.reward_model import RewardModel
 
 SPLITS = ("train", "heldout")
 MATCHES = ("exact", "numeric")
@@ -299,7 +302,7 @@ def last_number(text: str) -> Decimal | None:
 
 @dataclass
 class FileTask:
-    """Rows of a prompts file, scored by `match` against `answer` or by a reward function.
+    """Rows of a prompts file, scored by `match` against `answer`, by a reward function or by a reward model.
 
     A row may carry `split` ("train" / "heldout"); a row without one is in every split. `match="exact"`
     compares stripped strings; `"numeric"` compares the last number of the response with the last
@@ -312,6 +315,7 @@ class FileTask:
     reward: Reward | None = None
     prompt_field: str = "prompt"
     reward_name: str | None = None  # "module:function", as given: what made a run's scores
+    reward_model: RewardModel | None = None  # scores whole batches in `score_batch`
 
     @property
     def name(self) -> str:
@@ -334,6 +338,8 @@ class FileTask:
         return rows if n is None else iter(_reservoir(rows, n, seed))
 
     def score(self, row: dict, response: str) -> float:
+        if self.reward_model is not None:
+            return self.reward_model.score([row["prompt"]], [response])[0]
         if self.reward is not None:
             return self.reward(row["prompt"], response, row)
         if self.match == "exact":
@@ -452,9 +458,12 @@ def _check_row(where: str, row: object, index: int, task: FileTask) -> dict:
         raise ValueError(f"{where}: field {task.prompt_field!r} must be a string, got {type(prompt).__name__}")
     unicode_text(prompt, where, task.prompt_field)
     row = {**row, "prompt": prompt}
-    has_reward = task.reward is not None
+    has_reward = task.reward is not None or task.reward_model is not None
     if "answer" not in row and not has_reward:
-        raise ValueError(f"{where}: field 'answer' is missing and no reward function given (--reward module:function)")
+        raise ValueError(
+            f"{where}: field 'answer' is missing and no reward function (--reward module:function) or reward model "
+            "(--reward_model PATH) given"
+        )
     if row.get("split", "train") not in SPLITS:
         raise ValueError(f"{where}: field 'split' is {row['split']!r}, not one of {SPLITS}")
     answer = str(row.get("answer", ""))
@@ -469,16 +478,28 @@ def load_prompts_file(
     reward: str | Reward | None = None,
     prompt_field: str = "prompt",
     reward_timeout: float | None = None,
+    reward_model: str | Path | RewardModel | None = None,
+    reward_batch_size: int = 16,
+    reward_dtype: str = "float32",
 ) -> FileTask:
     """A `FileTask` from a .jsonl / .json file of rows with `prompt` and `answer` (or a reward function,
-    each call limited to `reward_timeout` seconds when given). `prompt_field` names another field to read
-    prompts from (GSM8K's files call it `question`). Every row is checked here, one line at a time, so
-    that a bad row stops the run before a model loads."""
+    each call limited to `reward_timeout` seconds when given, or a reward model folder, loaded last with
+    `reward_batch_size` and `reward_dtype`). `prompt_field` names another field to read prompts from
+    (GSM8K's files call it `question`). Every row is checked here, one line at a time, so that a bad row
+    stops the run before a model loads."""
     if match not in MATCHES:
         raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
+    if reward is not None and reward_model is not None:
+        raise ValueError("--reward and --reward_model both given: score with one, a function or a model")
+    if reward_timeout is not None and reward_model is not None:
+        raise ValueError("--reward_timeout limits a reward function, not --reward_model")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
+    if isinstance(reward_model, str | Path):
+        from dtrpo.reward_model import check_reward_model
+
+        check_reward_model(reward_model)  # its config, before the rows are read and any weight loads
     fn = import_reward(reward) if isinstance(reward, str) else None if reward is None else as_reward(reward)
     if reward_timeout is not None:
         if fn is None:
@@ -486,8 +507,13 @@ def load_prompts_file(
         fn = timed(fn, reward_timeout)
     name = reward if isinstance(reward, str) else None if reward is None else getattr(reward, "__qualname__", None)
     task = FileTask(path, match, fn, prompt_field, name)
+    task.reward_model = reward_model  # a folder's path while the rows are checked (rows then need no answer)
     if not sum(1 for _ in task.rows()):
         raise ValueError(f"{path}: no rows")
+    if isinstance(reward_model, str | Path):
+        from dtrpo.reward_model import RewardModel
+
+        task.reward_model = RewardModel(reward_model, reward_batch_size, reward_dtype)
     return task
 
 
@@ -497,19 +523,27 @@ def load_task(
     reward: str | Reward | None = None,
     prompt_field: str = "prompt",
     reward_timeout: float | None = None,
+    reward_model: str | Path | RewardModel | None = None,
+    reward_batch_size: int = 16,
+    reward_dtype: str = "float32",
 ) -> Task:
     """A built-in task ("arithmetic", "arithmetic:digits=3,ops=+-") or a prompts file ("data.jsonl").
 
-    `match` ("exact" by default, or "numeric"), `reward` ("module:function") and `reward_timeout` (seconds
-    per reward call) apply to prompts files.
+    `match` ("exact" by default, or "numeric"), `reward` ("module:function"), `reward_timeout` (seconds
+    per reward call) and `reward_model` (a reward model folder, scored `reward_batch_size` texts at a time
+    in `reward_dtype`) apply to prompts files.
     """
     if spec.endswith((".jsonl", ".json")):
-        return load_prompts_file(spec, match or "exact", reward, prompt_field, reward_timeout)
+        return load_prompts_file(
+            spec, match or "exact", reward, prompt_field, reward_timeout, reward_model, reward_batch_size, reward_dtype
+        )
     name, _, options = spec.partition(":")
     if name not in TASKS:
         raise ValueError(f"unknown task {spec!r}: not a built-in ({', '.join(TASKS)}) nor a .jsonl/.json prompts file")
     if match is not None or reward is not None or reward_timeout is not None:
         raise ValueError(f"task {spec!r}: match, reward and reward_timeout apply to prompts files, not to built-ins")
+    if reward_model is not None:
+        raise ValueError(f"task {spec!r}: reward_model applies to prompts files, not to built-ins")
     return TASKS[name](**_parse_options(TASKS[name], options))
 
 
@@ -527,10 +561,11 @@ def score_batch(task: Task, rows: list[dict], responses: list[str]) -> list[floa
     the item."""
     if len(rows) != len(responses):
         raise ValueError(f"{task.name}: {len(rows)} rows but {len(responses)} responses")
+    batched = _model_scores(task, rows, responses)
     scores = []
-    for row, response in zip(rows, responses, strict=True):
+    for i, (row, response) in enumerate(zip(rows, responses, strict=True)):
         try:
-            value = task.score(row, response)
+            value = task.score(row, response) if batched is None else batched[i]
         except RewardTimeout as e:
             raise ValueError(
                 f"{task.name}: scoring {_describe(row)} did not return within {e.args[0]} s (--reward_timeout)"
@@ -545,3 +580,18 @@ def score_batch(task: Task, rows: list[dict], responses: list[str]) -> list[floa
             raise ValueError(f"{task.name}: scoring {_describe(row)} returned {value}, not a finite number")
         scores.append(float(value))
     return scores
+
+
+def _model_scores(task: Task, rows: list[dict], responses: list[str]) -> list[float] | None:
+    """A reward model's scores of every (row, response), in its batches; None for a task scored item by item.
+    An error names the first item of the batch and the reward model."""
+    model = getattr(task, "reward_model", None)
+    if model is None or not rows:
+        return None
+    try:
+        return model.score([row["prompt"] for row in rows], responses)
+    except Exception as e:
+        raise ValueError(
+            f"{task.name}: the reward model {model.path} scoring {len(rows)} items from {_describe(rows[0])} raised "
+            f"{type(e).__name__}: {e}"
+        ) from e

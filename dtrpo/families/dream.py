@@ -1,6 +1,6 @@
 """Dream-7B and DiffuCoder-7B: Qwen2.5 weights and keys, full attention, shifted logits."""
 
-from dtrpo.families.spec import Family
+from dtrpo.families.spec import DecodingDefaults, Family
 
 SPEC = Family(
     name="dream",
@@ -16,4 +16,8 @@ SPEC = Family(
     prompt_attention="full",
     block_size_key=None,
     documented_block_size=None,
+    decoding=DecodingDefaults(
+        remasking="entropy",
+        source="DreamLM/Dream README, diffusion_generate: steps = max_new_tokens (one token a step), alg entropy",
+    ),
 )

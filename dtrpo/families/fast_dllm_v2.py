@@ -1,6 +1,6 @@
 """Fast-dLLM v2: Qwen2.5 weights and keys plus `bd_size`, block-causal on the absolute grid, shifted."""
 
-from dtrpo.families.spec import Family
+from dtrpo.families.spec import DecodingDefaults, Family
 
 SPEC = Family(
     name="fast_dllm_v2",
@@ -20,4 +20,11 @@ SPEC = Family(
     prompt_attention="block_causal",
     block_size_key="bd_size",
     documented_block_size=32,  # Fast-dLLM v2's one documented block size
+    decoding=DecodingDefaults(
+        threshold=0.9,
+        sub_block_size=8,
+        fix_first_token=True,
+        source="NVlabs/Fast-dLLM v2/run_chatbot.py: generate(block_size=32, small_block_size=8, threshold=0.9); "
+        "its batch_sample fixes a block's first token from the previous block's last position",
+    ),
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dtrpo.families.spec import NATIVE_CLASSES, Family
+from dtrpo.families.spec import NATIVE_CLASSES, DecodingDefaults, Family
 
 LLADA_NAMES = (
     ("model.transformer.wte.weight", "model.embed_tokens.weight"),
@@ -117,4 +117,8 @@ SPEC = Family(
     update_family_config=update_family_config,
     # LLaDA's block-level `ff_out` is the down projection; its top-level `ff_out`, the output head, is lm_head
     lora_names={"attn_out": "o_proj", "ff_proj": "gate_proj", "ff_out": "down_proj", "wte": "embed_tokens"},
+    decoding=DecodingDefaults(
+        source="ML-GSAI/LLaDA generate.py main: steps 128 = gen_length 128 in blocks of 32 (one token a step), "
+        "remasking low_confidence, temperature 0",
+    ),
 )

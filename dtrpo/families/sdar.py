@@ -1,6 +1,6 @@
 """SDAR and TraDo: Qwen3 weights and keys plus `block_size`, block-causal on the absolute grid, unshifted."""
 
-from dtrpo.families.spec import Family
+from dtrpo.families.spec import DecodingDefaults, Family
 
 SPEC = Family(
     name="sdar",
@@ -20,4 +20,9 @@ SPEC = Family(
     prompt_attention="block_causal",
     block_size_key="block_size",
     documented_block_size=None,  # SDAR/TraDo configs that carry it say 4, but SDAR-4B-Chat carries none: never guessed
+    decoding=DecodingDefaults(
+        threshold=0.85,
+        source="JetAstra/SDAR generate.py: block_length 4 = denoising_steps 4 (one token a step), "
+        "remasking_strategy low_confidence_dynamic, confidence_threshold 0.85",
+    ),
 )

@@ -55,8 +55,23 @@ def qwen_family_config(out: dict, model_config, family: Family) -> None:
 
 
 @dataclass(frozen=True)
+class DecodingDefaults:
+    """How a family's own public sampler decodes, in dtrpo's sampler settings: what `generate`, `eval`,
+    `pairs`, `iterate` and `lm-eval` use for every sampler flag not given (`dtrpo.decoding.resolve`). The
+    block size is not here: it is the checkpoint's (`block_size_key`), or FULL_ATTENTION_BLOCK_SIZE."""
+
+    steps_per_block: int | None = None  # None: the block size, one token a step
+    remasking: Literal["low_confidence", "random", "margin", "entropy"] = "low_confidence"
+    threshold: float | None = None  # reveal every position above it (at least one a step); None: fixed steps
+    sub_block_size: int | None = None  # sub-blocks left to right inside a block (needs a threshold)
+    fix_first_token: bool = False  # a block's first token fixed before its first forward (shifted models)
+    source: str = ""  # where the values were read: the public file and its defaults
+
+
+@dataclass(frozen=True)
 class Family:
-    """What differs between families: on-disk names and keys, mask token, logit shift, attention, grid."""
+    """What differs between families: on-disk names and keys, mask token, logit shift, attention, grid, and
+    how its own sampler decodes (`decoding`)."""
 
     name: str
     model_type: str  # as config.json writes it
@@ -77,6 +92,7 @@ class Family:
     to_native_config: Callable = qwen_native_config
     update_family_config: Callable = qwen_family_config
     lora_names: dict = field(default_factory=dict, hash=False)  # the family's module names -> native names
+    decoding: DecodingDefaults = field(default_factory=DecodingDefaults)  # its public sampler's settings
 
     @property
     def default_mode(self) -> str:
