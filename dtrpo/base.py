@@ -21,8 +21,8 @@ from typing import Literal
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
 from dtrpo.families import safetensors_problem
 from dtrpo.locks import hold
@@ -307,6 +307,18 @@ class RunFinished(ValueError):
     """Resuming a run that has trained all its steps: nothing is trained, and its final model is kept."""
 
 
+def final_model_problem(folder: Path) -> str | None:
+    """Why `folder` holds no whole final model, or None. The final save writes into `.partial-model` and moves
+    the weights in last, so a kill during it leaves that staging folder, or no weights."""
+    staging = folder / f"{STAGING}model"
+    if staging.is_dir() and any(staging.iterdir()):
+        return f"its final save was cut short ({staging.name} is left)"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("*.bin")):
+        return "no final model"
+    return next((problem for problem in map(safetensors_problem, weights) if problem), None)
+
+
 class Diverged(ValueError):
     """The training loss or the weights are no longer finite: the run stops before saving them."""
 
@@ -452,10 +464,28 @@ class DiffusionTrainer(Trainer):
         """`Trainer.train`, holding the output folder's lock, after checking what the run reads and writes
         (`_resume_point`), and checking the loss and weights are finite at the end (`check_finite`)."""
         with output_lock(self.args):
+            self._finished = None
             resume_from_checkpoint = self._resume_point(resume_from_checkpoint)
-            result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            if self._finished is not None:
+                result = self.restore(self._finished)
+            else:
+                result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
             self.check_finite(weights=True)
         return result
+
+    def restore(self, checkpoint: str | Path) -> TrainOutput:
+        """The trainer as a finished run leaves it, read from that run's last checkpoint: its state, and its
+        weights (the best checkpoint's under `load_best_model_at_end`). For the final save that a kill during
+        it (or after it, before `iterate` deleted the checkpoints) left to do: it writes what the
+        uninterrupted run wrote."""
+        checkpoint = Path(checkpoint)
+        self.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+        best = self.state.best_model_checkpoint if self.args.load_best_model_at_end else None
+        best = checkpoint.parent / Path(best).name if best else None  # the folder may have moved since
+        self._load_from_checkpoint(str(best if best is not None and best.is_dir() else checkpoint))
+        losses = [h["loss"] for h in self.state.log_history if "loss" in h]
+        metrics = {"restored_from_step": self.state.global_step}
+        return TrainOutput(self.state.global_step, losses[-1] if losses else float("nan"), metrics)
 
     def _resume_point(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """The checkpoint to resume from, checked: it must be complete (`True` picks the newest complete one
@@ -484,8 +514,13 @@ class DiffusionTrainer(Trainer):
         if other:
             raise ValueError(f"--resume_from_checkpoint {checkpoint}: {other}")
         finished = finished_run(checkpoint, self.args)
-        if finished:
+        unsaved = finished and final_model_problem(Path(self.args.output_dir))
+        if finished and not unsaved:
             raise RunFinished(finished)
+        if unsaved:  # killed during its final save: the model is written from this checkpoint
+            logger.warning("%s: the run trained all its steps but %s; writing it from this checkpoint", checkpoint,
+                           f"its final model is not whole ({unsaved})")  # fmt: skip
+            self._finished = checkpoint
         for line in changed_settings(checkpoint, self.args):
             logger.warning("resuming %s with a different setting: %s", checkpoint, line)
         return str(checkpoint)

@@ -31,7 +31,7 @@ from typing import Literal
 
 from transformers import TrainerCallback
 
-from dtrpo.base import RESUME_FREE, last_checkpoint
+from dtrpo.base import RESUME_FREE, RunFinished, last_checkpoint
 from dtrpo.cli import TaskSpec
 from dtrpo.evaluate import SamplingArgs, run_eval
 from dtrpo.pairs import PairArgs, run_pairs
@@ -358,7 +358,10 @@ def train_on(config, r: int, rd: Path, start: str, models: Models, callbacks, lo
         initial = config.task.model_name_or_path
         ref = models.load(initial)[0] if loop.reference == "initial" and start != initial else None
         trainer = DTRPOTrainer(model=model, ref_model=ref, args=args, callbacks=callbacks, **common)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except RunFinished:  # killed after its final save, before the checkpoints went: the same model written again
+        trainer.restore(resume)
     trainer.save_model(str(out))
     models.moved(out)
     for checkpoint in out.glob("checkpoint-*"):  # only a resume reads them; the round's model stays

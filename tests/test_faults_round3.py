@@ -1,0 +1,65 @@
+"""Faults and bad input, third round (issue 22): a run killed in its final save finishes, `iterate` is one run
+at a time, edited task files are caught, a full disk is one line, and the smaller cases of that issue.
+
+Each test asserts the one-line message (or the correct outcome) and that nothing was lost or mixed."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dtrpo.base import RESUME_FREE, DiffusionTrainer
+from tests.test_cli import cli
+from tests.test_faults import done_run, setup, snapshot, train, weights  # noqa: F401 - fixtures
+
+# ----------------------------------------------------------------------------- a kill during the final save
+
+
+def kill_in_final_save(monkeypatch):
+    """Stands for a kill while the final model is written: its weights are in `.partial-model`, its other
+    files are not yet."""
+    real = DiffusionTrainer.write_run_files
+
+    def write_then_die(self, out):
+        if out.name == ".partial-model":
+            raise KeyboardInterrupt("killed")
+        return real(self, out)
+
+    monkeypatch.setattr(DiffusionTrainer, "write_run_files", write_then_die)
+
+
+def test_a_run_killed_in_its_final_save_resumes_by_writing_it(setup, done_run, tmp_path, monkeypatch, capsys):  # noqa: F811
+    out = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        kill_in_final_save(m)
+        with pytest.raises(KeyboardInterrupt):
+            train(setup, out, capsys=capsys)
+    assert (out / ".partial-model" / "model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert (out / "checkpoint-2").is_dir()
+    res = train(setup, out, "--resume_from_checkpoint", "last", capsys=capsys)
+    assert "already finished" not in res.stdout and f"saved model to {out}" in res.stdout
+    assert not (out / ".partial-model").exists() and not (out / ".dtrpo-run.lock").exists()
+    got, want = weights(out), weights(done_run)  # the model the uninterrupted run saved
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    for name in ("config.json", "tokenizer.json", "dtrpo_config.json"):
+        saved, expected = (json.loads((d / name).read_text()) for d in (out, done_run))
+        for config in (saved, expected):  # the settings a resume may change
+            for key in RESUME_FREE:
+                config.get("args", {}).pop(key, None)
+        assert saved == expected, name
+    res = cli("generate", "--model_name_or_path", out, "--prompt", "1+1=", "--gen_length", 4, capsys=capsys)
+    assert "NFE" in res.stdout
+    before = snapshot(out)  # now finished and saved: a rerun trains and saves nothing
+    res = train(setup, out, "--resume_from_checkpoint", "last", capsys=capsys)
+    assert "the run is already finished (step 2 of 2)" in res.stdout and snapshot(out) == before
+
+
+def test_a_run_with_no_final_model_at_all_writes_it_from_its_last_checkpoint(setup, done_run, tmp_path, capsys):  # noqa: F811
+    """Killed before a file of the final save was written (or the model deleted): the same outcome."""
+    out = tmp_path / "bare"
+    shutil.copytree(done_run, out, ignore=lambda d, names: [] if "checkpoint" in d else
+                    [n for n in names if not n.startswith("checkpoint")])  # fmt: skip
+    train(setup, out, "--resume_from_checkpoint", "last", capsys=capsys)
+    got, want = weights(out), weights(done_run)
+    assert all(torch.equal(got[k], want[k]) for k in want)
