@@ -486,6 +486,11 @@ class TaskSpec(ModelArgs):
         default="prompt", metadata={"help": "Field of a prompts file holding the prompt (GSM8K: question)."}
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reward_timeout is not None and not 0 < self.reward_timeout < float("inf"):
+            raise ValueError(f"--reward_timeout must be a positive number of seconds, got {self.reward_timeout}")
+
 
 @dataclass
 class TaskArgs(TaskSpec):
@@ -502,8 +507,6 @@ class TaskArgs(TaskSpec):
         super().__post_init__()
         if self.n is not None and self.n <= 0:
             raise ValueError(f"--n must be positive, got {self.n}: no prompts, nothing to measure")
-        if self.reward_timeout is not None and not 0 < self.reward_timeout < float("inf"):
-            raise ValueError(f"--reward_timeout must be a positive number of seconds, got {self.reward_timeout}")
 
     def check_output(self, kind: str) -> None:
         """Before any work: `--output` (and its items file, `<output>.<kind>.jsonl`) is a file to write, not

@@ -310,7 +310,7 @@ def made_by(model, task, s: SamplingArgs, **extra) -> dict:
     the first item of every chunk, so that a rerun into the same output with any of it changed is refused."""
     from dtrpo.reference import weights_fingerprint
 
-    scorer = {key: getattr(task, key, None) for key in ("reward_name", "match", "prompt_field")}
+    scorer = {key: getattr(task, key, None) for key in ("reward_name", "match", "prompt_field", "content")}
     path = getattr(task, "path", None)  # a prompts file: the same file however its path is written
     name = str(Path(path).resolve()) if path is not None else task.name
     return {"model_weights": weights_fingerprint(model), "task": name, **scorer, **extra, **asdict(s)}
@@ -390,6 +390,12 @@ def resume(
     records, end = scan_items(path)
     pending = []
     for i, rec in enumerate(records):
+        if made is not None and rec.made_by and "content" in rec.made_by and rec.made_by["content"] != made["content"]:
+            raise ValueError(
+                f"{path}: chunk {rec.chunk} was made from another version of the prompts file --task {made['task']} "
+                f"(its content changed since: {_short(rec.made_by['content'])} -> {_short(made['content'])}), so its "
+                "prompts or answers may differ; restore the file, or delete the items file or write to another --output"
+            )
         if made is not None and rec.made_by != made:
             what = _differences(rec.made_by, made) if rec.made_by else "it does not record what made it (older file)"
             raise ValueError(

@@ -312,6 +312,7 @@ class FileTask:
     reward: Reward | None = None
     prompt_field: str = "prompt"
     reward_name: str | None = None  # "module:function", as given: what made a run's scores
+    content: str | None = None  # a digest of the file's bytes (`file_digest`): an edited file is another task
 
     @property
     def name(self) -> str:
@@ -485,10 +486,19 @@ def load_prompts_file(
             raise ValueError("--reward_timeout limits a reward function: give one with --reward module:function")
         fn = timed(fn, reward_timeout)
     name = reward if isinstance(reward, str) else None if reward is None else getattr(reward, "__qualname__", None)
-    task = FileTask(path, match, fn, prompt_field, name)
+    task = FileTask(path, match, fn, prompt_field, name, file_digest(path))
     if not sum(1 for _ in task.rows()):
         raise ValueError(f"{path}: no rows")
     return task
+
+
+def file_digest(path: Path) -> str:
+    """A digest of a file's bytes, read in pieces: prompts, answers and every other field of every row."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 20):
+            h.update(piece)
+    return h.hexdigest()
 
 
 def load_task(

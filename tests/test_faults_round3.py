@@ -63,3 +63,45 @@ def test_a_run_with_no_final_model_at_all_writes_it_from_its_last_checkpoint(set
     train(setup, out, "--resume_from_checkpoint", "last", capsys=capsys)
     got, want = weights(out), weights(done_run)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ----------------------------------------------------------------------------- an edited prompts file
+
+
+@pytest.mark.parametrize("command", ["eval", "pairs"])
+def test_answers_changed_between_a_kill_and_its_rerun_are_refused(setup, command, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Killed after the first chunk; the answers are then edited (prompts and ids unchanged): the rerun is
+    refused naming --task, the items kept; with the file restored it resumes."""
+    import dtrpo.evaluate
+    import dtrpo.pairs
+
+    monkeypatch.syspath_prepend(str(setup))
+    prompts = tmp_path / "p.jsonl"
+    shutil.copy(setup / "p.jsonl", prompts)
+    extra = ["--samples", 2, "--temperature", 1, "--reward", "faults_rewards:length"] if command == "pairs" else []
+    flags = [command, "--model_name_or_path", setup / "tiny", "--task", prompts, "--gen_length", 4, "--batch_size",
+             2 if command == "eval" else 4, "--split", "train", "--output", tmp_path / "out.json", *extra]  # fmt: skip
+    module, name = (dtrpo.evaluate, "eval_chunk") if command == "eval" else (dtrpo.pairs, "sample_chunk")
+    real, calls = getattr(module, name), []
+
+    def killed_at_the_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(module, name, killed_at_the_second_chunk)
+        with pytest.raises(KeyboardInterrupt):
+            cli(*flags)
+    items = tmp_path / f"out.{'items' if command == 'eval' else 'samples'}.jsonl"
+    kept, original = items.read_bytes(), prompts.read_text()
+    prompts.write_text(original.replace('"answer": "0"', '"answer": "1"'))
+    res = cli(*flags, ok=False, capsys=capsys)
+    assert f"error: {items}: chunk 0 was made from another version of the prompts file --task {prompts} " in (
+        res.stderr
+    )
+    assert items.read_bytes() == kept and not (tmp_path / "out.json").exists()
+    prompts.write_text(original)
+    cli(*flags, capsys=capsys)
+    assert (tmp_path / "out.json").is_file()
