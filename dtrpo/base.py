@@ -293,6 +293,28 @@ def claim_output_dir(args: TrainingArguments) -> None:
                 path.unlink()
 
 
+class SaveFailed(OSError):
+    """Writing a model failed for want of room (`write_failure`); the message names the folder."""
+
+
+def write_failure(e: BaseException) -> str | None:
+    """The first line of `e` when it is a failure to write a file (a full disk, a file-size limit), else None:
+    an `OSError`; safetensors' `SafetensorError` from an I/O error ("File too large", "No space left on
+    device"); torch's zip writer's `RuntimeError` ("file write failed", "unexpected pos ...", "basic_ios::clear:
+    iostream error"). Neither of the last two is an `OSError`."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    if isinstance(e, OSError):
+        return line
+    io = ("I/O error", "IoError", "No space left", "File too large", "os error")
+    if type(e).__name__ == "SafetensorError" and any(k in text for k in io):
+        return line
+    torch_io = ("write", "unexpected pos", "iostream error", "No space left", "File too large")
+    if isinstance(e, RuntimeError) and any(k in text for k in torch_io):
+        return line
+    return None
+
+
 LOCK_FILE = ".dtrpo-run.lock"  # in the output folder while a run trains or saves into it
 
 
@@ -575,14 +597,16 @@ class DiffusionTrainer(Trainer):
         self._staging = staging
         try:
             super()._save_checkpoint(model, trial)
-        except (OSError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and "write" not in str(e):  # torch's zip writer: "file write failed"
+        except Exception as e:
+            problem = write_failure(e)
+            if problem is None:
                 raise
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # the space it took back
             last, _ = last_checkpoint(run_dir)
             raise OSError(
-                f"writing {name} failed at step {self.state.global_step} ({str(e).splitlines()[0]}); is the disk "
-                f"full? The run stopped; {f'{last} is complete: ' if last else ''}resume with "
-                "--resume_from_checkpoint last"
+                f"writing {name} failed at step {self.state.global_step} ({problem}); is the disk full? The run "
+                f"stopped; {f'{last} is complete: ' if last else ''}resume with --resume_from_checkpoint last"
             ) from None
         finally:
             self._staging = None
@@ -617,7 +641,15 @@ class DiffusionTrainer(Trainer):
         if self.args.should_save and staging.exists():
             shutil.rmtree(staging)
         self.accelerator.wait_for_everyone()
-        super().save_model(str(staging), _internal_call=True)  # True: no hub push before the files are in place
+        try:
+            super().save_model(str(staging), _internal_call=True)  # True: no hub push before the files are in place
+        except Exception as e:
+            problem = write_failure(e)
+            if problem is None:
+                raise
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # the space it took back
+            raise SaveFailed(f"writing the final model to {final} failed ({problem}); is the disk full?") from None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             weights = (".safetensors", ".bin", ".index.json")

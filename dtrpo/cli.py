@@ -382,7 +382,7 @@ def run_training(trainer, config, save=None) -> None:
     """Train (resuming when asked), save the final model into the output folder, print the metrics. The
     model is reported as saved only once every file is written; the output folder is locked throughout,
     and resuming a finished run trains and saves nothing (one line says so)."""
-    from dtrpo.base import RunFinished, output_lock
+    from dtrpo.base import RunFinished, SaveFailed, last_checkpoint, output_lock, write_failure
 
     with output_lock(config):
         try:
@@ -394,11 +394,20 @@ def run_training(trainer, config, save=None) -> None:
             return
         try:
             (save or (lambda t: t.save_model(config.output_dir)))(trainer)
-        except OSError as e:
-            raise OSError(
-                f"saving the final model to {config.output_dir} failed ({e}); it is not saved. Its checkpoints, if "
-                "any, are complete: resume with --resume_from_checkpoint last"
-            ) from None
+        except Exception as e:
+            problem = write_failure(e)
+            if problem is None:
+                raise
+            last, _ = last_checkpoint(config.output_dir)
+            kept = (
+                f"{last} is complete; free space and resume with --resume_from_checkpoint last"
+                if last
+                else "no checkpoint holds the trained weights "
+                f"(--save_strategy {getattr(config.save_strategy, 'value', config.save_strategy)}), so they could "
+                "not be saved and are lost; free space and train again"
+            )
+            what = f"saving the final model to {config.output_dir} failed ({problem}); is the disk full?"
+            raise OSError(f"{e if isinstance(e, SaveFailed) else what} It is not saved: {kept}") from None
     print(json.dumps(result.metrics, indent=2))
     print(f"saved model to {config.output_dir}")
 

@@ -105,3 +105,117 @@ def test_answers_changed_between_a_kill_and_its_rerun_are_refused(setup, command
     prompts.write_text(original)
     cli(*flags, capsys=capsys)
     assert (tmp_path / "out.json").is_file()
+
+
+# ----------------------------------------------------------------------------- no room left at a save
+
+NO_SPACE = "Error while serializing: I/O error: No space left on device (os error 28)"
+TOO_LARGE = "Error while serializing: I/O error: File too large (os error 27)"
+UNEXPECTED_POS = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+IOSTREAM = "basic_ios::clear: iostream error"
+
+
+def safetensors_fails(monkeypatch, message: str) -> None:
+    """Every safetensors write raises what safetensors raises on a full disk (not an OSError)."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError(message)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+
+
+@pytest.mark.parametrize("message", [NO_SPACE, TOO_LARGE])
+def test_no_room_for_the_final_model_without_checkpoints_says_the_weights_are_lost(setup, tmp_path, monkeypatch,  # noqa: F811
+                                                                                   capsys, message):  # fmt: skip
+    out = tmp_path / "full"
+    safetensors_fails(monkeypatch, message)
+    res = train(setup, out, "--save_strategy", "no", ok=False, capsys=capsys)
+    line = res.stderr.strip().splitlines()[-1]
+    assert line == (
+        f"error: writing the final model to {out} failed ({message}); is the disk full? It is not saved: no "
+        "checkpoint holds the trained weights (--save_strategy no), so they could not be saved and are lost; free "
+        "space and train again"
+    )
+    assert "Traceback" not in res.stderr and not (out / ".partial-model").exists()
+
+
+@pytest.mark.parametrize("message", [UNEXPECTED_POS, IOSTREAM])
+def test_no_room_at_a_checkpoint_is_one_line_and_the_resume_is_exact(setup, done_run, tmp_path, monkeypatch,  # noqa: F811
+                                                                     capsys, message):  # fmt: skip
+    """torch's writer fails on checkpoint-2's optimizer state: one line naming checkpoint-1, which is whole;
+    once there is room, the resume gives the uninterrupted run's model."""
+    real, out = torch.save, tmp_path / "full"
+
+    def full_at_step_2(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt") and "checkpoint-2" in str(f):
+            raise RuntimeError(message)
+        return real(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_at_step_2)
+        res = train(setup, out, ok=False, capsys=capsys)
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"error: writing checkpoint-2 failed at step 2 ({message}); is the disk full? The run stopped; "
+        f"{out / 'checkpoint-1'} is complete: resume with --resume_from_checkpoint last"
+    )
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("runs")) == ["checkpoint-1"]
+    train(setup, out, "--resume_from_checkpoint", "last", capsys=capsys)
+    got, want = weights(out), weights(done_run)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_no_room_for_the_final_model_after_checkpoints_resumes_to_it(setup, done_run, tmp_path, monkeypatch,  # noqa: F811
+                                                                     capsys):  # fmt: skip
+    out = tmp_path / "full"
+    with monkeypatch.context() as m:
+        real = DiffusionTrainer.save_model
+
+        def final_save_fails(self, output_dir=None, _internal_call=False):
+            if not _internal_call:
+                safetensors_fails(m, TOO_LARGE)
+            return real(self, output_dir, _internal_call)
+
+        m.setattr(DiffusionTrainer, "save_model", final_save_fails)
+        res = train(setup, out, ok=False, capsys=capsys)
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"error: writing the final model to {out} failed ({TOO_LARGE}); is the disk full? It is not saved: "
+        f"{out / 'checkpoint-2'} is complete; free space and resume with --resume_from_checkpoint last"
+    )
+    res = train(setup, out, "--resume_from_checkpoint", "last", capsys=capsys)
+    got, want = weights(out), weights(done_run)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("where", "share"), [("final", 0.5), ("checkpoint", 1.5)])
+def test_a_real_file_size_limit_is_one_line(setup, done_run, tmp_path, where, share):  # noqa: F811
+    """`ulimit -f` for real, in a subprocess: below the model's size the final save fails in safetensors; between
+    the model's size and its optimizer state's (twice as large), checkpoint-1 fails in torch's writer."""
+    import resource
+    import subprocess
+    import sys
+
+    limit = int((done_run / "model.safetensors").stat().st_size * share)
+    out = tmp_path / "limited"
+    strategy = ["--save_strategy", "no"] if where == "final" else ["--save_strategy", "steps", "--save_steps", 1]
+    argv = ["train", "--model_name_or_path", setup / "tiny", "--dataset_name", setup / "pairs.jsonl", "--output_dir",
+            out, "--per_device_train_batch_size", 4, "--max_steps", 2, "--learning_rate", 1e-2, "--use_cpu", "true",
+            "--disable_tqdm", "true", "--report_to", "none", *strategy]  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "dtrpo.cli", *map(str, argv)],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    if where == "final":
+        assert last.startswith(f"error: writing the final model to {out} failed (Error while serializing: I/O error: ")
+        assert "File too large" in last and "so they could not be saved and are lost" in last
+    else:
+        assert last.startswith("error: writing checkpoint-1 failed at step 1 ([enforce fail at inline_container.cc")
+        assert "unexpected pos" in last and last.endswith("is the disk full? The run stopped; resume with "
+                                                          "--resume_from_checkpoint last")  # fmt: skip
