@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import warnings
 import zipfile
@@ -187,6 +188,22 @@ def checkpoint_problem(path: Path) -> str | None:
         problem = torch_file_problem(file)
         if problem:
             return problem
+    return None
+
+
+def unsafe_file(checkpoint: Path) -> Path | None:
+    """The first pickled file of a checkpoint (optimizer, scheduler, RNG state, *.bin weights) that
+    `torch.load(weights_only=True)` refuses: it holds objects other than tensors. Nothing in it is run."""
+    from transformers.trainer_pt_utils import safe_globals  # numpy's RNG state, as the Trainer allows it
+
+    for file in sorted(checkpoint.glob("*.pt")) + sorted(checkpoint.glob("*.pth")) + sorted(checkpoint.glob("*.bin")):
+        try:
+            with safe_globals():
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            return file
+        except Exception:  # noqa: BLE001, S112 - any other trouble is not this one
+            continue
     return None
 
 
@@ -491,7 +508,16 @@ class DiffusionTrainer(Trainer):
             if self._finished is not None:
                 result = self.restore(self._finished)
             else:
-                result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+                try:
+                    result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+                except pickle.UnpicklingError:  # torch.load(weights_only=True) met an object that is not a tensor
+                    unsafe = resume_from_checkpoint and unsafe_file(Path(resume_from_checkpoint))
+                    if not unsafe:
+                        raise
+                    raise ValueError(
+                        f"{unsafe}: refused: it holds objects other than tensors, which could run code (checkpoint "
+                        "files load only with weights_only=True); resume from a checkpoint this run wrote"
+                    ) from None
             self.check_finite(weights=True)
         return result
 

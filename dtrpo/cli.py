@@ -592,10 +592,10 @@ def compare_main(paths: list[str]) -> None:
             raise ValueError(f"{path}: not a JSON eval report ({e})") from None
     r = compare(*reports, names=tuple(paths))
     a, b = paths
+    ci = f"95% CI {r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f}," if r["n"] > 1 else f"n = {r['n']}: no interval;"
     print(
-        f"{b} - {a}: {r['difference']:+.3f} (95% CI {r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f},"
-        f" n={r['n']} paired items; {r['a']:.3f} -> {r['b']:.3f}; better in B: {r['b_better']},"
-        f" better in A: {r['a_better']})"
+        f"{b} - {a}: {r['difference']:+.3f} ({ci} n={r['n']} paired items; {r['a']:.3f} -> {r['b']:.3f};"
+        f" better in B: {r['b_better']}, better in A: {r['a_better']})"
     )
 
 
@@ -649,6 +649,8 @@ def generate_main(argv: list[str]) -> None:
 
     g, s = parse([GenerateArgs, SamplingArgs], argv, "dtrpo generate", COMMANDS["generate"][1])
     require(g, "model_name_or_path", "prompt")
+    if not g.use_cache and s.cache not in ("auto", "none"):
+        raise ValueError(f"--use_cache false is --cache none, yet --cache {s.cache} was given: pass one of them")
     model, tokenizer, adapter = g.load(s.block_size)
     model.eval()
     prompts, cut = encode_prompts(tokenizer, g.prompt, s, adapter, model)
@@ -729,10 +731,13 @@ def export_main(argv: list[str]) -> None:
     require(e, "model_name_or_path", "output")
     stale = claim_export_folder(e)
     model, tokenizer, adapter = e.load()
+    Path(e.output).mkdir(parents=True, exist_ok=True)  # the record first: an export killed mid-write is still ours
+    (Path(e.output) / EXPORT_RECORD).write_text(
+        json.dumps({"source": str(Path(e.model_name_or_path).resolve())}) + "\n"
+    )
     for path in stale:
         path.unlink(missing_ok=True)
     path = export_checkpoint(model, tokenizer, adapter, e.output, e.format, e.code_from)
-    (path / EXPORT_RECORD).write_text(json.dumps({"source": str(Path(e.model_name_or_path).resolve())}) + "\n")
     print(f"wrote {adapter.family} model in {e.format} format to {path}")
 
 

@@ -545,6 +545,10 @@ def score_batch(task: Task, rows: list[dict], responses: list[str]) -> list[floa
             raise ValueError(
                 f"{task.name}: scoring {_describe(row)} did not return within {e.args[0]} s (--reward_timeout)"
             ) from None
+        except SystemExit as e:  # not an Exception: it would end the run with the reward's code and no word
+            raise ValueError(
+                f"{task.name}: scoring {_describe(row)} called sys.exit({e.code!r}); a reward returns a number"
+            ) from None
         except Exception as e:
             raise ValueError(f"{task.name}: scoring {_describe(row)} raised {type(e).__name__}: {e}") from e
         if not isinstance(value, numbers.Real):

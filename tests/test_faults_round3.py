@@ -5,6 +5,7 @@ Each test asserts the one-line message (or the correct outcome) and that nothing
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +220,167 @@ def test_a_real_file_size_limit_is_one_line(setup, done_run, tmp_path, where, sh
         assert last.startswith("error: writing checkpoint-1 failed at step 1 ([enforce fail at inline_container.cc")
         assert "unexpected pos" in last and last.endswith("is the disk full? The run stopped; resume with "
                                                           "--resume_from_checkpoint last")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the smaller cases
+
+
+def test_a_reward_calling_sys_exit_is_one_line_naming_it(setup, tmp_path, monkeypatch, capsys):  # noqa: F811
+    (tmp_path / "exit_rewards.py").write_text("import sys\n\ndef exits(prompt, response):\n    sys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = cli("eval", "--model_name_or_path", setup / "tiny", "--task", setup / "p.jsonl", "--gen_length", 4,
+              "--split", "train", "--reward", "exit_rewards:exits", ok=False, capsys=capsys)  # fmt: skip
+    assert res.returncode != 3 and (
+        f"error: {setup / 'p.jsonl'}: scoring item id='q0' (prompt '0+0=') called sys.exit(3); a reward returns a "
+        "number" in res.stderr
+    )
+
+
+def test_an_export_killed_mid_write_is_finished_by_its_rerun(setup, done_run, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import dtrpo.families
+
+    out, real = tmp_path / "export", dtrpo.families.export_checkpoint
+
+    def write_part_then_die(model, tokenizer, adapter, output, *args, **kwargs):
+        Path(output).mkdir(parents=True, exist_ok=True)
+        (Path(output) / "config.json").write_text("{}")
+        (Path(output) / "model.safetensors").write_bytes(b"half a file")
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(dtrpo.families, "export_checkpoint", write_part_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            cli("export", "--model_name_or_path", done_run, "--output", out)
+    assert real is dtrpo.families.export_checkpoint
+    cli("export", "--model_name_or_path", done_run, "--output", out, capsys=capsys)  # its own export: finished
+    got, want = weights(out), weights(done_run)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_generate_refuses_a_cache_with_use_cache_false(setup, capsys):  # noqa: F811
+    res = cli("generate", "--model_name_or_path", setup / "tiny", "--prompt", "1+1=", "--gen_length", 4, "--cache",
+              "prefix", "--use_cache", "false", ok=False, capsys=capsys)  # fmt: skip
+    assert "error: --use_cache false is --cache none, yet --cache prefix was given: pass one of them" in res.stderr
+
+
+def test_a_prompt_longer_than_the_positions_names_it_and_max_prompt_length(setup, capsys):  # noqa: F811
+    prompt = "1+" * 2050 + "="  # 4101 characters, one token each; the tiny model has 4096 positions
+    res = cli("generate", "--model_name_or_path", setup / "tiny", "--prompt", prompt, "--gen_length", 4,
+              "--max_prompt_length", 10000, ok=False, capsys=capsys)  # fmt: skip
+    assert (
+        "error: the prompt '1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+'... is 4101 tokens, which "
+        "leaves no room for --gen_length 4 within the model's max_position_embeddings=4096: pass "
+        "--max_prompt_length 4092 or less"
+    ) in res.stderr
+    res = cli("generate", "--model_name_or_path", setup / "tiny", "--prompt", prompt, "--gen_length", 4,
+              "--max_prompt_length", 4092, capsys=capsys)  # fmt: skip
+    assert "NFE" in res.stdout  # the suggested limit works
+
+
+def test_ref_log_probs_file_equal_to_the_training_data_is_refused(setup, tmp_path, capsys):  # noqa: F811
+    data = setup / "pairs.jsonl"
+    before = data.read_bytes()
+    res = train(setup, tmp_path / "out", "--precompute_ref_log_probs", "true", "--ref_log_probs_file", data,
+                ok=False, capsys=capsys)  # fmt: skip
+    assert (
+        f"error: --ref_log_probs_file {data} is the training data --dataset_name {data}: it names the file the "
+        f"reference scores are kept in; name another one (default: {data}.ref_logps.json)"
+    ) in res.stderr
+    assert data.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_an_integer_of_5000_digits_names_the_file_and_line(setup, tmp_path, command, capsys):  # noqa: F811
+    huge = "9" * 5000
+    if command == "eval":
+        path = tmp_path / "p.jsonl"
+        path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4", "extra": ' + huge + "}\n")
+        res = cli("eval", "--model_name_or_path", setup / "tiny", "--task", path, ok=False, capsys=capsys)
+    else:
+        path = tmp_path / "pairs.jsonl"
+        path.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3", "extra": ' + huge + "}\n")
+        res = train(setup, tmp_path / "out", "--dataset_name", path, ok=False, capsys=capsys)
+    line = 2 if command == "eval" else 1
+    assert (
+        f"error: {path}: line {line}: unreadable JSON (Exceeds the limit (4300 digits) for integer string "
+        "conversion: value has 5000 digits)"
+    ) in res.stderr
+
+
+def test_compare_on_one_item_has_no_interval(tmp_path, capsys):
+    for name, score in (("a", 0), ("b", 1)):
+        (tmp_path / f"{name}.json").write_text(
+            json.dumps({"samples": [{"id": "q0", "prompt": "1+1=", "score": score}]})
+        )
+    res = cli("eval", "--compare", tmp_path / "a.json", tmp_path / "b.json", capsys=capsys)
+    assert "+1.000 (n = 1: no interval; n=1 paired items" in res.stdout and "nan" not in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ("gen_length=abc", "dtrpo model_args: gen_length must be a positive integer, got 'abc'"),
+        ("gen_length=7", "dtrpo model_args: gen_length=7 is not a multiple of the block size 4"),
+        ("mc_samples=0", "dtrpo model_args: mc_samples must be a positive integer, got 0"),
+        ("temperature=hot", "dtrpo model_args: temperature must be a finite number, got 'hot'"),
+        ("remasking=best", "dtrpo model_args: remasking must be one of ('low_confidence', 'random', 'margin', "
+                           "'entropy'), got 'best'"),
+        ("fix_first_token=1", "dtrpo model_args: fix_first_token must be one of (True, False), got 1"),
+    ],
+)  # fmt: skip
+def test_lm_eval_model_args_of_the_wrong_kind_are_refused(setup, args, message):  # noqa: F811
+    pytest.importorskip("lm_eval")
+    from dtrpo.harness import DTRPOLM
+
+    with pytest.raises(ValueError) as err:
+        DTRPOLM.create_from_arg_string(f"pretrained={setup / 'tiny'},{args}")
+    assert str(err.value) == message
+
+
+class RunsCode:
+    """Unpickling this calls `open(marker, "w")`: it stands for any code a pickle can run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "pytorch_model.bin"])
+def test_a_checkpoint_file_holding_code_is_refused_in_one_line(setup, done_run, tmp_path, name, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    shutil.copytree(done_run, out)
+    checkpoint, marker = out / "checkpoint-1", tmp_path / "ran"
+    if name == "pytorch_model.bin":
+        (checkpoint / "model.safetensors").unlink()
+    torch.save({"state": RunsCode(marker)}, checkpoint / name)
+    shutil.rmtree(out / "checkpoint-2")
+    res = train(setup, out, "--resume_from_checkpoint", checkpoint, ok=False, capsys=capsys)
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"error: {checkpoint / name}: refused: it holds objects other than tensors, which could run code "
+        "(checkpoint files load only with weights_only=True); resume from a checkpoint this run wrote"
+    )
+    assert not marker.exists() and "Traceback" not in res.stderr
+
+
+def test_more_samples_than_a_batch_are_sampled_in_batches(setup, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """--samples 8 --batch_size 4: every sampler call holds at most 4 sequences, each on a seed of its own."""
+    import dtrpo.evaluate
+
+    real, calls = dtrpo.evaluate.generate, []
+
+    def counted(adapter, model, prompts, *args, seed, **kwargs):
+        calls.append((len(prompts), seed))
+        return real(adapter, model, prompts, *args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(dtrpo.evaluate, "generate", counted)
+    monkeypatch.syspath_prepend(str(setup))
+    out = tmp_path / "pairs.jsonl"
+    cli("pairs", "--model_name_or_path", setup / "tiny", "--task", setup / "p.jsonl", "--samples", 8, "--temperature",
+        1, "--gen_length", 4, "--batch_size", 4, "--split", "train", "--n", 3, "--reward", "faults_rewards:length",
+        "--output", out, capsys=capsys)  # fmt: skip
+    assert [size for size, _ in calls] == [4] * 6 and len({seed for _, seed in calls}) == 6
+    items = [json.loads(line) for line in (tmp_path / "pairs.samples.jsonl").read_text().splitlines()]
+    assert [len(item["responses"]) for item in items] == [8, 8, 8]
