@@ -627,8 +627,6 @@ class DiffusionTrainer(Trainer):
             problem = write_failure(e)
             if problem is None:
                 raise
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)  # the space it took back
             last, _ = last_checkpoint(run_dir)
             raise OSError(
                 f"writing {name} failed at step {self.state.global_step} ({problem}); is the disk full? The run "

@@ -496,7 +496,7 @@ def file_digest(path: Path) -> str:
     """A digest of a file's bytes, read in pieces: prompts, answers and every other field of every row."""
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
-        while piece := f.read(1 << 20):
+        while piece := f.read(1 << 16):
             h.update(piece)
     return h.hexdigest()
 

@@ -139,6 +139,9 @@ def test_iterate_refuses_a_folder_holding_a_train_run(setup, tmp_path):  # noqa:
     code, message = run(setup, out)
     assert code != 0 and f"error: --output_dir {out} holds a training run or a model (checkpoint-2, " in message
     assert "not an iterate run; choose another --output_dir" in message and snapshot(out) == before
+    assert run(setup, out, "--rounds", 1, "--overwrite_output_dir", "true") == (0, "")  # deleted when asked
+    assert not (out / "checkpoint-2").exists() and not (out / "model.safetensors").exists()
+    assert (out / "round-1" / "model" / "model.safetensors").is_file()
 
 
 def test_settings_are_checked_before_they_are_recorded(setup, tmp_path):  # noqa: F811
