@@ -496,6 +496,8 @@ def iterate(config: IterateConfig, log: Callable[[str], None] = print, callbacks
     _check(config.pairs.samples, config.sampling)
     t = config.task
     task = load_task(t.task, t.match, t.reward, t.prompt_field, t.reward_timeout)
+    if not Path(t.model_name_or_path).is_dir():  # checked before the settings are recorded, as every flag is
+        raise FileNotFoundError(f"--model_name_or_path {t.model_name_or_path}: no such model folder")
     with hold(out / LOCK_FILE, f"--output_dir {out}"):  # one run at a time, before anything is deleted or written
         return run_rounds(config, task, out, log, callbacks)
 

@@ -149,6 +149,9 @@ def test_settings_are_checked_before_they_are_recorded(setup, tmp_path):  # noqa
     code, message = run(setup, out, "--eval_temperature", "nan")
     assert code != 0 and "error: --eval_temperature must be a finite number, 0 or more, got nan" in message
     assert not (out / "iterate_config.json").exists()
+    code, message = run(setup, out, "--model_name_or_path", setup / "nowhere")
+    assert code != 0 and f"error: --model_name_or_path {setup / 'nowhere'}: no such model folder" in message
+    assert not (out / "iterate_config.json").exists()
 
 
 @pytest.mark.parametrize(
