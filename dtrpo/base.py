@@ -501,7 +501,10 @@ class DiffusionTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`, holding the output folder's lock, after checking what the run reads and writes
-        (`_resume_point`), and checking the loss and weights are finite at the end (`check_finite`)."""
+        (`_resume_point`), and checking the loss and weights are finite at the end (`check_finite`). A finished
+        run whose final model is not whole (killed in its final save) is restored from its last checkpoint
+        (`restore`), for the caller's final save. A checkpoint pickle holding objects other than tensors is
+        one ValueError naming the file."""
         with output_lock(self.args):
             self._finished = None
             resume_from_checkpoint = self._resume_point(resume_from_checkpoint)
@@ -538,7 +541,8 @@ class DiffusionTrainer(Trainer):
     def _resume_point(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """The checkpoint to resume from, checked: it must be complete (`True` picks the newest complete one
         in the output folder, logging those skipped), its run must have started from this run's base model,
-        and must have steps left to train (else `RunFinished`). A fresh run refuses an output folder that
+        and must have steps left to train (else `RunFinished`), unless the output folder lacks its whole final
+        model (then `train` restores it from this checkpoint). A fresh run refuses an output folder that
         holds an earlier run unless `overwrite_output_dir` (which deletes that run first), so that nothing
         stale is mixed in or resumed from later."""
         if resume_from_checkpoint is True:
