@@ -56,6 +56,18 @@ def test_a_run_killed_in_its_final_save_resumes_by_writing_it(setup, done_run, t
     assert "the run is already finished (step 2 of 2)" in res.stdout and snapshot(out) == before
 
 
+def test_an_sft_run_killed_in_its_final_save_resumes_by_writing_it(setup, tmp_path, monkeypatch, capsys):  # noqa: F811
+    train(setup, tmp_path / "whole", command="sft", capsys=capsys)
+    out = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        kill_in_final_save(m)
+        with pytest.raises(KeyboardInterrupt):
+            train(setup, out, command="sft", capsys=capsys)
+    train(setup, out, "--resume_from_checkpoint", "last", command="sft", capsys=capsys)
+    got, want = weights(out), weights(tmp_path / "whole")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_a_run_with_no_final_model_at_all_writes_it_from_its_last_checkpoint(setup, done_run, tmp_path, capsys):  # noqa: F811
     """Killed before a file of the final save was written (or the model deleted): the same outcome."""
     out = tmp_path / "bare"
