@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import warnings
 import zipfile
@@ -21,8 +22,8 @@ from typing import Literal
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
 from dtrpo.families import safetensors_problem
 from dtrpo.locks import hold
@@ -190,6 +191,22 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def unsafe_file(checkpoint: Path) -> Path | None:
+    """The first pickled file of a checkpoint (optimizer, scheduler, RNG state, *.bin weights) that
+    `torch.load(weights_only=True)` refuses: it holds objects other than tensors. Nothing in it is run."""
+    from transformers.trainer_pt_utils import safe_globals  # numpy's RNG state, as the Trainer allows it
+
+    for file in sorted(checkpoint.glob("*.pt")) + sorted(checkpoint.glob("*.pth")) + sorted(checkpoint.glob("*.bin")):
+        try:
+            with safe_globals():
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            return file
+        except Exception:  # noqa: BLE001, S112 - any other trouble is not this one
+            continue
+    return None
+
+
 def torch_file_problem(file: Path) -> str | None:
     """Why a `torch.save` file (a zip archive) cannot be loaded, checked without loading it: a file cut short
     has lost the archive's directory, which is written last."""
@@ -293,6 +310,28 @@ def claim_output_dir(args: TrainingArguments) -> None:
                 path.unlink()
 
 
+class SaveFailed(OSError):
+    """Writing a model failed for want of room (`write_failure`); the message names the folder."""
+
+
+def write_failure(e: BaseException) -> str | None:
+    """The first line of `e` when it is a failure to write a file (a full disk, a file-size limit), else None:
+    an `OSError`; safetensors' `SafetensorError` from an I/O error ("File too large", "No space left on
+    device"); torch's zip writer's `RuntimeError` ("file write failed", "unexpected pos ...", "basic_ios::clear:
+    iostream error"). Neither of the last two is an `OSError`."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    if isinstance(e, OSError):
+        return line
+    io = ("I/O error", "IoError", "No space left", "File too large", "os error")
+    if type(e).__name__ == "SafetensorError" and any(k in text for k in io):
+        return line
+    torch_io = ("write", "unexpected pos", "iostream error", "No space left", "File too large")
+    if isinstance(e, RuntimeError) and any(k in text for k in torch_io):
+        return line
+    return None
+
+
 LOCK_FILE = ".dtrpo-run.lock"  # in the output folder while a run trains or saves into it
 
 
@@ -305,6 +344,18 @@ def output_lock(args: TrainingArguments):
 
 class RunFinished(ValueError):
     """Resuming a run that has trained all its steps: nothing is trained, and its final model is kept."""
+
+
+def final_model_problem(folder: Path) -> str | None:
+    """Why `folder` holds no whole final model, or None. The final save writes into `.partial-model` and moves
+    the weights in last, so a kill during it leaves that staging folder, or no weights."""
+    staging = folder / f"{STAGING}model"
+    if staging.is_dir() and any(staging.iterdir()):
+        return f"its final save was cut short ({staging.name} is left)"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("*.bin")):
+        return "no final model"
+    return next((problem for problem in map(safetensors_problem, weights) if problem), None)
 
 
 class Diverged(ValueError):
@@ -450,17 +501,48 @@ class DiffusionTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`, holding the output folder's lock, after checking what the run reads and writes
-        (`_resume_point`), and checking the loss and weights are finite at the end (`check_finite`)."""
+        (`_resume_point`), and checking the loss and weights are finite at the end (`check_finite`). A finished
+        run whose final model is not whole (killed in its final save) is restored from its last checkpoint
+        (`restore`), for the caller's final save. A checkpoint pickle holding objects other than tensors is
+        one ValueError naming the file."""
         with output_lock(self.args):
+            self._finished = None
             resume_from_checkpoint = self._resume_point(resume_from_checkpoint)
-            result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            if self._finished is not None:
+                result = self.restore(self._finished)
+            else:
+                try:
+                    result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+                except pickle.UnpicklingError:  # torch.load(weights_only=True) met an object that is not a tensor
+                    unsafe = resume_from_checkpoint and unsafe_file(Path(resume_from_checkpoint))
+                    if not unsafe:
+                        raise
+                    raise ValueError(
+                        f"{unsafe}: refused: it holds objects other than tensors, which could run code (checkpoint "
+                        "files load only with weights_only=True); resume from a checkpoint this run wrote"
+                    ) from None
             self.check_finite(weights=True)
         return result
+
+    def restore(self, checkpoint: str | Path) -> TrainOutput:
+        """The trainer as a finished run leaves it, read from that run's last checkpoint: its state, and its
+        weights (the best checkpoint's under `load_best_model_at_end`). For the final save that a kill during
+        it (or after it, before `iterate` deleted the checkpoints) left to do: it writes what the
+        uninterrupted run wrote."""
+        checkpoint = Path(checkpoint)
+        self.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+        best = self.state.best_model_checkpoint if self.args.load_best_model_at_end else None
+        best = checkpoint.parent / Path(best).name if best else None  # the folder may have moved since
+        self._load_from_checkpoint(str(best if best is not None and best.is_dir() else checkpoint))
+        losses = [h["loss"] for h in self.state.log_history if "loss" in h]
+        metrics = {"restored_from_step": self.state.global_step}
+        return TrainOutput(self.state.global_step, losses[-1] if losses else float("nan"), metrics)
 
     def _resume_point(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """The checkpoint to resume from, checked: it must be complete (`True` picks the newest complete one
         in the output folder, logging those skipped), its run must have started from this run's base model,
-        and must have steps left to train (else `RunFinished`). A fresh run refuses an output folder that
+        and must have steps left to train (else `RunFinished`), unless the output folder lacks its whole final
+        model (then `train` restores it from this checkpoint). A fresh run refuses an output folder that
         holds an earlier run unless `overwrite_output_dir` (which deletes that run first), so that nothing
         stale is mixed in or resumed from later."""
         if resume_from_checkpoint is True:
@@ -484,8 +566,13 @@ class DiffusionTrainer(Trainer):
         if other:
             raise ValueError(f"--resume_from_checkpoint {checkpoint}: {other}")
         finished = finished_run(checkpoint, self.args)
-        if finished:
+        unsaved = finished and final_model_problem(Path(self.args.output_dir))
+        if finished and not unsaved:
             raise RunFinished(finished)
+        if unsaved:  # killed during its final save: the model is written from this checkpoint
+            logger.warning("%s: the run trained all its steps but %s; writing it from this checkpoint", checkpoint,
+                           f"its final model is not whole ({unsaved})")  # fmt: skip
+            self._finished = checkpoint
         for line in changed_settings(checkpoint, self.args):
             logger.warning("resuming %s with a different setting: %s", checkpoint, line)
         return str(checkpoint)
@@ -540,14 +627,14 @@ class DiffusionTrainer(Trainer):
         self._staging = staging
         try:
             super()._save_checkpoint(model, trial)
-        except (OSError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and "write" not in str(e):  # torch's zip writer: "file write failed"
+        except Exception as e:
+            problem = write_failure(e)
+            if problem is None:
                 raise
             last, _ = last_checkpoint(run_dir)
             raise OSError(
-                f"writing {name} failed at step {self.state.global_step} ({str(e).splitlines()[0]}); is the disk "
-                f"full? The run stopped; {f'{last} is complete: ' if last else ''}resume with "
-                "--resume_from_checkpoint last"
+                f"writing {name} failed at step {self.state.global_step} ({problem}); is the disk full? The run "
+                f"stopped; {f'{last} is complete: ' if last else ''}resume with --resume_from_checkpoint last"
             ) from None
         finally:
             self._staging = None
@@ -582,7 +669,15 @@ class DiffusionTrainer(Trainer):
         if self.args.should_save and staging.exists():
             shutil.rmtree(staging)
         self.accelerator.wait_for_everyone()
-        super().save_model(str(staging), _internal_call=True)  # True: no hub push before the files are in place
+        try:
+            super().save_model(str(staging), _internal_call=True)  # True: no hub push before the files are in place
+        except Exception as e:
+            problem = write_failure(e)
+            if problem is None:
+                raise
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # the space it took back
+            raise SaveFailed(f"writing the final model to {final} failed ({problem}); is the disk full?") from None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             weights = (".safetensors", ".bin", ".index.json")

@@ -382,7 +382,7 @@ def run_training(trainer, config, save=None) -> None:
     """Train (resuming when asked), save the final model into the output folder, print the metrics. The
     model is reported as saved only once every file is written; the output folder is locked throughout,
     and resuming a finished run trains and saves nothing (one line says so)."""
-    from dtrpo.base import RunFinished, output_lock
+    from dtrpo.base import RunFinished, SaveFailed, last_checkpoint, output_lock, write_failure
 
     with output_lock(config):
         try:
@@ -394,11 +394,20 @@ def run_training(trainer, config, save=None) -> None:
             return
         try:
             (save or (lambda t: t.save_model(config.output_dir)))(trainer)
-        except OSError as e:
-            raise OSError(
-                f"saving the final model to {config.output_dir} failed ({e}); it is not saved. Its checkpoints, if "
-                "any, are complete: resume with --resume_from_checkpoint last"
-            ) from None
+        except Exception as e:
+            problem = write_failure(e)
+            if problem is None:
+                raise
+            last, _ = last_checkpoint(config.output_dir)
+            kept = (
+                f"{last} is complete; free space and resume with --resume_from_checkpoint last"
+                if last
+                else "no checkpoint holds the trained weights "
+                f"(--save_strategy {getattr(config.save_strategy, 'value', config.save_strategy)}), so they could "
+                "not be saved and are lost; free space and train again"
+            )
+            what = f"saving the final model to {config.output_dir} failed ({problem}); is the disk full?"
+            raise OSError(f"{e if isinstance(e, SaveFailed) else what} It is not saved: {kept}") from None
     print(json.dumps(result.metrics, indent=2))
     print(f"saved model to {config.output_dir}")
 
@@ -500,6 +509,8 @@ class TaskSpec(ModelArgs):
             raise ValueError("--reward and --reward_model both given: score with one, a function or a model")
         if self.reward_batch_size <= 0:
             raise ValueError(f"--reward_batch_size must be positive, got {self.reward_batch_size}")
+        if self.reward_timeout is not None and not 0 < self.reward_timeout < float("inf"):
+            raise ValueError(f"--reward_timeout must be a positive number of seconds, got {self.reward_timeout}")
 
     def load_task(self):
         """The task with its scorer (a reward model loaded last, after every check)."""
@@ -532,8 +543,6 @@ class TaskArgs(TaskSpec):
         super().__post_init__()
         if self.n is not None and self.n <= 0:
             raise ValueError(f"--n must be positive, got {self.n}: no prompts, nothing to measure")
-        if self.reward_timeout is not None and not 0 < self.reward_timeout < float("inf"):
-            raise ValueError(f"--reward_timeout must be a positive number of seconds, got {self.reward_timeout}")
 
     def check_output(self, kind: str) -> None:
         """Before any work: `--output` (and its items file, `<output>.<kind>.jsonl`) is a file to write, not
@@ -619,10 +628,10 @@ def compare_main(paths: list[str]) -> None:
             raise ValueError(f"{path}: not a JSON eval report ({e})") from None
     r = compare(*reports, names=tuple(paths))
     a, b = paths
+    ci = f"95% CI {r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f}," if r["n"] > 1 else f"n = {r['n']}: no interval;"
     print(
-        f"{b} - {a}: {r['difference']:+.3f} (95% CI {r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f},"
-        f" n={r['n']} paired items; {r['a']:.3f} -> {r['b']:.3f}; better in B: {r['b_better']},"
-        f" better in A: {r['a_better']})"
+        f"{b} - {a}: {r['difference']:+.3f} ({ci} n={r['n']} paired items; {r['a']:.3f} -> {r['b']:.3f};"
+        f" better in B: {r['b_better']}, better in A: {r['a_better']})"
     )
 
 
@@ -680,6 +689,8 @@ def generate_main(argv: list[str]) -> None:
 
     g, s = parse([GenerateArgs, SamplingArgs], argv, "dtrpo generate", COMMANDS["generate"][1])
     require(g, "model_name_or_path", "prompt")
+    if not g.use_cache and s.cache not in ("auto", "none"):
+        raise ValueError(f"--use_cache false is --cache none, yet --cache {s.cache} was given: pass one of them")
     model, tokenizer, adapter = g.load(s.block_size)
     s = family_decoding(s, adapter.family)
     model.eval()
@@ -758,10 +769,13 @@ def export_main(argv: list[str]) -> None:
     require(e, "model_name_or_path", "output")
     stale = claim_export_folder(e)
     model, tokenizer, adapter = e.load()
+    Path(e.output).mkdir(parents=True, exist_ok=True)  # the record first: an export killed mid-write is still ours
+    (Path(e.output) / EXPORT_RECORD).write_text(
+        json.dumps({"source": str(Path(e.model_name_or_path).resolve())}) + "\n"
+    )
     for path in stale:
         path.unlink(missing_ok=True)
     path = export_checkpoint(model, tokenizer, adapter, e.output, e.format, e.code_from)
-    (path / EXPORT_RECORD).write_text(json.dumps({"source": str(Path(e.model_name_or_path).resolve())}) + "\n")
     print(f"wrote {adapter.family} model in {e.format} format to {path}")
 
 

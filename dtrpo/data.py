@@ -132,6 +132,8 @@ def json_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
             except RecursionError:
                 raise ValueError(f"{path}: line {number}: JSON nested too deeply to read") from None
+            except ValueError as e:  # a number Python will not convert, such as an integer of 5000 digits
+                raise ValueError(f"{path}: line {number}: unreadable JSON ({str(e).split(';')[0]})") from None
 
 
 def _utf8(raw: bytes, path: Path, line: int) -> str:
@@ -150,6 +152,8 @@ def _json_list(path: Path) -> Iterator[tuple[int, Any]]:
         items = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # a number Python will not convert: the list is read whole, so no line is known
+        raise ValueError(f"{path}: unreadable JSON ({str(e).split(';')[0]})") from None
     except RecursionError:
         raise ValueError(f"{path}: JSON nested too deeply to read") from None
     decoder, space = json.JSONDecoder(), re.compile(r"[\s,]*")

@@ -114,7 +114,9 @@ def encode_prompts(
     grid = adapter.block_size if adapter is not None and adapter.absolute_grid else None
     encoded = [encode_prompt(tokenizer, t, s.chat_template, s.max_prompt_length, grid) for t in texts]
     if model is not None:
-        check_positions(model, max((len(ids) for ids, _ in encoded), default=0), s.gen_length, adapter)
+        longest = max(range(len(encoded)), key=lambda i: len(encoded[i][0]), default=None)
+        if longest is not None:
+            check_positions(model, len(encoded[longest][0]), s.gen_length, adapter, texts[longest])
     cut = sum(c for _, c in encoded)
     if cut:
         logger.warning(
@@ -126,14 +128,23 @@ def encode_prompts(
     return [ids for ids, _ in encoded], cut
 
 
-def check_positions(model, prompt_length: int, gen_length: int, adapter=None) -> None:
+def check_positions(model, prompt_length: int, gen_length: int, adapter=None, prompt: str | None = None) -> None:
     """Refuse a prompt plus `gen_length` (rounded up to whole blocks) longer than the model's
-    `max_position_embeddings`: positions it was never trained on, and a canvas that costs minutes per prompt."""
+    `max_position_embeddings`: positions it was never trained on, and a canvas that costs minutes per prompt.
+    A prompt that leaves no room for one block is named, with the --max_prompt_length that makes room."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     block = adapter.block_size if adapter is not None else 1
-    needed = prompt_length + -(-gen_length // block) * block
+    response = -(-gen_length // block) * block
+    needed = prompt_length + response
     if isinstance(limit, int) and needed > limit:
         most = max(0, (limit - prompt_length) // block * block)
+        if most == 0 and limit > response:
+            shown = f"the prompt {prompt[:60]!r}{'...' if len(prompt) > 60 else ''}" if prompt else "a prompt"
+            raise ValueError(
+                f"{shown} is {prompt_length} tokens, which leaves no room for --gen_length {gen_length} within the "
+                f"model's max_position_embeddings={limit}: pass --max_prompt_length {limit - response} or less "
+                "(prompts keep their last tokens)"
+            )
         raise ValueError(
             f"--gen_length {gen_length} after a prompt of {prompt_length} tokens needs {needed} positions, over the "
             f"model's max_position_embeddings={limit}: use --gen_length {most} or less"
@@ -281,6 +292,8 @@ def compare(a: dict, b: dict, names: tuple[str, str] = ("a", "b")) -> dict:
         )
     diffs = [sb[k] - sa[k] for k in sa]
     n = len(diffs)
+    if not n:
+        raise ValueError(f"{names[0]} and {names[1]} hold no items to compare")
     mean = sum(diffs) / n
     half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else math.nan
     return {
@@ -327,7 +340,7 @@ def made_by(model, task, s: SamplingArgs, **extra) -> dict:
     from dtrpo.reference import weights_fingerprint
     from dtrpo.reward_model import reward_record
 
-    scorer = {key: getattr(task, key, None) for key in ("reward_name", "match", "prompt_field")}
+    scorer = {key: getattr(task, key, None) for key in ("reward_name", "match", "prompt_field", "content")}
     scorer |= {k: v for k, v in reward_record(task).items() if k == "reward_model_weights"}  # the weights, not where
     path = getattr(task, "path", None)  # a prompts file: the same file however its path is written
     name = str(Path(path).resolve()) if path is not None else task.name
@@ -408,6 +421,12 @@ def resume(
     records, end = scan_items(path)
     pending = []
     for i, rec in enumerate(records):
+        if made is not None and rec.made_by and "content" in rec.made_by and rec.made_by["content"] != made["content"]:
+            raise ValueError(
+                f"{path}: chunk {rec.chunk} was made from another version of the prompts file --task {made['task']} "
+                f"(its content changed since: {_short(rec.made_by['content'])} -> {_short(made['content'])}), so its "
+                "prompts or answers may differ; restore the file, or delete the items file or write to another --output"
+            )
         if made is not None and rec.made_by != made:
             what = _differences(rec.made_by, made) if rec.made_by else "it does not record what made it (older file)"
             raise ValueError(

@@ -24,6 +24,7 @@ exists; from Python, `lm_eval.simple_evaluate(model=DTRPOLM(pretrained=PATH), ..
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from lm_eval.api.model import LM
@@ -35,10 +36,28 @@ from dtrpo.estimators import Batch, EstimatorConfig, draw, score
 from dtrpo.evaluate import SamplingArgs
 from dtrpo.families import load_model
 from dtrpo.masking import example_seed, packed_layout, single_layout
-from dtrpo.sampler import generate
+from dtrpo.sampler import CACHES, REMASKING, generate
 
 logger = logging.getLogger(__name__)
 HARNESS_LOG = logging.getLogger("lm_eval.models.dtrpo")  # shown by the harness's command line, as its own lines
+
+
+def check_model_args(ints: dict, numbers: dict, choices: dict) -> None:
+    """The harness passes model_args as it parsed them ("abc" stays a string): each one of the wrong kind is a
+    ValueError naming it. `ints` must be positive integers (a seed: 0 or more) or None, `numbers` finite
+    numbers or None, `choices` (value, allowed) pairs or None (a decoding setting left to the family's rule)."""
+    for name, value in ints.items():
+        low = 0 if name == "seed" else 1
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            kind = "an integer, 0 or more" if low == 0 else "a positive integer"
+            raise ValueError(f"dtrpo model_args: {name} must be {kind}, got {value!r}")
+    for name, value in numbers.items():
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if value is not None and not ok:
+            raise ValueError(f"dtrpo model_args: {name} must be a finite number, got {value!r}")
+    for name, (value, allowed) in choices.items():
+        if value is not None and (value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool)):
+            raise ValueError(f"dtrpo model_args: {name} must be one of {allowed}, got {value!r}")
 
 
 @register_model("dtrpo")
@@ -68,6 +87,14 @@ class DTRPOLM(LM):
         super().__init__()
         if kwargs:
             raise ValueError(f"dtrpo model_args: unknown {sorted(kwargs)}")
+        check_model_args(
+            ints={"gen_length": gen_length, "mc_samples": mc_samples, "steps_per_block": steps_per_block,
+                  "sub_block_size": sub_block_size, "block_size": block_size, "seed": seed},
+            numbers={"threshold": threshold, "temperature": temperature},
+            choices={"remasking": (remasking, REMASKING), "cache": (cache, CACHES),
+                     "dtype": (dtype, ("float32", "bfloat16", "float16")),
+                     "fix_first_token": (fix_first_token, (True, False))},
+        )  # fmt: skip
         if loglikelihood_estimator not in ("vrpo", "trajectory"):
             raise ValueError(f"loglikelihood_estimator must be 'vrpo' or 'trajectory', got {loglikelihood_estimator!r}")
         if device and device.startswith("cuda") and not torch.cuda.is_available():
@@ -98,6 +125,11 @@ class DTRPOLM(LM):
             cache=cache,
             **sampler_kwargs(self.decoding),
         )
+        if gen_length % self.adapter.block_size:
+            raise ValueError(
+                f"dtrpo model_args: gen_length={gen_length} is not a multiple of the block size "
+                f"{self.adapter.block_size}"
+            )
         self.gen_length, self.seed = gen_length, seed
         self.estimator = EstimatorConfig(
             estimator=loglikelihood_estimator,

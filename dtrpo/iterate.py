@@ -31,17 +31,19 @@ from typing import Literal
 
 from transformers import TrainerCallback
 
-from dtrpo.base import RESUME_FREE, last_checkpoint
+from dtrpo.base import LOCK_FILE, RESUME_FREE, RunFinished, claim_output_dir, earlier_run, last_checkpoint
 from dtrpo.cli import TaskSpec
 from dtrpo.evaluate import SamplingArgs, run_eval
+from dtrpo.locks import hold
 from dtrpo.pairs import PairArgs, run_pairs
 from dtrpo.reward_model import reward_record
-from dtrpo.tasks import load_task, stream_prompts
+from dtrpo.tasks import stream_prompts
 from dtrpo.trainer import DTRPOConfig
 
 CONFIG_FILE = "iterate_config.json"
 ROUND_SEED_STRIDE = 1_000_000  # round r samples with seed + r * stride: its chunks' seeds never meet another round's
-FREE = {"loop.rounds"} | {f"train.{k}" for k in RESUME_FREE}  # settings a resumed run may change
+# settings a resumed run may change: the rounds (to extend it), and those that change no result
+FREE = {"loop.rounds", "task.reward_timeout"} | {f"train.{k}" for k in RESUME_FREE}
 
 
 @dataclass
@@ -82,6 +84,8 @@ class IterateArgs:
     )
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.eval_temperature) or self.eval_temperature < 0:
+            raise ValueError(f"--eval_temperature must be a finite number, 0 or more, got {self.eval_temperature}")
         for name in ("rounds", "prompts_per_round", "eval_n"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -118,28 +122,68 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def stage(path: Path, run: Callable[[], dict], log, what: str) -> dict:
-    """A finished stage's result read from `path`, or `run()` timed and written there once it returns."""
+REDO = "delete it to redo that stage"
+
+
+def read_stage(path: Path, keys: tuple[str, ...], fix: str = REDO) -> dict:
+    """A stage file's JSON object, holding `keys`; a damaged one (cut, edited, not an object) is one error
+    naming the file and `fix`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a {type(data).__name__}, not a JSON object; {fix}")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ValueError(f"{path}: has no {', '.join(missing)}; {fix}")
+    return data
+
+
+PAIRS_KEYS = ("prompts_from", "prompts", "pairs", "mean_score", "generation_passes", "seconds")
+TRAIN_KEYS = ("trained", "training_passes", "steps", "seconds")
+EVAL_KEYS = ("accuracy", "ci95", "n", "nfe_per_batch", "seconds")
+
+
+def stage(path: Path, run: Callable[[], dict], log, what: str, keys: tuple[str, ...] = ()) -> dict:
+    """A finished stage's result read from `path` (it must hold `keys`), or `run()` timed and written there
+    once it returns."""
     if path.is_file():
         log(f"{what}: done earlier ({path})")
-        return json.loads(path.read_text())
+        return read_stage(path, keys)
     start = time.perf_counter()
     result = {**run(), "seconds": time.perf_counter() - start}
     _write_json(path, result)
     return result
 
 
-def claim_run(out: Path, config: IterateConfig, log, scorer: dict | None = None) -> None:
-    """Store the settings in a new run folder; in a folder holding a run, refuse other settings (naming each
-    flag that differs) unless `overwrite_output_dir`, which deletes that run first. `scorer` (a reward model's
-    record) is kept and checked with them, so another reward model at the same path is refused too."""
-    path, now = out / CONFIG_FILE, {**config.resolved(), **({"scorer": scorer} if scorer else {})}
+def claim_run(out: Path, config: IterateConfig, task, log) -> None:
+    """Store the settings (and the prompts file's content digest) in a new run folder; in a folder holding a
+    run, refuse other settings (naming each flag that differs) or an edited prompts file unless
+    `overwrite_output_dir`, which deletes that run first. A folder holding a `train` run is refused too. A
+    reward model's record (its weights' fingerprint) is kept and checked with the settings, so another reward
+    model at the same path is refused too."""
+    scorer = reward_record(task)
+    path, content = out / CONFIG_FILE, getattr(task, "content", None)
+    now = {**config.resolved(), **({"scorer": scorer} if scorer else {})}
     if path.is_file() and config.train.overwrite_output_dir:
         log(f"overwrite_output_dir: deleting the earlier run in {out}")
         for old in [*out.glob("round-*"), path, out / "report.json", out / "rounds.png"]:
             shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+    found = [p.name for p in earlier_run(out)]
+    if found and not path.is_file() and not config.train.overwrite_output_dir:
+        raise ValueError(
+            f"--output_dir {out} holds a training run or a model ({', '.join(found[:4])}), not an iterate run; "
+            "choose another --output_dir, or pass --overwrite_output_dir true to delete it"
+        )
+    if found and not path.is_file():
+        claim_output_dir(config.train)  # deletes that run's checkpoints and files
     if path.is_file():
-        before = json.loads(path.read_text())
+        fix = "restore it, or pass --overwrite_output_dir true to start afresh"
+        before = read_stage(path, ("loop",), fix)
+        for s in now:
+            if not isinstance(before.get(s, {}), dict):
+                raise ValueError(f"{path}: section {s!r} is a {type(before[s]).__name__}, not an object; {fix}")
         differ = [
             f"--{key} ({before.get(s, {}).get(key)!r} then, {now[s].get(key)!r} now)"
             for s in now
@@ -152,9 +196,16 @@ def claim_run(out: Path, config: IterateConfig, log, scorer: dict | None = None)
                 "settings (only --rounds may change, to extend it), pass --overwrite_output_dir true to start "
                 "afresh, or choose another --output_dir"
             )
-        log(f"resuming the run in {out} ({before['loop']['rounds']} rounds planned then, {config.loop.rounds} now)")
+        if before.get("task_content", content) != content:
+            raise ValueError(
+                f"--task {config.task.task}: the prompts file was edited since the run in {out} started (content "
+                f"{before['task_content']} then, {content} now): its rounds would sample, train and evaluate on "
+                "other prompts or answers. Restore the file, pass --overwrite_output_dir true to start afresh, or "
+                "choose another --output_dir"
+            )
+        log(f"resuming the run in {out} ({before['loop'].get('rounds')} rounds planned then, {config.loop.rounds} now)")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(path, now)
+    _write_json(path, {**now, "task_content": content})
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -360,7 +411,10 @@ def train_on(config, r: int, rd: Path, start: str, models: Models, callbacks, lo
         initial = config.task.model_name_or_path
         ref = models.load(initial)[0] if loop.reference == "initial" and start != initial else None
         trainer = DTRPOTrainer(model=model, ref_model=ref, args=args, callbacks=callbacks, **common)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except RunFinished:  # killed after its final save, before the checkpoints went: the same model written again
+        trainer.restore(resume)
     trainer.save_model(str(out))
     models.moved(out)
     for checkpoint in out.glob("checkpoint-*"):  # only a resume reads them; the round's model stays
@@ -386,8 +440,10 @@ def eval_stage(config: IterateConfig, task, rd: Path, model_path: str, models: M
         sampling = replace(config.sampling, temperature=loop.eval_temperature)
         rd.mkdir(parents=True, exist_ok=True)
         run_eval(model, tokenizer, adapter, task, rows, sampling, path, desc=f"{label} eval")
-    report = json.loads(path.read_text())
-    summary = {k: report[k] for k in ("accuracy", "ci95", "n", "nfe_per_batch", "seconds")}
+    report = read_stage(path, EVAL_KEYS)
+    summary = {k: report[k] for k in EVAL_KEYS}
+    if not (isinstance(summary["ci95"], list) and len(summary["ci95"]) == 2):
+        raise ValueError(f"{path}: ci95 is {summary['ci95']!r}, not a [low, high] pair; {REDO}")
     low, high = summary["ci95"]
     log(f"{label}: {loop.eval_split} accuracy {summary['accuracy']:.3f} [{low:.3f}, {high:.3f}] (n={summary['n']})")
     return summary
@@ -401,10 +457,18 @@ def run_round(config: IterateConfig, task, r: int, start: str, models: Models, c
     rd = Path(config.train.output_dir) / f"round-{r}"
     rd.mkdir(parents=True, exist_ok=True)
     pairs = stage(
-        rd / "pairs.json", lambda: pairs_stage(config, task, r, rd, start, models, log), log, f"round {r} pairs"
+        rd / "pairs.json",
+        lambda: pairs_stage(config, task, r, rd, start, models, log),
+        log,
+        f"round {r} pairs",
+        PAIRS_KEYS,
     )
     train = stage(
-        rd / "train.json", lambda: train_stage(config, r, rd, start, models, callbacks, log), log, f"round {r} training"
+        rd / "train.json",
+        lambda: train_stage(config, r, rd, start, models, callbacks, log),
+        log,
+        f"round {r} training",
+        TRAIN_KEYS,
     )
     for checkpoint in (rd / "model").glob("checkpoint-*"):  # left by a kill after the stage was written
         shutil.rmtree(checkpoint)
@@ -446,19 +510,18 @@ def iterate(config: IterateConfig, log: Callable[[str], None] = print, callbacks
 
     out = Path(config.train.output_dir)
     _check(config.pairs.samples, config.sampling)
-    spec = config.task
-    task = load_task(
-        spec.task,
-        spec.match,
-        spec.reward,
-        spec.prompt_field,
-        None,
-        spec.reward_model,
-        spec.reward_batch_size,
-        spec.dtype,
-    )
+    t = config.task
+    task = t.load_task()
+    if not Path(t.model_name_or_path).is_dir():  # checked before the settings are recorded, as every flag is
+        raise FileNotFoundError(f"--model_name_or_path {t.model_name_or_path}: no such model folder")
     config = replace(config, sampling=_family_decoding(config, log))
-    claim_run(out, config, log, reward_record(task))
+    with hold(out / LOCK_FILE, f"--output_dir {out}"):  # one run at a time, before anything is deleted or written
+        return run_rounds(config, task, out, log, callbacks)
+
+
+def run_rounds(config: IterateConfig, task, out: Path, log, callbacks) -> dict:
+    """`iterate`'s work, under the run folder's lock."""
+    claim_run(out, config, task, log)
     models = Models(config)
     initial = config.task.model_name_or_path
     start = eval_stage(config, task, out / "round-0", initial, models, "round 0 (the initial model)", log)

@@ -105,8 +105,11 @@ def chunk_size(samples: int, sampling: SamplingArgs) -> int:
 def sample_chunk(model, tokenizer, adapter, task, rows, samples, sampling, chunk: int) -> tuple[list[dict], dict]:
     """Every prompt of one chunk with its `samples` responses and scores (items), and sampler statistics."""
     prompts = [r["prompt"] for r in rows for _ in range(samples)]
-    local = replace(sampling, batch_size=len(prompts))  # the chunk is one sampler batch
-    texts, stats = sample_texts(model, tokenizer, adapter, prompts, local, sampling.seed + chunk)
+    # the chunk is one sampler batch, or (more samples than --batch_size) batches of --batch_size on seeds of
+    # their own: chunk k's seeds follow chunk k-1's
+    batches = -(-len(prompts) // sampling.batch_size)
+    local = replace(sampling, batch_size=min(len(prompts), sampling.batch_size))
+    texts, stats = sample_texts(model, tokenizer, adapter, prompts, local, sampling.seed + chunk * batches)
     scores = score_batch(task, [r for r in rows for _ in range(samples)], texts)
     items = [
         {

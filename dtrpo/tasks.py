@@ -315,6 +315,7 @@ class FileTask:
     reward: Reward | None = None
     prompt_field: str = "prompt"
     reward_name: str | None = None  # "module:function", as given: what made a run's scores
+    content: str | None = None  # a digest of the file's bytes (`file_digest`): an edited file is another task
     reward_model: RewardModel | None = None  # scores whole batches in `score_batch`
 
     @property
@@ -506,7 +507,7 @@ def load_prompts_file(
             raise ValueError("--reward_timeout limits a reward function: give one with --reward module:function")
         fn = timed(fn, reward_timeout)
     name = reward if isinstance(reward, str) else None if reward is None else getattr(reward, "__qualname__", None)
-    task = FileTask(path, match, fn, prompt_field, name)
+    task = FileTask(path, match, fn, prompt_field, name, file_digest(path))
     task.reward_model = reward_model  # a folder's path while the rows are checked (rows then need no answer)
     if not sum(1 for _ in task.rows()):
         raise ValueError(f"{path}: no rows")
@@ -515,6 +516,15 @@ def load_prompts_file(
 
         task.reward_model = RewardModel(reward_model, reward_batch_size, reward_dtype)
     return task
+
+
+def file_digest(path: Path) -> str:
+    """A digest of a file's bytes, read in pieces: prompts, answers and every other field of every row."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 16):
+            h.update(piece)
+    return h.hexdigest()
 
 
 def load_task(
@@ -569,6 +579,10 @@ def score_batch(task: Task, rows: list[dict], responses: list[str]) -> list[floa
         except RewardTimeout as e:
             raise ValueError(
                 f"{task.name}: scoring {_describe(row)} did not return within {e.args[0]} s (--reward_timeout)"
+            ) from None
+        except SystemExit as e:  # not an Exception: it would end the run with the reward's code and no word
+            raise ValueError(
+                f"{task.name}: scoring {_describe(row)} called sys.exit({e.code!r}); a reward returns a number"
             ) from None
         except Exception as e:
             raise ValueError(f"{task.name}: scoring {_describe(row)} raised {type(e).__name__}: {e}") from e

@@ -255,6 +255,12 @@ class DTRPOTrainer(DiffusionTrainer):
         epochs = planned_epochs(a.max_steps, a.num_train_epochs, updates) + int(for_eval)
         path = a.ref_log_probs_file or (f"{self.dataset_name}.ref_logps.json" if self.dataset_name else None)
         path = None if for_eval else path
+        data = self.dataset_name
+        if path and data and Path(data).is_file() and Path(path).is_file() and Path(path).samefile(data):
+            raise ValueError(
+                f"--ref_log_probs_file {path} is the training data --dataset_name {data}: it names the file the "
+                f"reference scores are kept in; name another one (default: {data}.ref_logps.json)"
+            )
         if path:
             reference = self.ref_model or self.accelerator.unwrap_model(self.model)  # the base, for PEFT or a copy
             want = fingerprint(reference, dataset, self.estimator_config, self.adapter, a.seed)
