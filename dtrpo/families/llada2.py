@@ -99,7 +99,7 @@ def problem(config: dict) -> str | None:
     if not 1 <= TG <= G or not 1 <= K <= TG * (E // G):
         return f"topk_group={TG} / num_experts_per_tok={K} do not fit {G} groups of {E // G} experts"
     if config.get("norm_topk_prob") is False and K > 1:
-        return "norm_topk_prob=false: dFactory's router normalises the chosen experts' weights whenever it picks 2 or more"
+        return "norm_topk_prob=false: dFactory's router normalises the chosen experts' weights whenever top-k > 1"
     if not config.get("num_shared_experts"):
         return "num_shared_experts is 0 or absent: dtrpo loads LLaDA2 with its shared experts only"
     if config.get("first_k_dense_replace", 0) and config.get("intermediate_size") is None:
