@@ -137,8 +137,33 @@ def expert_weight(w: dict, prefix: str, proj: str, j: int) -> torch.Tensor:
     return w[separate] if separate in w else w[f"{prefix}experts.{proj}"][j]
 
 
+def route(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cfg: dict, dtype: torch.dtype = torch.float32):
+    """The public router on (L, d) hidden states, token by token, in `dtype` (float32 in the public code): sigmoid
+    scores; the bias enters the choice only; a group scores the sum of its 2 best biased scores, `topk_group`
+    groups are kept; the best `num_experts_per_tok` biased experts inside them; their unbiased scores normalised
+    to sum 1 (top-k > 1) and scaled. Returns the chosen experts per token and their weights."""
+    E, G, TG, k = cfg["num_experts"], cfg["n_group"], cfg["topk_group"], cfg["num_experts_per_tok"]
+    scores = torch.sigmoid(h.to(dtype) @ weight.to(dtype).T)  # (L, E)
+    biased = scores + bias.to(dtype)
+    chosen, weights = [], []
+    top2 = biased.view(-1, G, E // G).sort(-1, descending=True).values[..., :2].sum(-1)  # (L, G)
+    for t, row in enumerate(biased.tolist()):
+        keep = top2[t].argsort(descending=True)[:TG].tolist()
+        inside = [j for j in range(E) if j // (E // G) in keep]
+        best = sorted(inside, key=lambda j: -row[j])[:k]
+        s = scores[t, best]
+        weights.append(s / (s.sum() + 1e-20) * cfg["routed_scaling_factor"] if k > 1 else s)
+        chosen.append(best)
+    return chosen, weights
+
+
 def reference_forward(
-    w: dict[str, torch.Tensor], cfg: dict, ids: list[int], block: int, dtype: torch.dtype = torch.float64
+    w: dict[str, torch.Tensor],
+    cfg: dict,
+    ids: list[int],
+    block: int,
+    dtype: torch.dtype = torch.float64,
+    router_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """LLaDA2's forward from its public description, on its own tensor names; position q attends k exactly when
     k // block <= q // block (blocks counted from 0). Returns the (L, V) logits and, per MoE layer, the (L, k)
@@ -148,7 +173,6 @@ def reference_forward(
     w = {k: v.to(dtype) if v.is_floating_point() else v for k, v in w.items()}
     L = len(ids)
     H, K, D, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["rms_norm_eps"]
-    E, G, TG, k = cfg["num_experts"], cfg["n_group"], cfg["topk_group"], cfg["num_experts_per_tok"]
 
     def rms(x, g):
         x32 = x.float()
@@ -187,21 +211,11 @@ def reference_forward(
         if i < cfg["first_k_dense_replace"]:
             x = x + swiglu(h, w[b + "mlp.gate_proj.weight"], w[b + "mlp.up_proj.weight"], w[b + "mlp.down_proj.weight"])
             continue
-        scores = torch.sigmoid(h.float() @ w[b + "mlp.gate.weight"].float().T)  # (L, E), float32
-        biased = scores + w[b + "mlp.gate.expert_bias"].float()
-        chosen, weights = [], []
-        for t in range(L):
-            groups = biased[t].view(G, E // G).sort(-1, descending=True).values[:, :2].sum(-1)
-            keep = groups.argsort(descending=True)[:TG]
-            allowed_experts = [j for j in range(E) if j // (E // G) in keep.tolist()]
-            best = sorted(allowed_experts, key=lambda j: -biased[t, j].item())[:k]
-            s = scores[t, best]
-            weights.append(s / (s.sum() + 1e-20) * cfg["routed_scaling_factor"] if k > 1 else s)
-            chosen.append(best)
+        chosen, weights = route(h, w[b + "mlp.gate.weight"], w[b + "mlp.gate.expert_bias"], cfg, router_dtype)
         out = torch.stack(
             [
                 swiglu(h, *(expert_weight(w, b + "mlp.", p, j) for p in ("gate_proj", "up_proj", "down_proj")))
-                for j in range(E)
+                for j in range(cfg["num_experts"])
             ],
             1,
         )  # (L, E, d): every expert on every token
@@ -251,3 +265,217 @@ def test_logits_and_routes_equal_the_public_description(folders, layout):
             want, want_routes = reference_forward(w, LLADA2_CONFIG, ids, 4, dtype)
             assert (got - want).abs().max() <= tol * want.abs().max(), (dtype, len(ids))
             assert len(routes) == 2 and all(torch.equal(a, b) for a, b in zip(routes, want_routes, strict=True))
+
+
+# ----------------------------------------------------------------------------- every dtrpo layout on the grid
+
+BS = 4
+PROMPT_LENS = (4, 5, 6, 7, 3)  # every remainder P % 4 and a prompt shorter than a block, in one batch
+
+
+def state_of(prompt: list[int], response: list[int], noisy_row: list[int], j: int, mode: str) -> list[int]:
+    """The sequence the public sampler holds when it decodes response token j (test_grid's rule): earlier blocks
+    clean, j's absolute block in its noisy state, nothing after it; `remasked`: every block noisy at once."""
+    P = len(prompt)
+    b = (P + j) // BS
+    if mode == "remasked":
+        return prompt + noisy_row[: len(response)]
+    start, end = max(b * BS - P, 0), (b + 1) * BS - P
+    return prompt + response[:start] + noisy_row[start:end]
+
+
+def pair_batch(mask_id: int):
+    """Pairs sharing their prompt (rows i and n + i), responses ending on the absolute grid, a random state."""
+    from tests.families.test_grid import grid_batch
+
+    n = len(PROMPT_LENS)
+    batch, prompts, responses, _ = grid_batch(PROMPT_LENS * 2, (3, 2, 3, 1, 2) * 2, mask_id)
+    prompt_ids, prompt_valid = batch.prompt_ids.clone(), batch.prompt_valid.clone()
+    prompt_ids[n:], prompt_valid[n:] = prompt_ids[:n], prompt_valid[:n]
+    rejected = [(responses[n + i] * 2)[: len(responses[i]) - BS if len(responses[i]) > BS else len(responses[i])]
+                for i in range(n)]  # fmt: skip
+    responses = responses[:n] + rejected
+    R = max(map(len, responses))
+    ids = torch.tensor([r + [0] * (R - len(r)) for r in responses])
+    valid = torch.tensor([[True] * len(r) + [False] * (R - len(r)) for r in responses])
+    g = torch.Generator().manual_seed(5)
+    noisy = torch.where((torch.rand(ids.shape, generator=g) < 0.6) & valid, mask_id, ids)
+    from dtrpo.estimators import Batch
+
+    return Batch(prompt_ids, prompt_valid, ids, valid, pairs=True, pack=True), prompts[:n] * 2, responses, noisy
+
+
+@pytest.fixture(scope="module")
+def model64(folders):
+    from dtrpo.families import load_model
+
+    model, tokenizer, adapter = load_model(folders["separate"], dtype=torch.float64)
+    lift_routers(model)
+    return model, tokenizer, adapter
+
+
+def lift_routers(model: torch.nn.Module) -> None:
+    """Run every router of `model` by `route` in the model's dtype. The public router (and the native one) runs in
+    float32 whatever the model's dtype, and a float32 matmul rounds differently for different numbers of rows
+    (BLAS picks kernels by shape): a float64 forward of a packed batch then agrees with one of a single state to
+    float32 precision only (6e-7 measured). The float64 layout checks lift both routers to float64."""
+    for name, m in model.named_modules():
+        if name.endswith("mlp.gate"):
+
+            def forward(hidden, m=m):
+                h = hidden.view(-1, m.hidden_dim)
+                chosen, weights = route(h, m.weight, m.e_score_correction_bias, LLADA2_CONFIG, model.dtype)
+                return h @ m.weight.T, torch.stack(weights), torch.tensor(chosen)
+
+            m.forward = forward
+
+
+def layout_errors(model, adapter, w, mode: str) -> float:
+    """The largest |dtrpo log-prob - reference log-prob| over every response token of a mixed batch."""
+    from dtrpo.estimators import position_logprobs
+    from tests.families.test_grid import grid_batch
+
+    if mode == "pairs":
+        batch, prompts, responses, noisy = pair_batch(adapter.mask_token_id)
+    else:
+        batch, prompts, responses, noisy = grid_batch(PROMPT_LENS, (3, 2, 3, 1, 2), adapter.mask_token_id)
+    with torch.no_grad():
+        got, _ = position_logprobs(adapter, model, batch, noisy, batch.response_valid, mode.replace("pairs", "packed"))
+    worst, cache, lifted = 0.0, {}, model.dtype if model.dtype == torch.float64 else torch.float32
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        for j in range(len(r)):
+            seq = state_of(p, r, noisy[i].tolist(), j, mode.replace("pairs", "packed"))
+            if tuple(seq) not in cache:
+                logits, _ = reference_forward(w, LLADA2_CONFIG, seq, BS, model.dtype, lifted)
+                cache[tuple(seq)] = torch.log_softmax(logits.double(), -1)
+            worst = max(worst, abs(got[i, j].item() - cache[tuple(seq)][len(p) + j, r[j]].item()))
+    assert (got[~batch.response_valid] == 0).all()
+    return worst
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "packed",
+        "pairs",
+        pytest.param("exact", marks=pytest.mark.slow),
+        pytest.param("remasked", marks=pytest.mark.slow),
+    ],
+)
+def test_every_layout_equals_the_reference_for_every_remainder(folders, model64, mode):
+    """float64 (routers lifted to float64 on both sides) to 1e-9 in log-probability."""
+    from safetensors.torch import load_file
+
+    model, _, adapter = model64
+    assert adapter.absolute_grid and adapter.block_size == BS and not adapter.shifted
+    assert layout_errors(model, adapter, load_file(folders["separate"] / "model.safetensors"), mode) < 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["packed", "exact", "remasked", "pairs"])
+def test_every_layout_in_float32_with_the_native_router(folders, mode):
+    """float32, the native float32 router as loaded: within float32 rounding (2e-5 in log-probability)."""
+    from safetensors.torch import load_file
+
+    from dtrpo.families import load_model
+
+    model, _, adapter = load_model(folders["separate"])
+    assert layout_errors(model, adapter, load_file(folders["separate"] / "model.safetensors"), mode) < 2e-5
+
+
+@pytest.mark.slow
+def test_controls_are_far_off_the_reference(folders, model64):
+    """Each departure from the public code is caught by the check above: a response-relative grid with a
+    bidirectional prompt, a token-causal prompt, full rotary, the router without its bias or without groups."""
+    import copy
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    model, _, adapter = model64
+    w = load_file(folders["separate"] / "model.safetensors")
+    assert layout_errors(model, adapter, w, "packed") < 1e-9
+    assert layout_errors(model, replace(adapter, prompt_attention="full"), w, "packed") > 0.1
+    assert layout_errors(model, replace(adapter, prompt_attention="causal"), w, "packed") > 0.1
+
+    def changed(edit) -> float:
+        other = copy.deepcopy(model)
+        edit(other)
+        return layout_errors(other, adapter, w, "packed")
+
+    def full_rotary(m):
+        m.config.rope_parameters = {**m.config.rope_parameters, "partial_rotary_factor": 1.0}
+        m.model.rotary_emb = type(m.model.rotary_emb)(config=m.config)
+
+    def routers(m):
+        return [mod for name, mod in m.named_modules() if name.endswith("mlp.gate")]
+
+    def no_bias(m):
+        for r in routers(m):
+            r.e_score_correction_bias.zero_()
+
+    def no_groups(m):
+        for r in routers(m):
+            r.num_group = r.topk_group = 1
+
+    for edit in (full_rotary, no_bias, no_groups):
+        assert changed(edit) > 0.1, edit.__name__
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def reference_generate(
+    model, prompt: list[int], gen_length: int, threshold: float, eos: int, mask_id: int
+) -> list[int]:
+    """The public `generate`, greedy, one prompt, written from its description with `steps` = block (one token a
+    step at least): blocks of BS counted from position 0; decoding starts at the block holding the prompt's
+    end; each step forwards everything up to the current block's end (block-causal) and, among the block's
+    masked positions, fixes every one whose argmax probability (full softmax) exceeds `threshold`, or else the
+    single most confident; with eos_early_stop it returns once an EOS is fixed with everything before it decoded,
+    and it stops after a block whose tokens hold an EOS. Returns the response up to (not including) its first
+    EOS, at most gen_length tokens. Each forward is one call of the loaded model on the unpadded prefix under a
+    loop-built mask (`model_forward`, equal to the independent forward above)."""
+    P = len(prompt)
+    total = -(-(P + gen_length) // BS) * BS
+    x = prompt + [mask_id] * (total - P)
+    for b in range(P // BS, total // BS):
+        end = (b + 1) * BS
+        for _ in range(BS):
+            masked = [i for i in range(b * BS, end) if x[i] == mask_id]
+            if not masked:
+                break
+            logits, _ = model_forward(model, x[:end], BS)
+            probs = torch.softmax(logits, -1)
+            conf, token = probs.max(-1)
+            high = [i for i in masked if conf[i] > threshold]
+            for i in high or [max(masked, key=lambda i: conf[i].item())]:
+                x[i] = int(token[i])
+            if eos in x[P:end] and mask_id not in x[P : P + x[P:end].index(eos)]:
+                break  # early stop: an EOS with everything before it decoded
+        if eos in x[P:end]:
+            break
+    out = x[P : P + gen_length]
+    return out[: out.index(eos)] if eos in out else out
+
+
+@pytest.mark.parametrize("threshold", [pytest.param(0.95, marks=pytest.mark.slow), 0.1])
+def test_sampler_gives_the_reference_generate_tokens(folders, threshold):
+    """Greedy, steps = block, a confidence threshold and EOS stopping, on 20 prompts of every P % B: dtrpo's
+    batched sampler (KV cache) gives the loop-written public rule's tokens on every prompt."""
+    from collections import Counter
+
+    from dtrpo.families import load_model
+    from dtrpo.sampler import generate
+
+    model, _, adapter = load_model(folders["separate"])
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(4, 200, (n,), generator=g).tolist() for n in range(1, 21)]
+    probe = generate(adapter, model, prompts, gen_length=8, steps_per_block=BS)
+    eos = Counter(t for s in probe.sequences for t in s).most_common(1)[0][0]  # a frequent token as EOS
+    out = generate(adapter, model, prompts, gen_length=8, steps_per_block=BS, threshold=threshold, eos_token_id=eos)
+    want = [reference_generate(model, p, 8, threshold, eos, adapter.mask_token_id) for p in prompts]
+    assert sum(out.finished) >= 3  # EOS met on some prompts: the stopping rule is exercised
+    if threshold < 0.5:
+        assert out.nfe < probe.nfe  # some steps fixed several tokens: the threshold is exercised
+    assert [s[:8] for s in out.sequences] == want  # dtrpo decodes to the end of the block holding token 8
