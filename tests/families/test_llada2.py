@@ -8,6 +8,7 @@ Facts from the public code that a test relies on are named in a comment `# fact:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -479,3 +480,91 @@ def test_sampler_gives_the_reference_generate_tokens(folders, threshold):
     if threshold < 0.5:
         assert out.nfe < probe.nfe  # some steps fixed several tokens: the threshold is exercised
     assert [s[:8] for s in out.sequences] == want  # dtrpo decodes to the end of the block holding token 8
+
+
+# ----------------------------------------------------------------------------- export, training, MoE
+
+
+@pytest.mark.parametrize("layout", ["separate", "fused"])
+def test_family_export_is_bit_exact_in_its_own_layout(folders, layout, tmp_path):
+    """fact: dFactory's moe_convertor stacks `experts.{j}.{proj}.weight` into `experts.{proj}` (E, ., .) and back.
+    A family export writes the layout its model_type names, same names, same bits, same config.json; the other
+    layout's folder holds the same weights stacked; a native export reloads to the same tensors."""
+    from dtrpo.families import export_checkpoint, load_model, read_weights
+    from tests.families.test_loading import assert_same_tensors
+
+    source = folders[layout]
+    model, tokenizer, adapter = load_model(source)
+    export_checkpoint(model, tokenizer, adapter, tmp_path / "family")
+    original, exported = read_weights(source), read_weights(tmp_path / "family")
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    assert json.loads((tmp_path / "family/config.json").read_text()) == json.loads((source / "config.json").read_text())
+    other = read_weights(folders["fused" if layout == "separate" else "separate"])
+    fused = original if layout == "fused" else other
+    separate = other if layout == "fused" else original
+    assert torch.equal(
+        fused["model.layers.2.mlp.experts.up_proj"][5], separate["model.layers.2.mlp.experts.5.up_proj.weight"]
+    )
+    export_checkpoint(model, tokenizer, adapter, tmp_path / "native", format="native")
+    native, _, adapter_native = load_model(tmp_path / "native")
+    assert_same_tensors(model, native)
+    assert adapter_native == adapter
+    export_checkpoint(native, tokenizer, adapter_native, tmp_path / "family2")
+    again = read_weights(tmp_path / "family2")
+    assert again.keys() == original.keys() and all(torch.equal(original[k], again[k]) for k in original)
+
+
+def test_train_two_steps_export_reload_gives_the_same_logits(folders, tmp_path):
+    """Two dTRPO steps change attention, router and expert weights but not the expert bias (a buffer); the
+    family export reloads to the trained tensors, and the independent forward on the exported file gives the
+    trained model's logits."""
+    from safetensors.torch import load_file
+
+    from dtrpo.families import export_checkpoint, load_model
+    from tests.families.test_loading import two_steps
+
+    model, tokenizer, adapter = load_model(folders["separate"])
+    names = dict(model.named_parameters())
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in dict(model.named_buffers())
+    assert not any("e_score_correction_bias" in n for n in names)  # a buffer: never trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    two_steps(model, tokenizer, adapter, tmp_path)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    for name in (
+        "self_attn.q_proj.weight",
+        "mlp.gate.weight",
+        "mlp.experts.gate_up_proj",
+        "mlp.shared_experts.up_proj.weight",
+    ):
+        assert f"model.layers.1.{name}" in changed, name
+    assert not any("e_score_correction_bias" in k for k in changed)
+    export_checkpoint(model, tokenizer, adapter, tmp_path / "trained")
+    again, _, _ = load_model(tmp_path / "trained")
+    ids = SEQUENCES[-1]
+    got, _ = model_forward(model.eval(), ids, BS)
+    torch.testing.assert_close(model_forward(again, ids, BS)[0], got, atol=0, rtol=0)
+    want, _ = reference_forward(
+        load_file(tmp_path / "trained/model.safetensors"), LLADA2_CONFIG, ids, BS, torch.float32
+    )
+    assert (got - want).abs().max() <= 8 * torch.finfo(torch.float32).eps * want.abs().max()
+
+
+def test_policy_and_reference_route_alike_at_equal_weights(folders, tmp_path):
+    """The trainer's reference copy (and, for LoRA, the base with adapters off) routes every token to the same
+    experts as the policy at equal weights; the router has no auxiliary loss in the native class or the public
+    code (dFactory returns aux_loss None), so none enters the dTRPO loss."""
+    from dtrpo.families import load_model
+    from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
+    from tests.families.test_loading import PAIRS
+
+    model, tokenizer, adapter = load_model(folders["separate"])
+    args = DTRPOConfig(output_dir=str(tmp_path), max_steps=1, use_cpu=True, report_to=[], save_strategy="no",
+                       disable_tqdm=True, block_size=4, max_completion_length=8)  # fmt: skip
+    trainer = DTRPOTrainer(model=model, args=args, adapter=adapter, processing_class=tokenizer, train_dataset=PAIRS)
+    for ids in SEQUENCES:
+        policy_logits, policy_routes = model_forward(model, ids, BS)
+        ref_logits, ref_routes = model_forward(trainer.ref_model, ids, BS)
+        assert all(torch.equal(a, b) for a, b in zip(policy_routes, ref_routes, strict=True))
+        torch.testing.assert_close(policy_logits, ref_logits, atol=0, rtol=0)
+    assert not getattr(model.config, "output_router_logits", False)
