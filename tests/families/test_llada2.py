@@ -568,3 +568,67 @@ def test_policy_and_reference_route_alike_at_equal_weights(folders, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(policy_routes, ref_routes, strict=True))
         torch.testing.assert_close(policy_logits, ref_logits, atol=0, rtol=0)
     assert not getattr(model.config, "output_router_logits", False)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"score_function": "softmax"}, "score_function='softmax'"),
+        ({"n_group": None}, "has no 'n_group'"),
+        ({"topk_group": None}, "has no 'topk_group'"),
+        ({"n_group": 3}, "n_group=3 must divide num_experts=8"),
+        ({"router_dtype": "bf16"}, "router_dtype='bf16'"),
+        ({"use_bias": True}, "use_bias=True"),
+        ({"norm_topk_prob": False}, "norm_topk_prob=false"),
+        ({"rotary_dim": 16}, "rotary_dim=16 disagrees"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling="),
+    ],
+)
+def test_unknown_router_settings_are_one_line_before_any_weight_loads(tmp_path, change, named):
+    """The weights file is removed: the error must come from config.json alone, naming the key."""
+    from dtrpo.families import load_model
+
+    folder = write_llada2(tmp_path / "m", **change)
+    cfg = json.loads((folder / "config.json").read_text())
+    for key in [k for k, v in change.items() if v is None]:
+        cfg.pop(key)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"LLaDA2 config\.json ") as err:
+        load_model(folder)
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+SENTINEL_CODE = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('remote code ran')\n"
+
+
+def test_remote_code_is_never_executed(folders, tmp_path):
+    """A LLaDA2 folder ships its modeling code (auto_map): it loads natively and the code never runs; a folder
+    whose config names only remote code of an unknown model is refused with that reason, nothing run."""
+    import shutil
+
+    from dtrpo.cli import main
+    from dtrpo.families import load_model
+
+    folder = tmp_path / "with_code"
+    shutil.copytree(folders["separate"], folder)
+    for name in ("modeling_llada2_moe.py", "configuration_llada2_moe.py"):
+        (folder / name).write_text(SENTINEL_CODE)
+    model, _, _ = load_model(folder)
+    assert type(model).__name__ == "Glm4MoeForCausalLM" and not (folder / "RAN").exists()
+
+    only_code = tmp_path / "only_code"
+    only_code.mkdir()
+    cfg = {"model_type": "llada3_moe", "auto_map": {"AutoModelForCausalLM": "modeling_llada3.Model"}}
+    (only_code / "config.json").write_text(json.dumps(cfg))
+    (only_code / "modeling_llada3.py").write_text(SENTINEL_CODE)
+    with pytest.raises(ValueError, match="auto_map names remote code, which dtrpo never runs"):
+        load_model(only_code)
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model_name_or_path", str(only_code), "--prompt", "x"])
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "auto_map names remote code" in message and "\n" not in message
+    assert not (only_code / "RAN").exists()
