@@ -293,3 +293,80 @@ SPEC = Family(
     to_family_tensors=to_family_tensors,
     lora_names={"dense": "o_proj"},  # the fused query_key_value is three native layers: name q/k/v_proj
 )
+
+
+# ----------------------------------------------------------------------------- a tiny LLaDA2
+
+
+def tiny_config(vocab_size: int, block_size: int, hidden_size: int, num_layers: int, tokenizer) -> dict:
+    """config.json of a small LLaDA2 with the public config's keys: 8 experts in 4 groups (2 kept), 2 experts a
+    token, one shared expert, the first layer dense, head_dim 16 with half of it rotated."""
+    heads = max(2, hidden_size // 16)
+    return {
+        "architectures": list(SPEC.architectures),
+        "auto_map": dict(SPEC.auto_map),
+        "model_type": SPEC.model_type,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "first_k_dense_replace": 1 if num_layers > 1 else 0,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "head_dim": 16,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 600000,
+        "rope_scaling": None,
+        "partial_rotary_factor": 0.5,
+        "rotary_dim": 8,
+        "tie_word_embeddings": False,
+        "use_bias": False,
+        "use_qkv_bias": False,
+        "use_rmsnorm": True,
+        "norm_head": False,
+        "attention_dropout": 0.0,
+        "num_experts": 8,
+        "num_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": max(8, hidden_size // 4),
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+        "score_function": "sigmoid",
+        "router_dtype": "fp32",
+        "moe_router_enable_expert_bias": True,
+        "use_sliding_window": False,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "torch_dtype": "float32",
+        "block_length": block_size,
+    }
+
+
+def init_tiny(output, block_size: int = 8, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+    """Write a small random LLaDA2 in the family's released layout (experts as separate modules), with the
+    built-in character tokenizer (its `<mask>` is the mask token): `dtrpo init-tiny --family llada2`."""
+    import json
+    from pathlib import Path
+
+    from dtrpo.families.loading import save_safetensors
+    from dtrpo.models import make_char_tokenizer
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_char_tokenizer()
+    config = tiny_config(len(tokenizer), block_size, hidden_size, num_layers, tokenizer)
+    native = native_config(config, SPEC, "sdpa")
+    torch.manual_seed(seed)
+    model = NATIVE_CLASSES[SPEC.native][1](native).float()
+    with torch.no_grad():  # a trained router's bias is not zero: a small random one makes it matter
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.05)
+    save_safetensors(to_family_tensors(model.state_dict(), config, native), output)
+    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(output)
+    return output

@@ -632,3 +632,49 @@ def test_remote_code_is_never_executed(folders, tmp_path):
     message = str(exit_.value.code)
     assert message.startswith("error: ") and "auto_map names remote code" in message and "\n" not in message
     assert not (only_code / "RAN").exists()
+
+
+def test_lora_reaches_attention_and_the_fused_experts(folders, tmp_path):
+    """Default LoRA targets: attention, the dense and shared MLPs (Linear) and the routed experts (3D parameters,
+    PEFT target_parameters); with adapters off the model is the base (the reference), routes included; two
+    training steps move only LoRA weights; the merged export reloads to the merged model."""
+    from dtrpo.families import export_checkpoint, load_model
+    from dtrpo.lora import apply_lora, merge_lora
+    from tests.families.test_loading import two_steps
+
+    model, tokenizer, adapter = load_model(folders["separate"])
+    base_logits, base_routes = model_forward(model, SEQUENCES[-1], BS)
+    peft = apply_lora(model, adapter, r=2)
+    trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
+    assert any("experts" in n and "lora_A" in n for n in trainable)
+    assert any("self_attn.q_proj.lora_A" in n for n in trainable) and any("shared_experts" in n for n in trainable)
+    before = {k: v.clone() for k, v in peft.state_dict().items()}
+    two_steps(peft, tokenizer, adapter, tmp_path)
+    changed = {k for k, v in peft.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("lora_" in k for k in changed) and any("experts.lora_B" in k for k in changed)
+    peft.eval()
+    with peft.disable_adapter():
+        off_logits, off_routes = model_forward(peft, SEQUENCES[-1], BS)
+    torch.testing.assert_close(off_logits, base_logits, atol=0, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(off_routes, base_routes, strict=True))
+    on_logits, _ = model_forward(peft, SEQUENCES[-1], BS)
+    assert (on_logits - base_logits).abs().max() > 1e-4
+    merged = merge_lora(peft)
+    export_checkpoint(merged, tokenizer, adapter, tmp_path / "merged")
+    again, _, _ = load_model(tmp_path / "merged")
+    torch.testing.assert_close(
+        model_forward(again, SEQUENCES[-1], BS)[0], on_logits, atol=1e-4, rtol=0
+    )  # merge rounding
+
+
+def test_lora_target_names_an_expert_parameter_or_is_refused(folders):
+    from dtrpo.families import load_model
+    from dtrpo.lora import apply_lora
+
+    model, _, adapter = load_model(folders["separate"])
+    peft = apply_lora(model, adapter, r=2, target_modules=["gate_up_proj"])  # the routed experts only
+    trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
+    assert trainable and all("experts" in n and "shared" not in n for n in trainable)
+    model, _, adapter = load_model(folders["separate"])
+    with pytest.raises(ValueError, match="LoRA target 'query_key_value' names no Linear"):
+        apply_lora(model, adapter, r=2, target_modules=["query_key_value"])
