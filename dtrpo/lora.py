@@ -11,12 +11,15 @@ reference model of a LoRA policy is the same model with its adapters disabled
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from dtrpo.models import ModelAdapter
 
+logger = logging.getLogger(__name__)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -77,12 +80,26 @@ def apply_lora(
     """Wrap `model` with LoRA adapters (rank r, scale alpha / r) on the target modules; only they train."""
     if r <= 0:
         raise ValueError(f"LoRA rank r must be positive, got {r}")
+    modules, parameters = (
+        lora_targets(model, adapter, target_modules),
+        expert_parameters(model, adapter, target_modules),
+    )
+    if parameters and dropout:  # PEFT's LoRA on a parameter (ParamWrapper) has no dropout
+        if not modules:
+            raise ValueError(f"--lora_dropout {dropout}: LoRA on fused experts only takes no dropout; pass 0")
+        logger.warning(
+            "LoRA dropout %s: PEFT cannot drop out on fused expert parameters, so %s are left out; pass "
+            "--lora_dropout 0 (or --disable_dropout) to adapt the routed experts too",
+            dropout,
+            parameters,
+        )
+        parameters = []
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=lora_targets(model, adapter, target_modules),
-        target_parameters=expert_parameters(model, adapter, target_modules) or None,
+        target_modules=modules,
+        target_parameters=parameters or None,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -678,3 +678,46 @@ def test_lora_target_names_an_expert_parameter_or_is_refused(folders):
     model, _, adapter = load_model(folders["separate"])
     with pytest.raises(ValueError, match="LoRA target 'query_key_value' names no Linear"):
         apply_lora(model, adapter, r=2, target_modules=["query_key_value"])
+    with pytest.raises(ValueError, match="--lora_dropout 0.05: LoRA on fused experts only takes no dropout"):
+        apply_lora(model, adapter, r=2, target_modules=["gate_up_proj"], dropout=0.05)
+    peft = apply_lora(model, adapter, r=2, dropout=0.05)  # PEFT has no dropout on parameters: experts left out
+    trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
+    assert any("q_proj" in n for n in trainable) and not any(".experts.lora" in n for n in trainable)
+
+
+# ----------------------------------------------------------------------------- the whole loop on a tiny LLaDA2
+
+
+@pytest.mark.slow
+def test_the_cli_loop_on_a_tiny_llada2(tmp_path, capsys):
+    """init-tiny --family llada2, then sft, eval, pairs, train (LoRA on attention and experts), generate and a
+    family export, all from the command line."""
+    from dtrpo.families import load_model, read_weights
+    from tests.test_cli import cli
+
+    cpu = ("--use_cpu", "true", "--disable_tqdm", "true")
+    cli("init-tiny", "--output_dir", tmp_path / "tiny", "--family", "llada2", "--block_size", 4, "--hidden_size", 32)
+    _, _, adapter = load_model(tmp_path / "tiny")
+    assert (adapter.family, adapter.block_size, adapter.absolute_grid) == ("llada2", 4, True)
+    rows = [{"prompt": f"{a}+{a}=", "completion": str(2 * a)} for a in range(10, 30)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli("sft", "--model_name_or_path", tmp_path / "tiny", "--dataset_name", tmp_path / "sft.jsonl",
+        "--output_dir", tmp_path / "sft", "--max_steps", 2, "--per_device_train_batch_size", 4, *cpu)  # fmt: skip
+    sft = tmp_path / "sft"
+    cli("eval", "--model_name_or_path", sft, "--task", "arithmetic:digits=2", "--n", 4, "--gen_length", 8,
+        "--output", tmp_path / "eval.json")  # fmt: skip
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 4
+    cli("pairs", "--model_name_or_path", sft, "--task", "arithmetic:digits=2", "--n", 4, "--samples", 3,
+        "--temperature", 1.0, "--gen_length", 8, "--output", tmp_path / "pairs.jsonl")  # fmt: skip
+    pairs = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(10, 18)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    cli("train", "--model_name_or_path", sft, "--dataset_name", tmp_path / "p.jsonl", "--output_dir",
+        tmp_path / "lora", "--lora_r", 2, "--lora_dropout", 0, "--max_steps", 2,
+        "--per_device_train_batch_size", 4, *cpu)  # fmt: skip
+    out = cli("generate", "--model_name_or_path", tmp_path / "lora", "--prompt", "12+12=", "--gen_length", 8,
+              capsys=capsys)  # fmt: skip
+    assert '"prompt": "12+12="' in out.stdout
+    cli("export", "--model_name_or_path", tmp_path / "lora", "--output", tmp_path / "family")
+    exported = read_weights(tmp_path / "family")
+    assert "model.layers.1.mlp.experts.0.gate_proj.weight" in exported  # the released layout, as the source
+    assert json.loads((tmp_path / "family/config.json").read_text())["model_type"] == "llada2_moe"
