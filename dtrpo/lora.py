@@ -94,6 +94,8 @@ def apply_lora(
             parameters,
         )
         parameters = []
+    if fused_experts(model):  # PEFT also matches a short name such as down_proj to an expert parameter: name
+        modules = _full_names(model, modules)  # the layers in full so that only `parameters` reach the experts
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -104,6 +106,11 @@ def apply_lora(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def _full_names(model: torch.nn.Module, short: list[str]) -> list[str]:
+    kinds = (torch.nn.Linear, torch.nn.Embedding)
+    return [n for n, m in model.named_modules() if isinstance(m, kinds) and n.rsplit(".", 1)[-1] in short]
 
 
 def merge_lora(model: torch.nn.Module) -> PreTrainedModel:
