@@ -9,6 +9,7 @@ Facts from the public code that a test relies on are named in a comment `# fact:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -384,7 +385,6 @@ def test_every_layout_in_float32_with_the_native_router(folders, mode):
     assert layout_errors(model, adapter, load_file(folders["separate"] / "model.safetensors"), mode) < 2e-5
 
 
-@pytest.mark.slow
 def test_controls_are_far_off_the_reference(folders, model64):
     """Each departure from the public code is caught by the check above: a response-relative grid with a
     bidirectional prompt, a token-causal prompt, full rotary, the router without its bias or without groups."""
@@ -399,8 +399,13 @@ def test_controls_are_far_off_the_reference(folders, model64):
     assert layout_errors(model, replace(adapter, prompt_attention="full"), w, "packed") > 0.1
     assert layout_errors(model, replace(adapter, prompt_attention="causal"), w, "packed") > 0.1
 
+    from dtrpo.families import load_model
+
+    native, _, _ = load_model(folders["separate"], dtype=torch.float64)  # its own routers, not lifted: editable
+    assert layout_errors(native, adapter, w, "packed") < 1e-5  # float32 routers: float32 precision
+
     def changed(edit) -> float:
-        other = copy.deepcopy(model)
+        other = copy.deepcopy(native)
         edit(other)
         return layout_errors(other, adapter, w, "packed")
 
@@ -721,3 +726,30 @@ def test_the_cli_loop_on_a_tiny_llada2(tmp_path, capsys):
     exported = read_weights(tmp_path / "family")
     assert "model.layers.1.mlp.experts.0.gate_proj.weight" in exported  # the released layout, as the source
     assert json.loads((tmp_path / "family/config.json").read_text())["model_type"] == "llada2_moe"
+
+
+@pytest.mark.slow
+def test_iterate_and_lm_eval_on_a_tiny_llada2(tmp_path):
+    """`dtrpo iterate` (two rounds of sample, pair, train, evaluate) and the lm-eval model class run on a tiny
+    LLaDA2 as on the built-in model."""
+    from types import SimpleNamespace
+
+    from dtrpo.cli import main
+    from dtrpo.families.llada2 import init_tiny
+    from tests.test_iterate import argv
+
+    init_tiny(tmp_path / "tiny", block_size=4, hidden_size=32, num_layers=2)
+    rows = [{"id": f"p{i}", "prompt": f"{i}+{i}=", "answer": str(2 * i), "split": "train" if i < 20 else "heldout"}
+            for i in range(10, 26)]  # fmt: skip
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["iterate", *argv(tmp_path, tmp_path / "run")])
+    assert list((tmp_path / "run").rglob("*.json"))
+    lm_eval = pytest.importorskip("lm_eval")
+    from dtrpo.harness import DTRPOLM
+
+    assert lm_eval
+    lm = DTRPOLM(pretrained=str(tmp_path / "tiny"), mc_samples=2)
+    ((logp, _),) = lm.loglikelihood([SimpleNamespace(args=("1+1=", "2"))])
+    assert logp < 0 and math.isfinite(logp)
+    (text,) = lm.generate_until([SimpleNamespace(args=("1+1=", {"until": [], "max_gen_toks": 6}))])
+    assert isinstance(text, str) and len(text) <= 8
