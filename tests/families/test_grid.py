@@ -1,4 +1,4 @@
-"""The absolute block grid of SDAR/TraDo and Fast-dLLM v2, against the families' own attention.
+"""The absolute block grid of SDAR/TraDo, Fast-dLLM v2 and LLaDA2, against the families' own attention.
 
 The reference here shares no code with `dtrpo.masking`: from models.md ("Verified facts: how the
 block-causal families attend"), a sequence of n tokens is cut into blocks of B counted from position
