@@ -355,15 +355,7 @@ def layout_errors(model, adapter, w, mode: str) -> float:
     return worst
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "packed",
-        "pairs",
-        pytest.param("exact", marks=pytest.mark.slow),
-        pytest.param("remasked", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.parametrize("mode", ["packed", "exact", "remasked", "pairs"])
 def test_every_layout_equals_the_reference_for_every_remainder(folders, model64, mode):
     """float64 (routers lifted to float64 on both sides) to 1e-9 in log-probability."""
     from safetensors.torch import load_file
