@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import enum
+import importlib
 import json
 import os
 import sys
@@ -198,19 +199,26 @@ class TinyArgs:
     hidden_size: int = field(default=64, metadata={"help": "Width of the tiny Qwen3."})
     num_layers: int = field(default=2, metadata={"help": "Number of transformer layers."})
     seed: int = field(default=0, metadata={"help": "Seed of the random initialisation."})
+    family: str = field(
+        default="native", metadata={"help": "'native' (a tiny Qwen3) or 'llada2' (a tiny LLaDA2 mixture of experts)."}
+    )
 
 
 @command("init-tiny", "write the built-in tiny block-causal dLLM and its character tokenizer")
 def init_tiny_main(argv: list[str]) -> None:
-    from dtrpo.models import init_tiny
-
     (args,) = parse([TinyArgs], argv, "dtrpo init-tiny", COMMANDS["init-tiny"][1])
     require(args, "output_dir")
     found = held_model(args.output_dir)
     if found:
         raise ValueError(f"--output_dir {args.output_dir} holds a model or a run ({found}); give a new or empty folder")
-    path = init_tiny(args.output_dir, args.block_size, args.hidden_size, args.num_layers, args.seed)
-    print(f"wrote tiny model to {path}")
+    if args.family not in TINY_WRITERS:
+        raise ValueError(f"--family {args.family!r}: init-tiny writes one of {sorted(TINY_WRITERS)}")
+    write = importlib.import_module(TINY_WRITERS[args.family]).init_tiny
+    path = write(args.output_dir, args.block_size, args.hidden_size, args.num_layers, args.seed)
+    print(f"wrote tiny {args.family} model to {path}")
+
+
+TINY_WRITERS = {"native": "dtrpo.models", "llada2": "dtrpo.families.llada2"}  # --family: the module's init_tiny
 
 
 def held_model(folder: str | Path) -> str:

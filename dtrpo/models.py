@@ -128,7 +128,7 @@ class ModelAdapter:
             logits_to_keep=0 if keep is None else keep,
             use_cache=False,
         )
-        return out.logits.float()
+        return out.logits.double() if out.logits.dtype == torch.float64 else out.logits.float()  # float64 kept
 
 
 def _module(model: torch.nn.Module) -> torch.nn.Module:

@@ -31,6 +31,51 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+# fact: dFactory's configs/model_configs/llada2_mini/config.json, its structural keys (random weights)
+LLADA2_MINI = {
+    "model_type": "llada2_moe",
+    "architectures": ["LLaDA2MoeModelLM"],
+    "vocab_size": 157184,
+    "hidden_size": 2048,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 20,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "partial_rotary_factor": 0.5,
+    "rotary_dim": 64,
+    "max_position_embeddings": 16384,
+    "rope_theta": 600000,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "use_bias": False,
+    "use_qkv_bias": False,
+    "attention_dropout": 0.0,
+    "num_experts": 256,
+    "num_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 512,
+    "n_group": 8,
+    "topk_group": 4,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "score_function": "sigmoid",
+    "router_dtype": "fp32",
+    "pad_token_id": 156892,
+}
+SHAPES = {"llada2-mini": LLADA2_MINI}  # --config NAME: a known shape instead of a config.json
+
+
+def shape_config(name: str, folder: Path, block_size: int, layers: int | None = None) -> str:
+    """Write a known shape's config.json (optionally cut to its first `layers` layers) into folder; its path."""
+    config = {**SHAPES[name], "block_length": block_size}
+    if layers:
+        config["num_hidden_layers"] = layers
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder / "config.json")
+
 
 def build_model(config_path: str | None, hidden: int, layers: int, block_size: int, dtype: torch.dtype):
     """(model, adapter): a family's shape from its config.json with random weights, or the tiny model."""
@@ -105,10 +150,18 @@ def count_columns(model: torch.nn.Module, counts: list[int]) -> None:
 
 
 def flop_params(model: torch.nn.Module) -> int:
-    """Parameters that do matmul work: all but the input embedding (unless it is tied to the LM head)."""
+    """Parameters that do matmul work: all but the input embedding (unless it is tied to the LM head); of a
+    mixture of experts' fused routed experts (3D `.experts.` parameters), only the k of E a token is sent to."""
     embed = model.get_input_embeddings().weight
     tied = embed is model.get_output_embeddings().weight
-    return sum(p.numel() for p in model.parameters()) - (0 if tied else embed.numel())
+    config = getattr(model, "config", None)
+    experts = getattr(config, "n_routed_experts", None) or getattr(config, "num_local_experts", None)
+    active = getattr(config, "num_experts_per_tok", None)
+    total = 0
+    for name, p in model.named_parameters():
+        routed = experts and active and p.dim() == 3 and ".experts." in name
+        total += p.numel() * active // experts if routed else p.numel()
+    return total - (0 if tied else embed.numel())
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -120,7 +173,11 @@ def measure(args: argparse.Namespace) -> dict:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model, adapter = build_model(args.config, args.hidden_size, args.num_layers, args.block_size, dtype)
+    config = args.config
+    with tempfile.TemporaryDirectory() as folder:
+        if config in SHAPES:
+            config = shape_config(config, Path(folder), args.block_size, args.config_layers)
+        model, adapter = build_model(config, args.hidden_size, args.num_layers, args.block_size, dtype)
     rows = random_pairs(args.micro_batch * args.steps, args.prompt, args.response, model.config.vocab_size,
                         adapter.mask_token_id)  # fmt: skip
     pairs = Dataset.from_list(rows)
@@ -167,7 +224,13 @@ def measure(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="a family's config.json (LLaDA, Dream, SDAR, Fast-dLLM v2); default: tiny")
+    parser.add_argument(
+        "--config",
+        help=f"a family's config.json (LLaDA, Dream, SDAR, Fast-dLLM v2, LLaDA2) or {sorted(SHAPES)}; default: tiny",
+    )
+    parser.add_argument(
+        "--config_layers", type=int, help="keep the first N layers of a named shape (16B LLaDA2-mini: one GPU)"
+    )
     parser.add_argument("--hidden_size", type=int, default=64, help="tiny model width")
     parser.add_argument("--num_layers", type=int, default=2, help="tiny model depth")
     parser.add_argument("--block_size", type=int, default=32)

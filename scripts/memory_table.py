@@ -42,13 +42,41 @@ class Shape:
     hidden: int
     layers: int
     vocab: int
-    intermediate: int
+    intermediate: int  # the dense MLP's width (a MoE model's first `dense_layers`)
     kv_dim: int  # key/value width: kv heads x head dim (GQA)
+    experts: int = 0  # routed experts per MoE layer; 0: a dense model
+    experts_per_token: int = 0
+    expert_intermediate: int = 0  # the width of each routed and shared expert
+    shared_experts: int = 0
+    dense_layers: int = 0  # a MoE model's first layers, with a dense MLP
+
+
+def llada2(name: str, hidden: int, layers: int, intermediate: int, expert_intermediate: int, kv_heads: int) -> Shape:
+    """A LLaDA2.x shape from its config.json (dFactory configs/model_configs): 256 routed experts, 8 a token, one
+    shared expert, the first layer dense, head_dim 128 (query width = hidden), vocabulary 157184, untied head."""
+    shape = Shape(name, 0.0, hidden, layers, 157184, intermediate, kv_heads * 128, 256, 8, expert_intermediate, 1, 1)
+    attention = 2 * hidden * hidden + 2 * hidden * shape.kv_dim
+    total = 2 * shape.vocab * hidden + layers * attention + 3 * hidden * intermediate
+    total += (layers - 1) * mlp_params(shape, moe=True)
+    return Shape(**{**asdict(shape), "params": float(total)})
+
+
+def mlp_params(m: Shape, moe: bool) -> float:
+    """One layer's MLP: dense SwiGLU, or routed and shared experts (SwiGLU each) and the router."""
+    if not moe:
+        return 3 * m.hidden * m.intermediate
+    return 3 * m.hidden * m.expert_intermediate * (m.experts + m.shared_experts) + m.experts * m.hidden
+
+
+def moe_layers(m: Shape) -> int:
+    return m.layers - m.dense_layers if m.experts else 0
 
 
 MODELS = (
     Shape("LLaDA-8B", 8.0e9, 4096, 32, 126464, 12288, 4096),
     Shape("SDAR / Fast-dLLM v2 7B (Qwen2.5-7B)", 7.6e9, 3584, 28, 152064, 18944, 512),
+    llada2("LLaDA2-mini (16B, MoE)", 2048, 20, 5120, 512, 4),
+    llada2("LLaDA2-flash (100B, MoE)", 4096, 32, 9216, 1024, 4),
 )
 
 
@@ -62,9 +90,14 @@ class Run:
 
 
 def lora_params(m: Shape, r: int) -> float:
-    """r (in + out) per adapted matrix: q, o (h x h), k, v (h x kv), gate, up, down (h x I)."""
-    per_layer = r * (2 * (2 * m.hidden) + 2 * (m.hidden + m.kv_dim) + 3 * (m.hidden + m.intermediate))
-    return per_layer * m.layers
+    """r (in + out) per adapted matrix: q, o (h x h), k, v (h x kv), gate, up, down (h x I). MoE layers: the
+    shared experts' gate, up, down (h x s I_e) and every routed expert's own rank-r pair on its fused gate_up
+    (h x 2 I_e) and down (I_e x h) (PEFT target_parameters)."""
+    attention = r * (2 * (2 * m.hidden) + 2 * (m.hidden + m.kv_dim))
+    dense = r * 3 * (m.hidden + m.intermediate)
+    shared = r * 3 * (m.hidden + m.shared_experts * m.expert_intermediate)
+    routed = m.experts * r * ((m.hidden + 2 * m.expert_intermediate) + (m.expert_intermediate + m.hidden))
+    return m.layers * attention + (m.layers - moe_layers(m)) * dense + moe_layers(m) * (shared + routed)
 
 
 def row_columns(run: Run) -> int:
@@ -72,11 +105,24 @@ def row_columns(run: Run) -> int:
     return run.prompt + 2 * (2 * run.response - run.block)
 
 
+def saved_mlp(m: Shape, moe: bool) -> float:
+    """Two-byte values an MLP keeps per token: dense, gate, up, activation, product (4 I); MoE, the same for each
+    chosen and shared expert (4 (k + s) I_e), the token's copy to and output from each chosen expert (2 k h),
+    and the fp32 router logits and scores (4 E)."""
+    if not moe:
+        return 4 * m.intermediate
+    k = m.experts_per_token
+    return 4 * (k + m.shared_experts) * m.expert_intermediate + 2 * k * m.hidden + 4 * m.experts
+
+
 def activations(m: Shape, run: Run, pairs: int, checkpointing: bool) -> float:
     """Bytes the policy keeps for backward: `pairs` rows per GPU (the micro-batch)."""
     tokens = pairs * row_columns(run)
-    layer = 2 * (6 * m.hidden + 2 * m.kv_dim + 4 * m.intermediate) * tokens  # one layer's saved tensors
-    body = m.layers * 2 * m.hidden * tokens + layer if checkpointing else m.layers * layer
+    dense, moe = (2 * (6 * m.hidden + 2 * m.kv_dim + saved_mlp(m, e)) * tokens for e in (False, True))
+    n_moe = moe_layers(m)
+    layer = max(dense, moe) if n_moe else dense  # one layer's saved tensors
+    everything = (m.layers - n_moe) * dense + n_moe * moe
+    body = m.layers * 2 * m.hidden * tokens + layer if checkpointing else everything
     logits = pairs * 2 * run.response * m.vocab * (2 + 4)
     return body + logits
 
@@ -84,7 +130,8 @@ def activations(m: Shape, run: Run, pairs: int, checkpointing: bool) -> float:
 def states(m: Shape, strategy: str, lora: bool, run: Run) -> dict[str, float]:
     """Weights, gradients, Adam and reference bytes per GPU (the reference as a live bf16 model)."""
     n, P = run.gpus, m.params
-    unit = max(4 * m.hidden**2 + 3 * m.hidden * m.intermediate, m.vocab * m.hidden)  # a layer or the LM head
+    attention = 2 * m.hidden**2 + 2 * m.hidden * m.kv_dim
+    unit = max(attention + mlp_params(m, moe_layers(m) > 0), m.vocab * m.hidden)  # a layer or the LM head
     gathered = 2 * 2 * unit  # bf16, the unit in use and the prefetched one
     trained = lora_params(m, run.lora_rank) if lora else P
     frozen = P if lora else 0  # the LoRA base

@@ -8,7 +8,8 @@ per step at least as fast as autoregressive decoding), or the tiny model on a CP
     python scripts/sampler_speed.py --shape tiny:96x3 --prompt_length 16 --new_tokens 64 --threads 2
 
 `--shape`: `qwen3-1.7b` (Qwen3-1.7B's dimensions as an SDAR checkpoint: block-causal, absolute grid, random
-weights, nothing downloaded), `config:PATH` (a family's config.json: LLaDA, Dream, SDAR, Fast-dLLM v2) or
+weights, nothing downloaded), `llada2-mini` (LLaDA2-mini's 16B mixture of experts, `gpu_throughput.SHAPES`),
+`config:PATH` (a family's config.json: LLaDA, Dream, SDAR, Fast-dLLM v2) or
 `tiny:WIDTHxLAYERS` (the built-in model). The arms run side by side, in turn, `--repeats` times after a
 warm-up, as `dtrpo bench sampler` runs them (its `side_by_side`); the JSON gives medians and each arm's
 ratio to the autoregressive arm of the same run. Speed only: on random weights the settings with a fixed
@@ -38,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # gpu_throughput's model builder, when run as a script
 
-from gpu_throughput import build_model  # noqa: E402
+from gpu_throughput import SHAPES, build_model, shape_config  # noqa: E402
 
 from dtrpo.apps.bench_sampler import SETTINGS, side_by_side, speed_table  # noqa: E402
 
@@ -71,6 +72,9 @@ def model_for(shape: str, block_size: int, dtype: torch.dtype, folder: Path):
         path.write_text(json.dumps({**QWEN3_1_7B, "block_size": block_size}))
         model, adapter = build_model(str(path), 0, 0, block_size, dtype)
         return model, adapter, "Qwen3-1.7B shape as SDAR"
+    if shape in SHAPES:  # e.g. llada2-mini: the mixture-of-experts block-diffusion shape
+        model, adapter = build_model(shape_config(shape, folder, block_size), 0, 0, block_size, dtype)
+        return model, adapter, f"{shape} shape, random weights"
     if shape.startswith("config:"):
         model, adapter = build_model(shape[len("config:") :], 0, 0, block_size, dtype)
         return model, adapter, shape
@@ -81,7 +85,7 @@ def model_for(shape: str, block_size: int, dtype: torch.dtype, folder: Path):
             raise SystemExit(f"--shape {shape!r}: expected tiny:WIDTHxLAYERS, e.g. tiny:96x3") from None
         model, adapter = build_model(None, width, layers, block_size, dtype)
         return model, adapter, f"tiny {width}x{layers}"
-    raise SystemExit(f"--shape {shape!r}: one of qwen3-1.7b, config:PATH, tiny:WIDTHxLAYERS")
+    raise SystemExit(f"--shape {shape!r}: one of qwen3-1.7b, {', '.join(SHAPES)}, config:PATH, tiny:WIDTHxLAYERS")
 
 
 def measure(args: argparse.Namespace, log=print) -> dict:

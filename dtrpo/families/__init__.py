@@ -11,6 +11,7 @@ position ids by its `ModelAdapter`.
 | `dream`        | `Dream`             | Qwen2        | `<|mask|>` 151666     | shifted   | full          |
 | `sdar`         | `sdar` (TraDo too)  | Qwen3        | `<|MASK|>` 151669     | unshifted | block-causal  |
 | `fast_dllm_v2` | `Fast_dLLM_Qwen`    | Qwen2        | `|<MASK>|` 151665     | shifted   | block-causal  |
+| `llada2`       | `llada2_moe` (+ `_veomni`, fused experts) | Glm4Moe | `<|mask|>` 156895 | unshifted | block-causal |
 | `native`       | llama/qwen2/qwen3   | itself       | config/tokenizer      | config    | config        |
 
 DiffuCoder ships Dream's format (`model_type: Dream`) and loads as `dream`.

@@ -21,12 +21,12 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from dtrpo.families import dream, fast_dllm_v2, llada, sdar
+from dtrpo.families import dream, fast_dllm_v2, llada, llada2, sdar
 from dtrpo.families.spec import FULL_ATTENTION_BLOCK_SIZE, NATIVE_CLASSES, Family
 from dtrpo.models import ModelAdapter, adapter_from_config, load_tokenizer, read_config_json, vocabulary_problem
 
 logger = logging.getLogger(__name__)
-FAMILIES = {spec.name: spec for spec in (llada.SPEC, dream.SPEC, sdar.SPEC, fast_dllm_v2.SPEC)}
+FAMILIES = {spec.name: spec for spec in (llada.SPEC, dream.SPEC, sdar.SPEC, fast_dllm_v2.SPEC, llada2.SPEC)}
 
 
 # ----------------------------------------------------------------------------- detection
@@ -36,14 +36,15 @@ def detect_family(config: dict, path: str | Path = "") -> str:
     """The family of a checkpoint from its config.json contents."""
     model_type = str(config.get("model_type", "")).lower()
     for fam in FAMILIES.values():
-        if model_type == fam.model_type.lower():
+        if model_type in (fam.model_type.lower(), *fam.aliases):
             return fam.name
     if model_type in NATIVE_CLASSES and "block_size" in config and "mask_token_id" in config:
         return "native"  # the tiny model, or a family exported with format="native"
     if "bd_size" in config and model_type in ("qwen2", ""):
         return "fast_dllm_v2"  # Fast-dLLM v2 folders converted by hand keep Qwen2's model_type
+    remote = " (its auto_map names remote code, which dtrpo never runs)" if config.get("auto_map") else ""
     raise ValueError(
-        f"{path}/config.json: unknown model family (model_type={config.get('model_type')!r}); "
+        f"{path}/config.json: unknown model family (model_type={config.get('model_type')!r}){remote}; "
         f"known families: {sorted(LOADERS)}; pass --family to choose one"
     )
 
@@ -281,8 +282,13 @@ def load_family(
     tokenizer = load_family_tokenizer(path, fam)
     native = native_config(config, fam, attn_implementation)
     tensors = read_weights(path)
-    tensors = {new: tensors[old] for old, new in rename(list(tensors), fam, to_native=True).items()}
+    if fam.to_native_tensors is not None:
+        tensors = fam.to_native_tensors(tensors, config, native)
+    else:
+        tensors = {new: tensors[old] for old, new in rename(list(tensors), fam, to_native=True).items()}
     model = build_native(native, tensors, dtype, path)
+    if dtype == torch.float64 and getattr(model.config, "_experts_implementation", None) == "grouped_mm":
+        model.config._experts_implementation = "eager"  # torch's grouped_mm has no float64 kernel
     adapter = ModelAdapter(
         family=fam.name,
         mask_token_id=find_mask_token(config, tokenizer, fam, model.config.vocab_size),
@@ -423,9 +429,12 @@ def export_checkpoint(
         state = model.state_dict()
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # tied: the family stores the embedding only
-        names = rename(list(state), fam, to_native=False)
-        save_safetensors({names[k]: v for k, v in state.items()}, output)
         config = family_config(model.config, fam, adapter)
+        if fam.to_family_tensors is not None:
+            save_safetensors(fam.to_family_tensors(state, config, model.config), output)
+        else:
+            names = rename(list(state), fam, to_native=False)
+            save_safetensors({names[k]: v for k, v in state.items()}, output)
         (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for file in Path(code_from).glob("*.py") if code_from else ():
             shutil.copy(file, output / file.name)

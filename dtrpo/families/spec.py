@@ -1,6 +1,6 @@
 """The typed spec of a model family: every fact that differs between families, as a named field.
 
-Each family's file (`llada.py`, `dream.py`, `sdar.py`, `fast_dllm_v2.py`) fills one `Family`; the
+Each family's file (`llada.py`, `dream.py`, `sdar.py`, `fast_dllm_v2.py`, `llada2.py`) fills one `Family`; the
 loaders in `loading.py` read only these fields and never test a family's name.
 """
 
@@ -10,13 +10,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 FULL_ATTENTION_BLOCK_SIZE = 32
 NATIVE_CLASSES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),
 }
 META_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
 QWEN_CORE_KEYS = (
@@ -75,7 +85,7 @@ class Family:
 
     name: str
     model_type: str  # as config.json writes it
-    native: Literal["llama", "qwen2", "qwen3"]  # key of NATIVE_CLASSES
+    native: Literal["llama", "qwen2", "qwen3", "glm4_moe"]  # key of NATIVE_CLASSES
     architectures: tuple[str, ...]
     auto_map: dict = field(hash=False)
     mask_token: str  # the documented mask token string and id (in the full-size vocabulary)
@@ -92,6 +102,11 @@ class Family:
     to_native_config: Callable = qwen_native_config
     update_family_config: Callable = qwen_family_config
     lora_names: dict = field(default_factory=dict, hash=False)  # the family's module names -> native names
+    aliases: tuple[str, ...] = ()  # other config.json model_types of the same family (another on-disk layout)
+    # tensors that do not map one to one (LLaDA2's fused qkv and experts): (tensors, config.json dict, native
+    # config) -> tensors under the other side's names; None: renamed by `names`
+    to_native_tensors: Callable | None = None
+    to_family_tensors: Callable | None = None
     decoding: DecodingDefaults = field(default_factory=DecodingDefaults)  # its public sampler's settings
 
     @property

@@ -15,6 +15,7 @@ from dtrpo.evaluate import SamplingArgs, encode_prompts, sample_texts
 from dtrpo.families import load_model
 from dtrpo.sampler import generate
 from tests.families.test_fast_dllm_rule import GEN, reference_decode
+from tests.families.test_llada2 import write_llada2
 from tests.families.test_loading import WRITERS, write_fast_dllm
 from tests.test_cli import cli
 
@@ -28,6 +29,8 @@ EXPECTED = {
     "sdar": (None, "low_confidence", 0.85, None, False),
     # NVlabs/Fast-dLLM v2 run_chatbot.py: small_block_size 8, threshold 0.9; batch_sample fixes the first token
     "fast_dllm_v2": (None, "low_confidence", 0.9, 8, True),
+    # inclusionAI/dFactory modeling_llada2_moe.py generate: block_length 32 = steps 32, threshold 0.95
+    "llada2": (None, "low_confidence", 0.95, None, False),
     # the tiny model: one token a step by confidence (dtrpo's sampler as before)
     "native": (None, "low_confidence", None, None, False),
 }
@@ -45,6 +48,7 @@ def checkpoints(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("decoding")
     torch.manual_seed(0)
     folders = {name: write(root / name) for name, write in WRITERS.items()}
+    folders["llada2"] = write_llada2(root / "llada2")
     folders["native"] = init_tiny(root / "tiny", block_size=4)
     return folders
 

@@ -1,4 +1,4 @@
-"""The absolute block grid of SDAR/TraDo and Fast-dLLM v2, against the families' own attention.
+"""The absolute block grid of SDAR/TraDo, Fast-dLLM v2 and LLaDA2, against the families' own attention.
 
 The reference here shares no code with `dtrpo.masking`: from models.md ("Verified facts: how the
 block-causal families attend"), a sequence of n tokens is cut into blocks of B counted from position
@@ -7,7 +7,7 @@ response's block b is the prompt, the response's earlier blocks clean, block b i
 prompt tail, when the prompt ends inside the block, clean as the sampler holds it), and nothing after
 block b. Every dtrpo layout (packed, exact, remasked) and every sampler step must give the logits this
 one separate forward gives (1e-5), for every prompt remainder P % B, in mixed-length batches, on
-loaded checkpoints of both families (SDAR unshifted, Fast-dLLM v2 shifted).
+loaded checkpoints of the three families (SDAR and LLaDA2 unshifted, Fast-dLLM v2 shifted).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from dtrpo.estimators import Batch, EstimatorConfig, draw, position_logprobs, sc
 from dtrpo.families import load_model
 from dtrpo.masking import draw_block_states
 from dtrpo.sampler import generate
+from tests.families.test_llada2 import write_llada2
 from tests.families.test_loading import write_fast_dllm, write_sdar
 
 BS = 4
 PROMPT_LENS = (4, 5, 6, 7, 3)  # every remainder P % 4, and a prompt shorter than one block
-FAMILIES = {"sdar": write_sdar, "fast_dllm_v2": write_fast_dllm}
+FAMILIES = {"sdar": write_sdar, "fast_dllm_v2": write_fast_dllm, "llada2": write_llada2}
 
 
 @pytest.fixture(scope="module")

@@ -437,6 +437,7 @@ def test_documented_family_facts():
         "dream": ("<|mask|>", 151666),
         "sdar": ("<|MASK|>", 151669),
         "fast_dllm_v2": ("|<MASK>|", 151665),
+        "llada2": ("<|mask|>", 156895),  # fact: dFactory generate's mask_id default (the string is looked up)
     }
     # fact: native classes: Llama for LLaDA, Qwen2 for Dream and Fast-dLLM v2, Qwen3 for SDAR/TraDo
     assert {n: f.native for n, f in FAMILIES.items()} == {
@@ -444,6 +445,7 @@ def test_documented_family_facts():
         "dream": "qwen2",
         "sdar": "qwen3",
         "fast_dllm_v2": "qwen2",
+        "llada2": "glm4_moe",
     }
     # fact: model_type spellings; DiffuCoder ships Dream's format; hand-converted Fast-dLLM v2 keeps qwen2 + bd_size
     assert detect_family({"model_type": "llada"}) == "llada"
@@ -451,6 +453,7 @@ def test_documented_family_facts():
     assert detect_family({"model_type": "sdar", "block_size": 4}) == "sdar"
     assert detect_family({"model_type": "Fast_dLLM_Qwen", "bd_size": 32}) == "fast_dllm_v2"
     assert detect_family({"model_type": "qwen2", "bd_size": 32}) == "fast_dllm_v2"
+    assert detect_family({"model_type": "llada2_moe"}) == detect_family({"model_type": "llada2_moe_veomni"}) == "llada2"
     assert detect_family({"model_type": "qwen3", "block_size": 4, "mask_token_id": 2}) == "native"
 
 

@@ -61,4 +61,17 @@ def test_markdown_and_json_outputs():
     table = subprocess.run(run, capture_output=True, text=True, check=True).stdout
     assert table.startswith("| model |") and "S = 2240 columns" in table
     rows = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, check=True).stdout)
-    assert len(rows) == 12 and len(table.strip().splitlines()) == 2 + 12 + 2
+    assert len(rows) == 24 and len(table.strip().splitlines()) == 2 + 24 + 2
+
+
+def test_llada2_mini_parameters_by_hand():
+    """LLaDA2-mini's config (dFactory llada2_mini/config.json): embeddings and head 2 x 157184 x 2048 =
+    643,825,664; attention 20 x (2 x 2048^2 + 2 x 2048 x 512) = 209,715,200; the dense first layer
+    3 x 2048 x 5120 = 31,457,280; 19 MoE layers x (3 x 2048 x 512 x (256 + 1) + 256 x 2048) = 15,370,551,296:
+    16,255,549,440 (the published "16B"). LoRA r=16 on a MoE layer: attention 16 x (2 x 4096 + 2 x 2560) =
+    212,992, shared 16 x 3 x 2560 = 122,880, routed 256 x 16 x (3072 + 2560) = 23,068,672."""
+    m = load()
+    mini = next(s for s in m.MODELS if s.name.startswith("LLaDA2-mini"))
+    assert mini.params == 16_255_549_440
+    dense_layer = 212_992 + 16 * 3 * (2048 + 5120)
+    assert m.lora_params(mini, 16) == dense_layer + 19 * (212_992 + 122_880 + 23_068_672)
