@@ -67,7 +67,8 @@ def _deepspeed_reference(model: torch.nn.Module, accelerator: Accelerator) -> to
     if zero.get("stage") != 3:
         zero["stage"] = 0
     engine, *_ = deepspeed.initialize(model=model, config=config)
-    return engine.eval()
+    engine.eval()  # DeepSpeedEngine.eval() switches the module to eval mode and returns None
+    return engine
 
 
 def _fsdp2_reference(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:

@@ -258,7 +258,7 @@ class DTRPOTrainer(DiffusionTrainer):
         if path:
             reference = self.ref_model or self.accelerator.unwrap_model(self.model)  # the base, for PEFT or a copy
             want = fingerprint(reference, dataset, self.estimator_config, self.adapter, a.seed)
-            if a.world_size > 1:  # a sharded reference hashes its own shard on each rank: rank 0's stands for all
+            if a.world_size > 1:  # the whole weights on every rank (gathered when sharded): rank 0's decides for all
                 want = broadcast_object_list([want])[0]
         scores = load_scores(Path(path), want, epochs, list(dataset["index"])) if path else None
         if scores is not None:
