@@ -431,11 +431,15 @@ def _merged_save(tokenizer, adapter, config):
     """The final save of a LoRA run: the merged model (checkpoints keep the adapters, for resuming)."""
 
     def save(trainer):
-        from dtrpo.families import export_checkpoint
-        from dtrpo.lora import merge_lora
+        from dtrpo.distributed import merged_lora
+        from dtrpo.families import export_checkpoint, load_model
 
-        export_checkpoint(merge_lora(trainer.model), tokenizer, adapter, config.output_dir, format="native")
-        trainer.write_run_files(Path(config.output_dir))
+        base = lambda: load_model(trainer.base_model_name, block_size=config.block_size)[0]  # FSDP: the structure
+        merged = merged_lora(trainer.model, trainer.accelerator, base)  # whole on the main process, None elsewhere
+        if merged is not None:
+            export_checkpoint(merged, tokenizer, adapter, config.output_dir, format="native")
+            trainer.write_run_files(Path(config.output_dir))
+        trainer.accelerator.wait_for_everyone()
 
     return save
 

@@ -127,3 +127,25 @@ def prepare_reference(model: torch.nn.Module, accelerator: Accelerator) -> torch
     if accelerator.distributed_type == DistributedType.FSDP:
         return _fsdp_reference(model, accelerator)
     return accelerator.prepare_model(model.to(accelerator.device), evaluation_mode=True)
+
+
+def merged_lora(model: torch.nn.Module, accelerator: Accelerator, load_base) -> torch.nn.Module | None:
+    """The trained LoRA policy with its adapters folded in, whole, on the main process (None on the others), for
+    the final save; every process calls it. One process, DDP, ZeRO-2: the policy itself is whole. ZeRO-3: a
+    gathered copy (`reference_copy`, a collective). FSDP2: the full state dict (gathered on the main process)
+    loaded into a whole model of the same structure, the base from `load_base()` with the same LoRA config."""
+    from dtrpo.lora import merge_lora
+
+    if _partitioned(model):
+        whole = reference_copy(model)
+    elif any(hasattr(p, "full_tensor") for p in model.parameters()):
+        state = accelerator.get_state_dict(model)
+        if not accelerator.is_main_process:
+            return None
+        from peft import get_peft_model
+
+        whole = get_peft_model(load_base(), copy.deepcopy(model.peft_config["default"]))
+        whole.load_state_dict(state)
+    else:
+        whole = model
+    return merge_lora(whole) if accelerator.is_main_process else None

@@ -32,6 +32,7 @@ ROOT = Path(__file__).parents[1]
 ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
 CPU_FLAG = {"ddp": ["--use_cpu", "true"], "fsdp2": ["--use_cpu", "true"], "zero2": [], "zero3": []}
 TRAIN = ["--max_steps", "4", "--learning_rate", "1e-2", "--logging_steps", "1", "--save_steps", "2"]
+WIDTH = 192
 LORA = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8"]
 
 
@@ -98,7 +99,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
     data = root / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
-    return init_tiny(root / "tiny", block_size=4, hidden_size=32), data
+    # width 192: the MLP weights (192 x 576) pass ZeRO-3's persistence threshold (1e5 elements), so ZeRO-3 keeps
+    # them partitioned through training (smaller weights stay whole on every rank) and the gathers are exercised
+    return init_tiny(root / "tiny", block_size=4, hidden_size=WIDTH), data
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +181,62 @@ def test_engine_equals_one_process(engine, setup, one, tmp_path):
     assert diff < 1e-3, f"{engine}: the merged LoRA weights differ from one process's by {diff}"
     loss_diff = max(abs(a - b) for a, b in zip(losses(tmp_path / f"{engine}-lora"), want, strict=True))
     report(engine=engine, case="LoRA, live reference, save", seconds=round(seconds, 1), loss=loss_diff, weights=diff)
+
+
+def test_an_engine_failure_is_one_line(monkeypatch, capsys):
+    """An exception raised inside DeepSpeed (it refuses settings with bare AssertionErrors) leaves `dtrpo` as one
+    `error:` line naming the engine; the same exception raised in dtrpo's own code keeps its traceback (a bug)."""
+    from dtrpo import cli
+
+    def raising(filename: str):
+        code = compile("assert False, 'train_batch_size is not equal to micro_batch * gradient_acc * world'", filename, "exec")  # fmt: skip
+        return lambda argv: exec(code, {})
+
+    monkeypatch.delenv("DTRPO_DEBUG", raising=False)
+    monkeypatch.setitem(cli.COMMANDS, "boom", (raising("/venv/site-packages/deepspeed/runtime/config.py"), ""))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["boom"])
+    assert str(stop.value) == (
+        "error: DeepSpeed: AssertionError: train_batch_size is not equal to micro_batch * gradient_acc * world"
+    )
+    monkeypatch.setitem(cli.COMMANDS, "boom", (raising(str(ROOT / "dtrpo" / "trainer.py")), ""))
+    with pytest.raises(AssertionError):
+        cli.main(["boom"])
+
+
+def test_lora_initialisation_follows_the_seed(tokenizer):
+    """`--seed` seeds the LoRA weights (PEFT draws them in `get_peft_model`, before the Trainer seeds): two
+    runs of one seed start alike, on every rank, and another seed starts elsewhere."""
+    from peft import LoraConfig
+
+    from dtrpo.base import resolve_model
+    from dtrpo.models import make_tiny_model
+    from dtrpo.trainer import DTRPOConfig
+
+    def lora_weights(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1234 + seed)  # whatever the global generator holds before
+        args = DTRPOConfig(output_dir="unused", seed=seed, use_cpu=True, report_to=[])
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        model, _, _ = resolve_model(make_tiny_model(tokenizer, block_size=4, seed=0), tokenizer, None, args, config)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    first, again, other = lora_weights(0), lora_weights(0), lora_weights(1)
+    assert first and all(torch.equal(first[n], again[n]) for n in first)
+    assert not any(torch.equal(first[n], other[n]) for n in first)
+
+
+@pytest.mark.slow
+def test_zero3_refuses_the_scores_of_another_model(setup, one, tmp_path):
+    """Under ZeRO-3 the fingerprint hashes the gathered weights, not each rank's empty placeholders: a model of
+    the same shape with other weights is refused one process's scores file, in one line per rank, and the
+    launch stops."""
+    needs("zero3")
+    other = init_tiny(tmp_path / "other", block_size=4, hidden_size=WIDTH, seed=1)
+    scores = one("precomputed").parent / "one.ref_logps.json"
+    flags = ["--precompute_ref_log_probs", "true", "--ref_log_probs_file", str(scores)]
+    model, data = setup
+    with pytest.raises(AssertionError, match="failed") as failed:
+        launch("zero3", (other, data), tmp_path / "out", *flags)
+    text = str(failed.value)
+    assert "error: " in text and "reference_weights differ" in text
+    assert "[rank0]: Traceback" not in text and "[rank1]: Traceback" not in text
