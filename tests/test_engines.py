@@ -63,7 +63,8 @@ def one_process(setup, out: Path, *flags: str) -> subprocess.CompletedProcess:
 def launch(engine: str, setup, out: Path, *flags: str) -> tuple[subprocess.CompletedProcess, float]:
     """`accelerate launch --config_file configs/<engine>.yaml` of `dtrpo train` on 2 processes, 2 pairs each."""
     model, data = setup
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / f"{engine}.yaml")]
+    config = ROOT / "configs" / f"{engine}.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     cmd += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
     cmd += ["-m", "dtrpo.cli", "train", "--model_name_or_path", str(model), "--dataset_name", str(data)]
     cmd += ["--output_dir", str(out), "--per_device_train_batch_size", "2", *CPU_FLAG[engine], *TRAIN, *flags]
@@ -82,6 +83,17 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return dict(load_model(str(folder))[0].state_dict())
 
 
+def worst(a: list[float], b: list[float]) -> float:
+    """The largest difference between two equally long lists of numbers."""
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def score_diff(a: dict, b: dict) -> float:
+    """The largest difference between two scores files' {row: [[chosen, rejected] per epoch]}."""
+    assert a.keys() == b.keys()
+    return max(worst(sum(a[k], []), sum(b[k], [])) for k in a)
+
+
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -91,7 +103,7 @@ def report(**row) -> None:
     path = os.environ.get("DTRPO_ENGINES_REPORT")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, "seconds": round(row["seconds"], 1)}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +143,8 @@ def check_full(engine: str, setup, one, tmp_path) -> Path:
     assert diff < 1e-3, f"{engine}: the final weights differ from one process's by {diff}"
     assert done.stdout.count("saved model to") == 1  # the main process speaks for all
     assert ".partial-model" not in (out / "README.md").read_text()
-    loss_diff = max(abs(a - b) for a, b in zip(losses(out), want, strict=True))
-    report(engine=engine, case="full, live reference, save", seconds=round(seconds, 1), loss=loss_diff, weights=diff)
+    loss_diff = worst(losses(out), want)
+    report(engine=engine, case="full, live reference, save", seconds=seconds, loss=loss_diff, weights=diff)
     return out
 
 
@@ -156,8 +168,8 @@ def test_engine_equals_one_process(engine, setup, one, tmp_path):
     assert losses(resumed) == pytest.approx(losses(first), abs=1e-4)
     diff = max_diff(weights(resumed), weights(first))
     assert diff < 1e-5, f"{engine}: resumed weights differ by {diff}"
-    loss_diff = max(abs(a - b) for a, b in zip(losses(resumed), losses(one("full")), strict=True))
-    report(engine=engine, case="full, resume from checkpoint-2", seconds=round(seconds, 1), loss=loss_diff, weights=diff)
+    loss_diff = worst(losses(resumed), losses(one("full")))
+    report(engine=engine, case="full, resume from checkpoint-2", seconds=seconds, loss=loss_diff, weights=diff)
 
     # precomputed reference: the file of one process, score for score, under the same fingerprint
     scores = tmp_path / f"{engine}.ref_logps.json"
@@ -165,13 +177,13 @@ def test_engine_equals_one_process(engine, setup, one, tmp_path):
     _, seconds = launch(engine, setup, tmp_path / f"{engine}-pre", *flags)
     mine = json.loads(scores.read_text())
     theirs = json.loads((one("precomputed").parent / "one.ref_logps.json").read_text())
-    assert mine["fingerprint"] == theirs["fingerprint"] and mine["scores"].keys() == theirs["scores"].keys()
-    score_diff = max(abs(a - b) for k in mine["scores"] for x, y in zip(mine["scores"][k], theirs["scores"][k]) for a, b in zip(x, y))  # fmt: skip
-    assert score_diff < 1e-4
+    assert mine["fingerprint"] == theirs["fingerprint"]
+    scores_diff = score_diff(mine["scores"], theirs["scores"])
+    assert scores_diff < 1e-4
     want = losses(one("precomputed"))
     assert losses(tmp_path / f"{engine}-pre") == pytest.approx(want, abs=1e-4)
-    loss_diff = max(abs(a - b) for a, b in zip(losses(tmp_path / f"{engine}-pre"), want, strict=True))
-    report(engine=engine, case="full, precomputed reference", seconds=round(seconds, 1), loss=loss_diff, scores=score_diff)
+    loss_diff = worst(losses(tmp_path / f"{engine}-pre"), want)
+    report(engine=engine, case="full, precomputed reference", seconds=seconds, loss=loss_diff, scores=scores_diff)
 
     # LoRA (reference: the base with adapters disabled), seeded alike on every rank; the merged model saved
     _, seconds = launch(engine, setup, tmp_path / f"{engine}-lora", *LORA)
@@ -179,8 +191,11 @@ def test_engine_equals_one_process(engine, setup, one, tmp_path):
     assert losses(tmp_path / f"{engine}-lora") == pytest.approx(want, abs=1e-4)
     diff = max_diff(weights(tmp_path / f"{engine}-lora"), weights(one("lora")))
     assert diff < 1e-3, f"{engine}: the merged LoRA weights differ from one process's by {diff}"
-    loss_diff = max(abs(a - b) for a, b in zip(losses(tmp_path / f"{engine}-lora"), want, strict=True))
-    report(engine=engine, case="LoRA, live reference, save", seconds=round(seconds, 1), loss=loss_diff, weights=diff)
+    loss_diff = worst(losses(tmp_path / f"{engine}-lora"), want)
+    report(engine=engine, case="LoRA, live reference, save", seconds=seconds, loss=loss_diff, weights=diff)
+
+
+MESSAGE = "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 2 != 2 * 1 * 2"
 
 
 def test_an_engine_failure_is_one_line(monkeypatch, capsys):
@@ -189,16 +204,14 @@ def test_an_engine_failure_is_one_line(monkeypatch, capsys):
     from dtrpo import cli
 
     def raising(filename: str):
-        code = compile("assert False, 'train_batch_size is not equal to micro_batch * gradient_acc * world'", filename, "exec")  # fmt: skip
+        code = compile(f"assert False, {MESSAGE!r}", filename, "exec")
         return lambda argv: exec(code, {})
 
     monkeypatch.delenv("DTRPO_DEBUG", raising=False)
     monkeypatch.setitem(cli.COMMANDS, "boom", (raising("/venv/site-packages/deepspeed/runtime/config.py"), ""))
     with pytest.raises(SystemExit) as stop:
         cli.main(["boom"])
-    assert str(stop.value) == (
-        "error: DeepSpeed: AssertionError: train_batch_size is not equal to micro_batch * gradient_acc * world"
-    )
+    assert str(stop.value) == f"error: DeepSpeed: AssertionError: {MESSAGE}"
     monkeypatch.setitem(cli.COMMANDS, "boom", (raising(str(ROOT / "dtrpo" / "trainer.py")), ""))
     with pytest.raises(AssertionError):
         cli.main(["boom"])
