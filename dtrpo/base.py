@@ -415,10 +415,9 @@ def resolve_model(model, processing_class, adapter: ModelAdapter | None, args: D
         from peft import get_peft_model
         from transformers import set_seed
 
-        set_seed(args.seed)  # the LoRA initialisation: the same on every rank and in every run of one --seed
-
         from dtrpo.lora import lora_targets
 
+        set_seed(args.seed)  # the LoRA initialisation: the same on every rank and in every run of one --seed
         targets = peft_config.target_modules
         if targets is not None and not isinstance(targets, str):
             peft_config.target_modules = lora_targets(model, adapter, list(targets))
