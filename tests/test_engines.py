@@ -7,7 +7,7 @@ per step: 2 per rank):
   process with the weights of one process's, checkpoints that resume to the same losses and weights;
 - precomputed reference: a scores file equal to one process's (the same fingerprint, so either file serves
   either run; the scores to 1e-4) and the losses of one process;
-- LoRA: the losses of one process, the merged model saved.
+- LoRA: the losses of one process, the merged model saved, and resumed from a checkpoint to the same run.
 
 On CPU accelerate selects neither FSDP nor DeepSpeed by itself: dtrpo switches an FSDP launch on CPU to FSDP
 (`DiffusionTrainer.create_accelerator_and_postprocess`) and gives a DeepSpeed launch without a GPU the gloo
@@ -193,6 +193,15 @@ def test_engine_equals_one_process(engine, setup, one, tmp_path):
     assert diff < 1e-3, f"{engine}: the merged LoRA weights differ from one process's by {diff}"
     loss_diff = worst(losses(tmp_path / f"{engine}-lora"), want)
     report(engine=engine, case="LoRA, live reference, save", seconds=seconds, loss=loss_diff, weights=diff)
+
+    # LoRA resumed from its first checkpoint (the adapters and their optimizer state): the same run
+    lora, resumed = tmp_path / f"{engine}-lora", tmp_path / f"{engine}-lora-resumed"
+    _, seconds = launch(engine, setup, resumed, *LORA, "--resume_from_checkpoint", str(lora / "checkpoint-2"))
+    assert losses(resumed) == pytest.approx(losses(lora), abs=1e-4)
+    diff = max_diff(weights(resumed), weights(lora))
+    assert diff < 1e-5, f"{engine}: resumed LoRA weights differ by {diff}"
+    loss_diff = worst(losses(resumed), want)
+    report(engine=engine, case="LoRA, resume from checkpoint-2", seconds=seconds, loss=loss_diff, weights=diff)
 
 
 MESSAGE = "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 2 != 2 * 1 * 2"
