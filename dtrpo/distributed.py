@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 
-def _partitioned(model: torch.nn.Module) -> bool:
+def partitioned(model: torch.nn.Module) -> bool:
     """True when DeepSpeed ZeRO-3 partitioned the parameters at load (`zero.Init`: every rank holds a slice)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
@@ -37,7 +37,7 @@ def reference_copy(model: torch.nn.Module) -> torch.nn.Module:
     module is copied, and each copied parameter is replaced by a plain tensor so that `prepare_reference`
     partitions the copy afresh.
     """
-    if not _partitioned(model):
+    if not partitioned(model):
         return copy.deepcopy(model).eval().requires_grad_(False)
     import deepspeed
 
@@ -136,7 +136,7 @@ def merged_lora(model: torch.nn.Module, accelerator: Accelerator, load_base) -> 
     loaded into a whole model of the same structure, the base from `load_base()` with the same LoRA config."""
     from dtrpo.lora import merge_lora
 
-    if _partitioned(model):
+    if partitioned(model):
         whole = reference_copy(model)
     elif any(hasattr(p, "full_tensor") for p in model.parameters()):
         state = accelerator.get_state_dict(model)

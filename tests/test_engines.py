@@ -7,7 +7,8 @@ per step: 2 per rank):
   process with the weights of one process's, checkpoints that resume to the same losses and weights;
 - precomputed reference: a scores file equal to one process's (the same fingerprint, so either file serves
   either run; the scores to 1e-4) and the losses of one process;
-- LoRA: the losses of one process, the merged model saved, and resumed from a checkpoint to the same run.
+- LoRA: the losses of one process, the merged model saved, resumed from a checkpoint to the same run, and
+  with a precomputed reference the scores file of one process (that of full fine-tuning: the same reference).
 
 On CPU accelerate selects neither FSDP nor DeepSpeed by itself: dtrpo switches an FSDP launch on CPU to FSDP
 (`DiffusionTrainer.create_accelerator_and_postprocess`) and gives a DeepSpeed launch without a GPU the gloo
@@ -123,9 +124,9 @@ def one(setup, tmp_path_factory):
 
     def get(kind: str) -> Path:
         if kind not in made:
-            flags = {"full": [], "lora": LORA, "precomputed": ["--precompute_ref_log_probs", "true"]}[kind]
-            if kind == "precomputed":
-                flags += ["--ref_log_probs_file", str(root / "one.ref_logps.json")]
+            flags = [*LORA] if kind.startswith("lora") else []
+            if kind.endswith("precomputed"):
+                flags += ["--precompute_ref_log_probs", "true", "--ref_log_probs_file", str(root / f"{kind}.json")]
             one_process(setup, root / kind, *flags)
             made[kind] = root / kind
         return made[kind]
@@ -176,7 +177,7 @@ def test_engine_equals_one_process(engine, setup, one, tmp_path):
     flags = ["--precompute_ref_log_probs", "true", "--ref_log_probs_file", str(scores)]
     _, seconds = launch(engine, setup, tmp_path / f"{engine}-pre", *flags)
     mine = json.loads(scores.read_text())
-    theirs = json.loads((one("precomputed").parent / "one.ref_logps.json").read_text())
+    theirs = json.loads((one("precomputed").parent / "precomputed.json").read_text())
     assert mine["fingerprint"] == theirs["fingerprint"]
     scores_diff = score_diff(mine["scores"], theirs["scores"])
     assert scores_diff < 1e-4
@@ -202,6 +203,21 @@ def test_engine_equals_one_process(engine, setup, one, tmp_path):
     assert diff < 1e-5, f"{engine}: resumed LoRA weights differ by {diff}"
     loss_diff = worst(losses(resumed), want)
     report(engine=engine, case="LoRA, resume from checkpoint-2", seconds=seconds, loss=loss_diff, weights=diff)
+
+    # LoRA with a precomputed reference (its base, adapters disabled, scored before the engine exists: under
+    # ZeRO-3 gathered for it): the scores file of one process's full fine-tuning run, whose reference is the
+    # same starting model, and the losses of one process's LoRA run with a precomputed reference
+    scores = tmp_path / f"{engine}-lora.ref_logps.json"
+    flags = [*LORA, "--precompute_ref_log_probs", "true", "--ref_log_probs_file", str(scores)]
+    _, seconds = launch(engine, setup, tmp_path / f"{engine}-lora-pre", *flags)
+    mine = json.loads(scores.read_text())
+    assert mine["fingerprint"] == theirs["fingerprint"]
+    scores_diff = score_diff(mine["scores"], theirs["scores"])
+    assert scores_diff < 1e-4
+    want = losses(one("lora-precomputed"))
+    assert losses(tmp_path / f"{engine}-lora-pre") == pytest.approx(want, abs=1e-4)
+    loss_diff = worst(losses(tmp_path / f"{engine}-lora-pre"), want)
+    report(engine=engine, case="LoRA, precomputed reference", seconds=seconds, loss=loss_diff, scores=scores_diff)
 
 
 MESSAGE = "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 2 != 2 * 1 * 2"
@@ -254,7 +270,7 @@ def test_zero3_refuses_the_scores_of_another_model(setup, one, tmp_path):
     launch stops."""
     needs("zero3")
     other = init_tiny(tmp_path / "other", block_size=4, hidden_size=WIDTH, seed=1)
-    scores = one("precomputed").parent / "one.ref_logps.json"
+    scores = one("precomputed").parent / "precomputed.json"
     flags = ["--precompute_ref_log_probs", "true", "--ref_log_probs_file", str(scores)]
     model, data = setup
     with pytest.raises(AssertionError, match="failed") as failed:
