@@ -78,6 +78,7 @@ class DiffusionArguments:
 
     def _validate_diffusion(self) -> None:
         _deprecated(self, "max_response_length", "max_completion_length")
+        cpu_deepspeed_backend(self)
         refuse_non_finite(self)
         if self.block_size is not None and self.block_size <= 0:
             raise ValueError(f"--block_size must be positive, got {self.block_size}")
@@ -99,6 +100,15 @@ class DiffusionArguments:
                 f"--max_steps={self.max_steps} with --num_train_epochs={self.num_train_epochs}: "
                 "the run would train nothing"
             )
+
+
+def cpu_deepspeed_backend(config) -> None:
+    """gloo for a DeepSpeed launch on a machine without a GPU (`accelerate launch` with a DeepSpeed config):
+    accelerate finds no backend for the CPU, initialises no process group of its own and counts one process,
+    so every rank would train alone on all the data (docs/scaling.md)."""
+    if config.ddp_backend is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        if not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) >= 0:
+            config.ddp_backend = "gloo"
 
 
 def refuse_non_finite(config) -> None:
@@ -171,7 +181,8 @@ def checkpoint_problem(path: Path) -> str | None:
     if isinstance(step, bool) or not isinstance(step, int):
         return f"{TRAINER_STATE_NAME} has no integer global_step (it holds {json.dumps(state)[:60]})"
     weights = sorted(path.glob("*.safetensors"))
-    if not weights and not any(path.glob("*.bin")):
+    sharded = any(p.is_dir() for p in path.glob("pytorch_model_fsdp_*"))  # FSDP's SHARDED_STATE_DICT: one per rank
+    if not weights and not any(path.glob("*.bin")) and not sharded:
         return "no model weights"
     for file in weights:
         problem = safetensors_problem(file)
@@ -242,6 +253,9 @@ def shape_mismatch(checkpoint: Path, model: torch.nn.Module) -> str | None:
     from safetensors import safe_open
 
     shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    for name, p in model.named_parameters(remove_duplicate=False):  # ZeRO-3: an empty placeholder, whole ds_shape
+        if hasattr(p, "ds_shape"):
+            shapes[name] = tuple(p.ds_shape)
     for file in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
@@ -330,6 +344,11 @@ def write_failure(e: BaseException) -> str | None:
     if isinstance(e, RuntimeError) and any(k in text for k in torch_io):
         return line
     return None
+
+
+def _fsdp_asked(args: TrainingArguments) -> bool:
+    """FSDP asked for by the TrainingArguments (`fsdp=...`) or by an `accelerate launch` FSDP config."""
+    return args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 
 LOCK_FILE = ".dtrpo-run.lock"  # in the output folder while a run trains or saves into it
@@ -445,9 +464,11 @@ def resolve_model(model, processing_class, adapter: ModelAdapter | None, args: D
         raise ValueError(problem)
     if peft_config is not None:
         from peft import get_peft_model
+        from transformers import set_seed
 
         from dtrpo.lora import lora_targets
 
+        set_seed(args.seed)  # the LoRA initialisation: the same on every rank and in every run of one --seed
         targets = peft_config.target_modules
         if targets is not None and not isinstance(targets, str):
             peft_config.target_modules = lora_targets(model, adapter, list(targets))
@@ -638,6 +659,8 @@ class DiffusionTrainer(Trainer):
             ) from None
         finally:
             self._staging = None
+        if self._sharded_fsdp() and self.args.should_save:  # no `_save` ran: the config and card beside the shards
+            self.write_run_files(staging / name)
         self.accelerator.wait_for_everyone()
         final = run_dir / name
         if self.state.best_global_step:  # the Trainer looked for the best checkpoint in the staging folder
@@ -670,7 +693,12 @@ class DiffusionTrainer(Trainer):
             shutil.rmtree(staging)
         self.accelerator.wait_for_everyone()
         try:
-            super().save_model(str(staging), _internal_call=True)  # True: no hub push before the files are in place
+            if self._sharded_fsdp():  # the Trainer writes no weights at a sharded state dict type: gather them whole
+                state_dict = self.accelerator.get_state_dict(self.model)
+                if self.args.should_save:
+                    self._save(str(staging), state_dict=state_dict)
+            else:
+                super().save_model(str(staging), _internal_call=True)  # True: no hub push before the files are in place
         except Exception as e:
             problem = write_failure(e)
             if problem is None:
@@ -690,6 +718,27 @@ class DiffusionTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _sharded_fsdp(self) -> bool:
+        """FSDP with a state dict type other than FULL_STATE_DICT (the shipped fsdp2.yaml: SHARDED_STATE_DICT), where
+        checkpoints hold one weights folder per rank (`pytorch_model_fsdp_0`) and `Trainer.save_model` writes none."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        return plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; an FSDP launch on CPU (gloo) runs FSDP, where accelerate would keep it in
+        DDP without a word (it selects FSDP only on accelerators)."""
+        super().create_accelerator_and_postprocess()
+        if self.accelerator.distributed_type.value == "MULTI_CPU" and _fsdp_asked(self.args):
+            from accelerate.state import PartialState
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            state = self.accelerator.state
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
+            state.distributed_type = DistributedType.FSDP
+            PartialState().distributed_type = DistributedType.FSDP  # each AcceleratorState() copies it from here
+            self.is_fsdp_enabled = True
+            logger.warning("FSDP on CPU: accelerate keeps a CPU run in DDP; dtrpo switches it to FSDP (gloo)")
 
     def _get_output_dir(self, trial) -> str:
         return str(getattr(self, "_staging", None) or super()._get_output_dir(trial))
@@ -720,9 +769,11 @@ class DiffusionTrainer(Trainer):
         metrics = {**(steps[-1] if steps else {}), **(summary[-1] if summary else {})}
         metrics = {k: v for k, v in metrics.items() if k not in ("epoch", "step")}
         tags = [tags] if isinstance(tags, str) else list(tags or [])
+        folder = Path(folder)
+        shown = folder.parent if folder.name.startswith(STAGING) else folder  # the final model's staging folder
         text = model_card(
             self.method,
-            model_name or Path(self.args.hub_model_id or folder).name,
+            model_name or Path(self.args.hub_model_id or shown).name,
             self.base_model_name,
             self.dataset_name,
             json.loads(self.args.to_json_string()),

@@ -398,7 +398,8 @@ def run_training(trainer, config, save=None) -> None:
                 resume_from_checkpoint=resolve_resume(config.resume_from_checkpoint, config.output_dir)
             )
         except RunFinished as e:
-            print(e)
+            if config.should_save:  # the main process speaks for all
+                print(e)
             return
         try:
             (save or (lambda t: t.save_model(config.output_dir)))(trainer)
@@ -416,8 +417,9 @@ def run_training(trainer, config, save=None) -> None:
             )
             what = f"saving the final model to {config.output_dir} failed ({problem}); is the disk full?"
             raise OSError(f"{e if isinstance(e, SaveFailed) else what} It is not saved: {kept}") from None
-    print(json.dumps(result.metrics, indent=2))
-    print(f"saved model to {config.output_dir}")
+    if config.should_save:
+        print(json.dumps(result.metrics, indent=2))
+        print(f"saved model to {config.output_dir}")
 
 
 @command("train", "preference-train a diffusion LM with dTRPO (or a baseline estimator)")
@@ -446,11 +448,15 @@ def _merged_save(tokenizer, adapter, config):
     """The final save of a LoRA run: the merged model (checkpoints keep the adapters, for resuming)."""
 
     def save(trainer):
-        from dtrpo.families import export_checkpoint
-        from dtrpo.lora import merge_lora
+        from dtrpo.distributed import merged_lora
+        from dtrpo.families import export_checkpoint, load_model
 
-        export_checkpoint(merge_lora(trainer.model), tokenizer, adapter, config.output_dir, format="native")
-        trainer.write_run_files(Path(config.output_dir))
+        base = lambda: load_model(trainer.base_model_name, block_size=config.block_size)[0]  # FSDP: the structure
+        merged = merged_lora(trainer.model, trainer.accelerator, base)  # whole on the main process, None elsewhere
+        if merged is not None:
+            export_checkpoint(merged, tokenizer, adapter, config.output_dir, format="native")
+            trainer.write_run_files(Path(config.output_dir))
+        trainer.accelerator.wait_for_everyone()
 
     return save
 
@@ -890,6 +896,24 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("DTRPO_DEBUG"):
             raise
         raise SystemExit(f"error: {err}") from None
+    except Exception as err:  # noqa: BLE001 - DeepSpeed refuses a setting with an AssertionError or its own types
+        engine = engine_failure(err)
+        if engine is None or os.environ.get("DTRPO_DEBUG"):
+            raise
+        raise SystemExit(f"error: {engine}: {type(err).__name__}: {str(err).strip().splitlines()[0]}") from None
+
+
+def engine_failure(err: BaseException) -> str | None:
+    """The engine (DeepSpeed, FSDP) whose code raised `err`, read from the innermost frame of its traceback,
+    or None when the error came from elsewhere (a bug of dtrpo's keeps its traceback)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename.replace(os.sep, "/") if tb is not None else ""
+    for part, name in (("/deepspeed/", "DeepSpeed"), ("/torch/distributed/fsdp/", "FSDP")):
+        if part in where:
+            return name
+    return None
 
 
 if __name__ == "__main__":

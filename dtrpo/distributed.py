@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 
-def _partitioned(model: torch.nn.Module) -> bool:
+def partitioned(model: torch.nn.Module) -> bool:
     """True when DeepSpeed ZeRO-3 partitioned the parameters at load (`zero.Init`: every rank holds a slice)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
@@ -37,7 +37,7 @@ def reference_copy(model: torch.nn.Module) -> torch.nn.Module:
     module is copied, and each copied parameter is replaced by a plain tensor so that `prepare_reference`
     partitions the copy afresh.
     """
-    if not _partitioned(model):
+    if not partitioned(model):
         return copy.deepcopy(model).eval().requires_grad_(False)
     import deepspeed
 
@@ -67,7 +67,8 @@ def _deepspeed_reference(model: torch.nn.Module, accelerator: Accelerator) -> to
     if zero.get("stage") != 3:
         zero["stage"] = 0
     engine, *_ = deepspeed.initialize(model=model, config=config)
-    return engine.eval()
+    engine.eval()  # DeepSpeedEngine.eval() switches the module to eval mode and returns None
+    return engine
 
 
 def _fsdp2_reference(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
@@ -126,3 +127,25 @@ def prepare_reference(model: torch.nn.Module, accelerator: Accelerator) -> torch
     if accelerator.distributed_type == DistributedType.FSDP:
         return _fsdp_reference(model, accelerator)
     return accelerator.prepare_model(model.to(accelerator.device), evaluation_mode=True)
+
+
+def merged_lora(model: torch.nn.Module, accelerator: Accelerator, load_base) -> torch.nn.Module | None:
+    """The trained LoRA policy with its adapters folded in, whole, on the main process (None on the others), for
+    the final save; every process calls it. One process, DDP, ZeRO-2: the policy itself is whole. ZeRO-3: a
+    gathered copy (`reference_copy`, a collective). FSDP2: the full state dict (gathered on the main process)
+    loaded into a whole model of the same structure, the base from `load_base()` with the same LoRA config."""
+    from dtrpo.lora import merge_lora
+
+    if partitioned(model):
+        whole = reference_copy(model)
+    elif any(hasattr(p, "full_tensor") for p in model.parameters()):
+        state = accelerator.get_state_dict(model)
+        if not accelerator.is_main_process:
+            return None
+        from peft import get_peft_model
+
+        whole = get_peft_model(load_base(), copy.deepcopy(model.peft_config["default"]))
+        whole.load_state_dict(state)
+    else:
+        whole = model
+    return merge_lora(whole) if accelerator.is_main_process else None

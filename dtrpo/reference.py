@@ -9,6 +9,7 @@ that differ named otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -22,17 +23,40 @@ FORMAT = "dtrpo-reference-scores/1"
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over every parameter's name, shape, dtype and a strided sample of its values (at most 4096
-    per tensor: any real change of weights, fine-tuning or another checkpoint, changes the sample)."""
+    per tensor: any real change of weights, fine-tuning or another checkpoint, changes the sample).
+
+    The weights are read whole under every engine, so that one model gives one fingerprint on one process,
+    under DDP, FSDP and DeepSpeed at any number of processes: a DeepSpeed engine or DDP wrapper is looked
+    through, an FSDP2 DTensor is gathered (`full_tensor`), a ZeRO-3 parameter (an empty placeholder on each
+    rank) is gathered one at a time. Those gathers are collectives: under FSDP or ZeRO-3 every rank calls it."""
+    if type(model).__name__ in ("DeepSpeedEngine", "DistributedDataParallel"):
+        model = model.module
     h = hashlib.sha256()
+    params = dict(model.named_parameters(remove_duplicate=False))
     for name, p in sorted(model.state_dict().items()):
         if "lora_" in name:  # the reference of a PEFT model is its base, adapters disabled
             continue
-        name = name.removeprefix("base_model.model.").replace(".base_layer", "")  # PEFT's names of base weights
-        flat = p.detach().flatten()
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
-        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-        h.update(sample.numpy().tobytes())
+        with _whole(params.get(name, p)) as full:
+            shown = name.removeprefix("base_model.model.").replace(".base_layer", "")  # PEFT's names of base weights
+            flat = full.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+            h.update(f"{shown}|{tuple(full.shape)}|{full.dtype}|".encode())
+            h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _whole(p: torch.Tensor):
+    """The whole tensor behind `p`: gathered from a ZeRO-3 partition or an FSDP2 DTensor, else `p` itself."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            yield p.data
+    elif hasattr(p, "full_tensor"):
+        yield p.full_tensor()
+    else:
+        yield p
 
 
 def data_fingerprint(dataset) -> str:

@@ -27,7 +27,7 @@ from dtrpo.base import (
     source_names,
     tokenized,
 )
-from dtrpo.distributed import prepare_reference, reference_copy
+from dtrpo.distributed import partitioned, prepare_reference, reference_copy
 from dtrpo.estimators import Batch, EstimatorConfig, draw, score
 from dtrpo.losses import LOSSES, preference_loss
 from dtrpo.masking import example_seed
@@ -264,7 +264,7 @@ class DTRPOTrainer(DiffusionTrainer):
         if path:
             reference = self.ref_model or self.accelerator.unwrap_model(self.model)  # the base, for PEFT or a copy
             want = fingerprint(reference, dataset, self.estimator_config, self.adapter, a.seed)
-            if a.world_size > 1:  # a sharded reference hashes its own shard on each rank: rank 0's stands for all
+            if a.world_size > 1:  # the whole weights on every rank (gathered when sharded): rank 0's decides for all
                 want = broadcast_object_list([want])[0]
         scores = load_scores(Path(path), want, epochs, list(dataset["index"])) if path else None
         if scores is not None:
@@ -284,26 +284,45 @@ class DTRPOTrainer(DiffusionTrainer):
             shard, n_real = rank_shard(dataset, a.world_size, a.process_index)
             size = a.precompute_ref_batch_size or a.per_device_eval_batch_size
             loader = torch.utils.data.DataLoader(shard, batch_size=size, collate_fn=self.data_collator)
-            mine, seen = {}, 0
-            for inputs in loader:
-                inputs = self._prepare_inputs(inputs)
-                batch, n = self._batch(inputs), inputs["index"].shape[0]
-                per_epoch = []
-                for epoch in range(epochs):
-                    states = self._draw(self.model, inputs, batch, epoch)
-                    with self.reference(self.model) as ref:
-                        values, _ = score(self.adapter, ref, batch, states)
-                    per_epoch.append(values.tolist())
-                for i, idx in enumerate(inputs["index"].tolist()):
-                    if seen < n_real:  # the rows that even out the ranks come last and are not kept
-                        mine[idx] = [(v[i], v[n + i]) for v in per_epoch]
-                    seen += 1
+            with self._whole_base():
+                mine = self._score_shard(loader, epochs, n_real)
             scores = {k: v for part in gather_object([mine]) for k, v in part.items()}
             if path and a.should_save:
                 save_scores(Path(path), want, epochs, scores)
         chosen = [[c for c, _ in scores[i]] for i in dataset["index"]]
         rejected = [[r for _, r in scores[i]] for i in dataset["index"]]
         return dataset.add_column("ref_chosen", chosen).add_column("ref_rejected", rejected)
+
+    def _score_shard(self, loader, epochs: int, n_real: int) -> dict[int, list[tuple[float, float]]]:
+        """{row index: [(chosen, rejected) per epoch]}: the reference's scores of this rank's shard, its first
+        n_real rows (the rows that even out the ranks come last and are not kept)."""
+        mine, seen = {}, 0
+        for inputs in loader:
+            inputs = self._prepare_inputs(inputs)
+            batch, n = self._batch(inputs), inputs["index"].shape[0]
+            per_epoch = []
+            for epoch in range(epochs):
+                states = self._draw(self.model, inputs, batch, epoch)
+                with self.reference(self.model) as ref:
+                    values, _ = score(self.adapter, ref, batch, states)
+                per_epoch.append(values.tolist())
+            for i, idx in enumerate(inputs["index"].tolist()):
+                if seen < n_real:
+                    mine[idx] = [(v[i], v[n + i]) for v in per_epoch]
+                seen += 1
+        return mine
+
+    def _whole_base(self):
+        """Under ZeRO-3 a LoRA policy's base is partitioned at load (`zero.Init`) and only the DeepSpeed engine,
+        built when training starts, gathers it for a forward: for the precompute, which runs before, its
+        parameters are gathered whole on every rank (one model's weights, as `reference_copy` gathers them).
+        A reference copy is its own engine and needs nothing."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.ref_model is not None or not partitioned(model):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
     @contextlib.contextmanager
     def reference(self, model):

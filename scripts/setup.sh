@@ -13,4 +13,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q torch==2.13.0 || .venv/bin/pip install -q "torch>=2.5,<2.15"
   fi
 fi
-.venv/bin/pip install -q -e ".[dev]"
+# DS_BUILD_OPS=0: DeepSpeed (a dev dependency) installs as pure Python, its CUDA/C++ ops left unbuilt; the
+# torch installed above satisfies its requirement, so no other torch build is pulled
+DS_BUILD_OPS=0 .venv/bin/pip install -q -e ".[dev]"

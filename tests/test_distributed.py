@@ -1,12 +1,11 @@
 """The reference under sharded training (`dtrpo.distributed`): a whole frozen copy on one process, and
 FSDP2 on two gloo processes training exactly like one process, with policy and reference sharded.
 
-accelerate selects FSDP only on accelerators: on CPU, `fsdp=...` in TrainingArguments silently stays
-`MULTI_CPU` and the Trainer wraps the model in DDP (accelerate 1.15, `AcceleratorState.__init__`). The
-FSDP test therefore sets the accelerator state to FSDP after the Trainer built it (`CPUFSDPTrainer`);
-everything after that (accelerate's `fsdp2_prepare_model`, `fully_shard` on a gloo CPU mesh, the
-sharded reference) is the real code path. Run as a script under `torch.distributed.run`, this file is
-the worker of that test.
+accelerate selects FSDP only on accelerators: on CPU, `fsdp=...` in TrainingArguments stays `MULTI_CPU` and
+the Trainer would wrap the model in DDP (accelerate 1.15, `AcceleratorState.__init__`). The trainer switches
+such a run to FSDP (`DiffusionTrainer.create_accelerator_and_postprocess`); everything after that
+(accelerate's `fsdp2_prepare_model`, `fully_shard` on a gloo CPU mesh, the sharded reference) is the real
+code path. Run as a script under `torch.distributed.run`, this file is the worker of that test.
 """
 
 import json
@@ -26,21 +25,6 @@ from tests.test_reference import config
 FSDP2 = {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["Qwen3DecoderLayer"], "reshard_after_forward": True}
 
 
-class CPUFSDPTrainer(DTRPOTrainer):
-    """DTRPOTrainer with the accelerator switched to FSDP, which accelerate does not select on CPU."""
-
-    def create_accelerator_and_postprocess(self) -> None:
-        from accelerate.state import PartialState
-        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-        super().create_accelerator_and_postprocess()
-        state = self.accelerator.state
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
-        state.distributed_type = DistributedType.FSDP
-        PartialState().distributed_type = DistributedType.FSDP  # each AcceleratorState() copies it from here
-        self.is_fsdp_enabled = True
-
-
 def shard_shapes(model) -> dict[str, list]:
     """Each parameter's (type, local shape, full shape): a DTensor's local shard is what this rank holds."""
     return {
@@ -52,7 +36,7 @@ def shard_shapes(model) -> dict[str, list]:
 def worker(model_dir: str, data: str, out: str) -> None:
     """One rank of the FSDP2 run: 2 pairs per rank and step; writes what it saw to rank<i>.json."""
     args = config(out, per_device_train_batch_size=2, ddp_backend="gloo", fsdp="full_shard", fsdp_config=FSDP2)
-    trainer = CPUFSDPTrainer(model_dir, args=args, train_dataset=data)
+    trainer = DTRPOTrainer(model_dir, args=args, train_dataset=data)
     trainer.train()
     result = {
         "world": args.world_size,
