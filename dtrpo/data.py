@@ -607,7 +607,6 @@ def sft_examples(
     return [_fit_sft(pi, ri, eos, limits, t[3], t[2]) for pi, ri, t in zip(p, r, texts, strict=True)], key
 
 
-
 CHUNK = 64  # rows validated and tokenized at a time: memory holds one chunk's texts and the tokenized table
 
 

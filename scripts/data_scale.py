@@ -44,6 +44,15 @@ from transformers import PreTrainedTokenizerFast
 from dtrpo.models import make_char_tokenizer
 tok = make_char_tokenizer() if tok_path == "char" else PreTrainedTokenizerFast.from_pretrained(tok_path)
 L = json.loads(os.environ["SCALE_LIMITS"])
+from dtrpo.models import adapter_from_config, make_tiny_model
+model = make_tiny_model(tok, block_size=L["block_size"], hidden_size=32, num_layers=1, num_heads=2)
+adapter = adapter_from_config(model.config, tok)  # the trainer's block grid and family, so the second start reuses
+import logging
+class Said(logging.Handler):
+    said = []
+    def emit(self, record):
+        self.said.append(record.getMessage())
+logging.getLogger("dtrpo.data_cache").addHandler(Said())
 def kib(who=resource.RUSAGE_SELF):
     return resource.getrusage(who).ru_maxrss
 def cpu():
@@ -64,17 +73,16 @@ elif mode in ("after", "torchrun"):
         state = PartialState(cpu=True, backend="gloo")
         first = state.local_main_process_first
         start, cpu0 = time.perf_counter(), cpu()
-    lim = _Limits(L["block_size"], L["max_prompt_length"], L["max_completion_length"])
-    ds, stats, _ = cached(build_preference_dataset, data, tok, lim, "tiny", cache, int(num_proc) or None, first)
+    lim = _Limits(adapter.block_size, L["max_prompt_length"], L["max_completion_length"], "truncate",
+                  adapter.absolute_grid)
+    ds, stats, _ = cached(build_preference_dataset, data, tok, lim, adapter.family, cache, int(num_proc) or None, first)
     out["rows"] = len(ds)
     if mode == "torchrun":
         out["world"] = state.num_processes
 elif mode == "second":
     from transformers import TrainerCallback
     from dtrpo import DTRPOConfig, DTRPOTrainer
-    from dtrpo.models import make_tiny_model
     import dtrpo.data_cache as C
-    model = make_tiny_model(tok, block_size=L["block_size"], hidden_size=32, num_layers=1, num_heads=2)
     opened = {}
     real = C.cached
     def timed(*a, **k):
@@ -87,10 +95,12 @@ elif mode == "second":
     args = DTRPOConfig(output_dir=cache + "-run", max_steps=1, per_device_train_batch_size=2, use_cpu=True,
                        report_to=[], save_strategy="no", disable_tqdm=True, dataset_cache_dir=cache,
                        max_prompt_length=L["max_prompt_length"], max_completion_length=L["max_completion_length"])
+    args.world_size  # sets the device up: not data, and paid by every start
     start, cpu0 = time.perf_counter(), cpu()
     trainer = DTRPOTrainer(model, args=args, train_dataset=data, processing_class=tok, callbacks=[First()])
     trainer.train()
     out["rows"], out["open_s"], out["first_step_s"] = len(trainer.train_dataset), opened["s"], opened["first_step"]
+out["cache"] = [m.split(":")[0] for m in Said.said if m.startswith(("token cache made", "token cache reused"))]
 out["seconds"] = time.perf_counter() - start
 out["cpu_s"] = cpu() - cpu0
 out["peak_above_imports_mib"] = (kib() / 1024) - out["base_mib"]
@@ -222,7 +232,7 @@ def size_mib(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
-def measure(n: int, tok_name: str, tok: str, data: Path, work: Path, before: str | None, log) -> dict:
+def measure(n: int, tok_name: str, tok: str, data: Path, work: Path, before: str | None, log, skip: tuple = ()) -> dict:
     """Every measurement of one size and tokenizer."""
     result = {"rows": n, "tokenizer": tok_name, "file_mib": round(data.stat().st_size / 2**20, 1)}
     caches = {k: work / f"cache-{n}-{tok_name}-{k}" for k in ("w1", "w2", "tr")}
@@ -231,8 +241,9 @@ def measure(n: int, tok_name: str, tok: str, data: Path, work: Path, before: str
     if before:
         result["before_1proc"] = child("before", data, tok, work / "unused", 0, before)
         log(f"  before, 1 process: {_short(result['before_1proc'])}")
-        result["before_torchrun2"] = torchrun("before", data, tok, work / "unused", before)
-        log(f"  before, torchrun 2: {[_short(r) for r in result['before_torchrun2']]}")
+        if "before_torchrun2" not in skip:
+            result["before_torchrun2"] = torchrun("before", data, tok, work / "unused", before)
+            log(f"  before, torchrun 2: {[_short(r) for r in result['before_torchrun2']]}")
     result["after_1worker"] = child("after", data, tok, caches["w1"], 1)
     log(f"  after, 1 worker: {_short(result['after_1worker'])}")
     result["cache_mib"] = round(size_mib(caches["w1"]), 1)
@@ -264,6 +275,7 @@ def main() -> None:
     parser.add_argument(
         "--bpe_rows", type=int, default=10_000, help="Rows the BPE tokenizer is trained on (the first ones)."
     )
+    parser.add_argument("--skip", nargs="*", default=[], help="Measurements left out: before_torchrun2.")
     parser.add_argument("--keep_data", action="store_true", help="Keep the generated data files.")
     args = parser.parse_args()
     work = Path(args.work)
@@ -285,7 +297,7 @@ def main() -> None:
         for name in args.tokenizers:
             tok = str(bpe) if name == "bpe" else "char"
             log(f"{n} rows, {name} tokenizer:")
-            run = measure(n, name, tok, data, work, args.before, log)
+            run = measure(n, name, tok, data, work, args.before, log, tuple(args.skip))
             run["tokens"] = mean_tokens(data, tok)
             results["runs"].append(run)
             if args.out:

@@ -154,3 +154,23 @@ def test_a_data_file_changed_during_the_run_stops_it(tmp_path, tokenizer):
 def test_rows_in_memory_are_not_cached(tmp_path, tokenizer):
     rows, stats, source = cached(build_preference_dataset, ROWS[:5], tokenizer, LIMITS, "tiny", tmp_path / "c")
     assert source is None and len(rows) == 5 and not (tmp_path / "c").exists()
+
+
+def test_a_hub_style_dataset_is_keyed_by_its_datasets_fingerprint(tmp_path, tokenizer, caplog):
+    """A Dataset read by load_dataset (as --dataset_name NAME reads a hub dataset from the local cache) is cached
+    by its datasets fingerprint and split: the same rows as the builder, then reused."""
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:50])
+    hub = datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(tmp_path / "hf"))
+    want, _ = build_preference_dataset(hub, tokenizer, 4, 12, 8)
+    caplog.set_level(logging.WARNING, "dtrpo.data_cache")
+    got, _, source = cached(build_preference_dataset, hub, tokenizer, LIMITS, "tiny", tmp_path / "c")
+    assert plain(got) == plain(want) and source.digest.startswith(f"datasets:{hub._fingerprint}:train")
+    again, _, _ = cached(build_preference_dataset, hub, tokenizer, LIMITS, "tiny", tmp_path / "c")
+    assert "token cache reused" in caplog.text and plain(again) == plain(want)
+
+
+def test_dataset_num_proc_must_be_positive(tmp_path):
+    from dtrpo import DTRPOConfig
+
+    with pytest.raises(ValueError, match=r"^--dataset_num_proc must be at least 1, got 0$"):
+        DTRPOConfig(output_dir=str(tmp_path), dataset_num_proc=0, use_cpu=True, report_to=[])
