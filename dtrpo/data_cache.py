@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ FORMAT = "dtrpo-token-cache/1"
 META = "dtrpo_cache.json"
 BATCH = 256  # rows per map batch: one batch's texts and ids are what a worker holds
 RAW_BATCH = 4096  # rows per record batch of the raw-line table
+RAW_PART_BYTES = 64 << 20  # raw rows per part: the most of a data file mapped at once while tokenizing
 PROGRESS_ROWS = 50_000  # datasets' progress bars are shown from this many rows
 IDS = datasets.List(datasets.Value("int32"))
 FEATURES = {
@@ -221,49 +222,75 @@ def open_cache(folder: Path, kind: str) -> tuple[datasets.Dataset, dict]:
     return rows.select_columns(list(KEPT[kind])), meta
 
 
-def _raw_rows(source: Source, data: Any, folder: Path) -> datasets.Dataset:
-    """The untokenized rows as a memory-mapped Dataset: JSON files as (raw line, line number) rows, parquet
-    files copied batch by batch, dataset folders and Datasets as they are."""
+JSON_SCHEMA = pa.schema([("raw", pa.binary()), ("line", pa.int64())])
+
+
+def _raw_parts(source: Source, data: Any, folder: Path) -> Iterator[datasets.Dataset]:
+    """The untokenized rows, one memory-mapped part at a time: a JSON or parquet file is copied into Arrow
+    files of about RAW_PART_BYTES (JSON rows as their raw line and line number, parsed by the workers, which
+    name the line of a bad row), each removed once tokenized, so the mapped pages a process reads stay
+    bounded whatever the file's size; a dataset folder or a Dataset is one part, as it is."""
     if source.reader == "dataset":
-        return data if isinstance(data, datasets.Dataset) else D._load_from_disk(Path(data))
-    path, out = Path(data), folder / "raw.arrow"
-    if source.reader == "parquet":
-        try:
-            reader = pq.ParquetFile(path)
-            batches, schema = reader.iter_batches(batch_size=RAW_BATCH), reader.schema_arrow
-            _write_stream(out, schema, batches)
-        except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
-    else:
-        schema = pa.schema([("raw", pa.binary()), ("line", pa.int64())])
-        _write_stream(out, schema, _json_batches(path, schema))
-    return datasets.Dataset.from_file(str(out))
+        yield data if isinstance(data, datasets.Dataset) else D._load_from_disk(Path(data))
+        return
+    path = Path(data)
+    batches = _parquet_batches(path) if source.reader == "parquet" else _json_batches(path)
+    writer, out, size, k = None, None, 0, 0
+    for batch in batches:
+        if writer is None:
+            out = folder / f"raw-{k:05d}.arrow"
+            sink = pa.OSFile(str(out), "wb")
+            writer = pa.ipc.new_stream(sink, batch.schema)
+        writer.write_batch(batch)
+        size += batch.nbytes
+        if size >= RAW_PART_BYTES:
+            writer.close()
+            sink.close()
+            yield from _mapped(out)
+            writer, size, k = None, 0, k + 1
+    if writer is not None:
+        writer.close()
+        sink.close()
+        yield from _mapped(out)
 
 
-def _write_stream(out: Path, schema: pa.Schema, batches) -> None:
-    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for batch in batches:
-            writer.write_batch(batch)
+def _mapped(path: Path) -> Iterator[datasets.Dataset]:
+    part = datasets.Dataset.from_file(str(path))
+    yield part
+    del part
+    path.unlink()
 
 
-def _json_batches(path: Path, schema: pa.Schema):
-    """Record batches of the rows of a JSON file: each non-blank line of a .jsonl file as its bytes (parsed
-    by the workers, which name its line), or each item of a .json list re-serialized."""
+def _parquet_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    try:
+        yield from pq.ParquetFile(path).iter_batches(batch_size=RAW_BATCH)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _json_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """Record batches of the rows of a JSON file: each non-blank line of a .jsonl file as its bytes, or each
+    item of a .json list re-serialized, with the line it starts on."""
     raws, lines = [], []
     with path.open("rb") as f:
         listed = path.suffix.lower() == ".json" and f.read(4096).decode("utf-8", errors="replace").lstrip()[:1] == "["
     if listed:
         records = ((line, json.dumps(item).encode()) for line, item in D.json_rows(path))
     else:
-        records = ((n, raw) for n, raw in enumerate(path.open("rb"), 1) if raw.strip())
+        records = _lines(path)
     for line, raw in records:
         raws.append(raw)
         lines.append(line)
         if len(raws) == RAW_BATCH:
-            yield pa.record_batch([pa.array(raws, pa.binary()), pa.array(lines, pa.int64())], schema=schema)
+            yield pa.record_batch([pa.array(raws, pa.binary()), pa.array(lines, pa.int64())], schema=JSON_SCHEMA)
             raws, lines = [], []
     if raws:
-        yield pa.record_batch([pa.array(raws, pa.binary()), pa.array(lines, pa.int64())], schema=schema)
+        yield pa.record_batch([pa.array(raws, pa.binary()), pa.array(lines, pa.int64())], schema=JSON_SCHEMA)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with path.open("rb") as f:
+        yield from ((n, raw) for n, raw in enumerate(f, 1) if raw.strip())
 
 
 def _tokenize(
@@ -276,8 +303,11 @@ def _tokenize(
     eos: int,
     source: str,
     json_path: str | None,
+    offset: int,
 ) -> dict[str, list]:
-    """One map batch: its rows validated and tokenized (`index` is the row's position in the data)."""
+    """One map batch: its rows validated and tokenized (`index`: the row's position in the data, `offset` that
+    of the part's first row)."""
+    indices = [offset + i for i in indices]
     if json_path is not None:
         path = Path(json_path)
         hint = D.json_hint(path)
@@ -296,7 +326,7 @@ def _tokenize(
         kept = [i for j, i in enumerate(indices) if j not in set(dropped)]
     else:
         examples, _ = D.sft_examples(rows, tokenizer, eos, limits, "completion")
-        kept = list(indices)
+        kept = indices
     out = {name: [e[name] for e in examples] for name in FEATURES[kind] if name != "index"}
     out["index"] = kept
     return out
@@ -305,12 +335,9 @@ def _tokenize(
 def _make(
     kind: str, source: Source, data: Any, tokenizer, limits: D._Limits, num_proc: int | None, folder: Path
 ) -> dict:
-    """Tokenize the data into `folder` (map's Arrow files and the record); returns the record."""
+    """Tokenize the data into `folder` (map's Arrow files, one or more per part, and the record); returns the
+    record."""
     (folder / "raw").mkdir(parents=True)
-    raw = _raw_rows(source, data, folder / "raw")
-    n = len(raw)
-    if not n:
-        raise ValueError(f"{source.name}: no rows" if kind == "sft" else f"{source.name}: no usable rows (0 rows)")
     fn = functools.partial(
         _tokenize,
         kind=kind,
@@ -320,37 +347,43 @@ def _make(
         source=source.name,
         json_path=source.name if source.reader == "json" else None,
     )
-    procs = num_proc if num_proc and num_proc > 1 and n >= 2 * BATCH else None
-    with _progress(n >= PROGRESS_ROWS):
-        rows = raw.map(
-            fn,
-            batched=True,
-            batch_size=BATCH,
-            with_indices=True,
-            num_proc=procs,
-            remove_columns=raw.column_names,
-            features=FEATURES[kind],
-            cache_file_name=str(folder / "tokens.arrow"),
-            load_from_cache_file=False,
-            new_fingerprint=_digest([source.digest, kind])[:32],
-            desc=f"tokenizing {source.name}",
-        )
-    table = rows.data
-    kept = len(rows)
+    n, kept, cut, dropped = 0, 0, [0, 0], []
+    column = "responses_truncated" if kind == "preference" else "response_truncated"
+    for k, part in enumerate(_raw_parts(source, data, folder / "raw")):
+        procs = num_proc if num_proc and num_proc > 1 and len(part) >= 2 * BATCH else None
+        with _progress(len(part) >= PROGRESS_ROWS):
+            rows = part.map(
+                functools.partial(fn, offset=n),
+                batched=True,
+                batch_size=BATCH,
+                with_indices=True,
+                num_proc=procs,
+                remove_columns=part.column_names,
+                features=FEATURES[kind],
+                cache_file_name=str(folder / f"tokens-{k:05d}.arrow"),
+                load_from_cache_file=False,
+                new_fingerprint=_digest([source.digest, kind, k])[:32],
+                desc=f"tokenizing {source.name}",
+            )
+        table = rows.data
+        gone = np.setdiff1d(np.arange(len(part)), table.column("index").to_numpy() - n, assume_unique=True)
+        if len(dropped) < 11 and len(gone):
+            dropped += [int(part[int(j)]["line"]) if source.reader == "json" else n + int(j) + 1 for j in gone[:11]]
+        kept += len(rows)
+        cut[0] += int(pc.sum(table.column("prompt_truncated").cast(pa.int64())).as_py() or 0)
+        cut[1] += int(pc.sum(table.column(column).cast(pa.int64())).as_py() or 0)
+        n += len(part)
+        del rows, table, part
+    if not n and kind == "sft":
+        raise ValueError(f"{source.name}: no rows")
+    if not kept and kind == "preference":
+        raise ValueError(f"{source.name}: no usable rows ({n} rows, {n - kept} with chosen equal to rejected)")
     stats = {"rows": n, "kept": kept}
     if kind == "preference":
-        stats["identical_dropped"] = n - kept
-        dropped = np.setdiff1d(np.arange(n), table.column("index").to_numpy(), assume_unique=True)
-        where = (
-            "lines " + ", ".join(str(x) for x in raw.select(dropped[:10])["line"])
-            if source.reader == "json"
-            else "rows " + ", ".join(str(i + 1) for i in dropped[:10])
-        )
-        stats["dropped_where"] = where + (", ..." if len(dropped) > 10 else "")
-    stats["prompts_truncated"] = int(pc.sum(table.column("prompt_truncated").cast(pa.int64())).as_py() or 0)
-    column = "responses_truncated" if kind == "preference" else "response_truncated"
-    stats["responses_truncated"] = int(pc.sum(table.column(column).cast(pa.int64())).as_py() or 0)
-    del rows, raw, table
+        unit = "lines" if source.reader == "json" else "rows"
+        where = f"{unit} " + ", ".join(map(str, dropped[:10])) + (", ..." if n - kept > 10 else "")
+        stats |= {"identical_dropped": n - kept, "dropped_where": where}
+    stats |= {"prompts_truncated": cut[0], "responses_truncated": cut[1]}
     shutil.rmtree(folder / "raw")
     return {"kept": kept, "stats": stats, "files": {f.name: f.stat().st_size for f in sorted(folder.glob("*.arrow"))}}
 

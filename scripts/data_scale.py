@@ -265,6 +265,58 @@ def _short(r: dict) -> str:
     return ", ".join(f"{k} {r[k]:.2f}" for k in keys if k in r)
 
 
+def tables(runs: list[dict]) -> str:
+    """The results as two markdown tables: seconds (wall, with CPU seconds), and MiB above imports."""
+
+    def t(r: dict) -> str:
+        return f"{r['seconds']:.1f} ({r['cpu_s']:.1f})"
+
+    def m(r: dict) -> str:
+        return f"{r['peak_above_imports_mib']:.0f}"
+
+    def ranks(rs: list[dict], f) -> str:
+        return " / ".join(f(r) for r in sorted(rs, key=lambda r: r["cache"] != ["token cache made"]))
+
+    def worker(r: dict) -> str:  # a forked worker's whole peak: it shares its imports' pages with the main process
+        return f"{r['workers_peak_mib']:.0f}"
+
+    head = "| rows | tokenizer | tokens p/c/r |"
+    out = [
+        "Seconds, wall (CPU); torchrun: the process that made the cache / the one that waited:",
+        "",
+        head + " before, 1 process | after, 1 worker | after, 2 workers | after, torchrun 2 | second start: "
+        "open data | to first step | open / first tokenization |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        tok, second = "/".join(f"{v:.0f}" for v in r["tokens"].values()), r["second_start"]
+        before = t(r["before_1proc"]) if "before_1proc" in r else "-"
+        out.append(
+            f"| {r['rows']:,} | {r['tokenizer']} | {tok} | {before} | {t(r['after_1worker'])} | "
+            f"{t(r['after_2workers'])} | {ranks(r['after_torchrun2'], t)} | {second['open_s']:.2f} | "
+            f"{second['first_step_s']:.1f} | {100 * second['open_s'] / r['after_1worker']['seconds']:.1f}% |"
+        )
+    out += [
+        "",
+        "Peak resident memory above imports, MiB (2 workers: the main process above its imports / a forked "
+        "worker's whole peak, imports included); cache on disk:",
+        "",
+        head + " before, 1 process | before, each of torchrun 2 | after, 1 worker | after, 2 workers | "
+        "after, torchrun 2 | file MiB | cache MiB |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        tok = "/".join(f"{v:.0f}" for v in r["tokens"].values())
+        before = m(r["before_1proc"]) if "before_1proc" in r else "-"
+        each = " / ".join(m(x) for x in r["before_torchrun2"]) if "before_torchrun2" in r else "not run"
+        two = f"{m(r['after_2workers'])} / {worker(r['after_2workers'])}"
+        out.append(
+            f"| {r['rows']:,} | {r['tokenizer']} | {tok} | {before} | {each} | {m(r['after_1worker'])} | {two} | "
+            f"{ranks(r['after_torchrun2'], m)} | {r['file_mib']:.0f} | {r['cache_mib']:.0f} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000], help="Dataset sizes in rows.")
@@ -277,7 +329,11 @@ def main() -> None:
     )
     parser.add_argument("--skip", nargs="*", default=[], help="Measurements left out: before_torchrun2.")
     parser.add_argument("--keep_data", action="store_true", help="Keep the generated data files.")
+    parser.add_argument("--table", nargs="*", default=None, help="Print the tables of these result files and stop.")
     args = parser.parse_args()
+    if args.table is not None:
+        print(tables([run for f in args.table for run in json.loads(Path(f).read_text())["runs"]]))
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 

@@ -174,3 +174,24 @@ def test_dataset_num_proc_must_be_positive(tmp_path):
 
     with pytest.raises(ValueError, match=r"^--dataset_num_proc must be at least 1, got 0$"):
         DTRPOConfig(output_dir=str(tmp_path), dataset_num_proc=0, use_cpu=True, report_to=[])
+
+
+def test_a_file_in_many_parts_equals_one_part(tmp_path, tokenizer, monkeypatch):
+    """Parts of a few KiB (the mapped raw rows bounded whatever the file's size): the same rows, indices and
+    counts as the in-memory builder, and the dropped rows named by line, with one and two workers."""
+    import dtrpo.data_cache as C
+
+    rows = [dict(r) for r in ROWS]
+    for i in (50, 420, 599):
+        rows[i] = {"prompt": "p", "chosen": "same", "rejected": "same"}
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    want, want_stats = build_preference_dataset(str(data), tokenizer, 4, 12, 8)
+    monkeypatch.setattr(C, "RAW_PART_BYTES", 4000)
+    monkeypatch.setattr(C, "RAW_BATCH", 16)
+    for num_proc in (None, 2):
+        with pytest.warns(UserWarning, match=r"dropped 4 of 600 rows .*\(lines 9, 52, 422, 601\)"):
+            got, stats, _ = cached(
+                build_preference_dataset, str(data), tokenizer, LIMITS, "tiny", tmp_path / f"c{num_proc}", num_proc
+            )
+        assert plain(got) == plain(want) and stats == want_stats
+        assert len(got.cache_files) > 5
