@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -489,7 +490,7 @@ def _open_or_make(kind, source, data, tokenizer, limits, family, cache_dir: Path
         _writable(cache_dir)
     logger.warning("token cache for %s: making %s (%s)", source.name, folder, why)
     start = time.perf_counter()
-    staging = cache_dir / f".partial-{folder.name}-{os.getpid()}"
+    staging = cache_dir / f".partial-{folder.name}-{socket.gethostname()}-{os.getpid()}"  # nodes may share it
     shutil.rmtree(staging, ignore_errors=True)
     try:
         record = _make(kind, source, data, tokenizer, limits, num_proc, staging)

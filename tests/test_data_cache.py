@@ -195,3 +195,36 @@ def test_a_file_in_many_parts_equals_one_part(tmp_path, tokenizer, monkeypatch):
             )
         assert plain(got) == plain(want) and stats == want_stats
         assert len(got.cache_files) > 5
+
+
+def test_dtrpo_train_uses_the_cache_and_names_a_bad_folder(tmp_path, capsys, caplog):
+    """Through the CLI: a cache folder that cannot be written is one `error:` line before any training; a good one
+    is made with 2 workers by the first run and reused by the second."""
+    from dtrpo.models import init_tiny
+    from tests.test_cli import cli
+
+    init_tiny(tmp_path / "tiny", block_size=4)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:40])
+    (tmp_path / "file").write_text("x")
+    common = ("train", "--model_name_or_path", tmp_path / "tiny", "--dataset_name", data, "--max_steps", 1,
+              "--per_device_train_batch_size", 2, "--report_to", "none", "--save_strategy", "no")  # fmt: skip
+    res = cli(
+        *common, "--output_dir", tmp_path / "a", "--dataset_cache_dir", tmp_path / "file" / "c", ok=False, capsys=capsys
+    )
+    (line,) = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: --dataset_cache_dir {tmp_path / 'file' / 'c'}: not writable") and res.returncode
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    caplog.set_level(logging.WARNING, "dtrpo.data_cache")
+    for out in ("b", "c"):
+        cli(
+            *common,
+            "--output_dir",
+            tmp_path / out,
+            "--dataset_cache_dir",
+            tmp_path / "cache",
+            "--dataset_num_proc",
+            2,
+            capsys=capsys,
+        )
+    made = [r.getMessage() for r in caplog.records if r.getMessage().startswith("token cache")]
+    assert [m.split(":")[0] for m in made] == ["token cache for " + str(data), "token cache made", "token cache reused"]
