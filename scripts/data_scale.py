@@ -284,15 +284,16 @@ def tables(runs: list[dict]) -> str:
     out = [
         "Seconds, wall (CPU); torchrun: the process that made the cache / the one that waited:",
         "",
-        head + " before, 1 process | after, 1 worker | after, 2 workers | after, torchrun 2 | second start: "
-        "open data | to first step | open / first tokenization |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        head + " before, 1 process | before, torchrun 2 | after, 1 worker | after, 2 workers | after, torchrun 2 | "
+        "second start: open data | to first step | open / first tokenization |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         tok, second = "/".join(f"{v:.0f}" for v in r["tokens"].values()), r["second_start"]
         before = t(r["before_1proc"]) if "before_1proc" in r else "-"
+        each = " / ".join(t(x) for x in r["before_torchrun2"]) if "before_torchrun2" in r else "not run"
         out.append(
-            f"| {r['rows']:,} | {r['tokenizer']} | {tok} | {before} | {t(r['after_1worker'])} | "
+            f"| {r['rows']:,} | {r['tokenizer']} | {tok} | {before} | {each} | {t(r['after_1worker'])} | "
             f"{t(r['after_2workers'])} | {ranks(r['after_torchrun2'], t)} | {second['open_s']:.2f} | "
             f"{second['first_step_s']:.1f} | {100 * second['open_s'] / r['after_1worker']['seconds']:.1f}% |"
         )
