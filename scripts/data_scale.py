@@ -267,6 +267,7 @@ def _short(r: dict) -> str:
 
 def tables(runs: list[dict]) -> str:
     """The results as two markdown tables: seconds (wall, with CPU seconds), and MiB above imports."""
+    runs = sorted(runs, key=lambda r: (r["rows"], r["tokenizer"]))
 
     def t(r: dict) -> str:
         return f"{r['seconds']:.1f} ({r['cpu_s']:.1f})"
