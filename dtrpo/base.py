@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -63,6 +64,16 @@ class DiffusionArguments:
     max_response_length: int | None = field(
         default=None, metadata={"help": "Deprecated: use --max_completion_length (removed in the next release)."}
     )
+    dataset_num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Processes that tokenize the data into the token cache (TRL's name); default 1."},
+    )
+    dataset_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the token cache (data tokenized once per machine); default: HF_DATASETS_CACHE/dtrpo."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -91,6 +102,8 @@ class DiffusionArguments:
                 f"--max_length={self.max_length} leaves no room for a prompt after "
                 f"--max_completion_length={self.max_completion_length}"
             )
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ValueError(f"--dataset_num_proc must be at least 1, got {self.dataset_num_proc}")
         if self.truncation not in ("truncate", "error"):
             raise ValueError(f"--truncation must be 'truncate' or 'error', got {self.truncation!r}")
         if self.learning_rate <= 0:
@@ -145,17 +158,20 @@ def tokenized(builder, data, tokenizer, args: DiffusionArguments, adapter: Model
     """`data` (a path, rows or a Dataset) tokenized by `builder` under the configured limits on the
     adapter's block grid, with the truncation and dropped-row counts logged; an already tokenized
     Dataset passes through."""
+    from dtrpo.data import _Limits
+    from dtrpo.data_cache import cached
+
     if data is None or "prompt_ids" in getattr(data, "column_names", []):
         return data
-    ds, stats = builder(
-        data,
-        tokenizer,
-        adapter.block_size,
-        prompt_limit(args),
-        args.max_completion_length,
-        args.truncation,
-        adapter.absolute_grid,
+    limits = _Limits(
+        adapter.block_size, prompt_limit(args), args.max_completion_length, args.truncation, adapter.absolute_grid
     )
+    first = functools.partial(args.main_process_first, local=True, desc="tokenizing")
+    ds, stats, source = cached(
+        builder, data, tokenizer, limits, adapter.family, args.dataset_cache_dir, args.dataset_num_proc, first
+    )
+    if source is not None:
+        ds.dtrpo_source = source  # watched while training (DataWatch)
     logger.info("data %s: %s", data if isinstance(data, (str, Path)) else "<memory>", stats)
     if any(v for k, v in stats.items() if k.endswith("truncated")):
         logger.warning("data: truncated to the configured limits: %s", stats)
@@ -495,6 +511,9 @@ class DiffusionTrainer(Trainer):
         self._bad_step = None  # (), on the device: the first step whose loss was not finite, -1 while none
         self.base_weights = weights_fingerprint(model)  # the starting model's: a resume must start from it too
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
+        from dtrpo.data_cache import DataWatch
+
+        self.add_callback(DataWatch([self.train_dataset, self.eval_dataset]))
         # compute_loss returns a per-batch mean, not a sum over num_items_in_batch: let the Trainer divide
         # it by the gradient-accumulation steps whatever the model's forward accepts
         self.model_accepts_loss_kwargs = False

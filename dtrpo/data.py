@@ -120,20 +120,31 @@ def json_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     if path.suffix.lower() == ".json" and first.startswith("["):
         yield from _json_list(path)
         return
-    hint = "; a .json file holds a list of objects or one object per line" if path.suffix.lower() == ".json" else ""
+    hint = json_hint(path)
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
             line = _utf8(raw, path, number)
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
-            except RecursionError:
-                raise ValueError(f"{path}: line {number}: JSON nested too deeply to read") from None
-            except ValueError as e:  # a number Python will not convert, such as an integer of 5000 digits
-                raise ValueError(f"{path}: line {number}: unreadable JSON ({str(e).split(';')[0]})") from None
+            if line.strip():
+                yield number, parse_line(line, path, number, hint)
+
+
+def json_hint(path: Path) -> str:
+    """What a .json file that is not a list may hold, added to its errors."""
+    return "; a .json file holds a list of objects or one object per line" if path.suffix.lower() == ".json" else ""
+
+
+def parse_line(line: str | bytes, path: Path, number: int, hint: str = "") -> Any:
+    """The JSON value of one line of a file; an error names the file and the line."""
+    if isinstance(line, bytes):
+        line = _utf8(line, path, number)
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {number}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: line {number}: JSON nested too deeply to read") from None
+    except ValueError as e:  # a number Python will not convert, such as an integer of 5000 digits
+        raise ValueError(f"{path}: line {number}: unreadable JSON ({str(e).split(';')[0]})") from None
 
 
 def _utf8(raw: bytes, path: Path, line: int) -> str:
@@ -579,6 +590,34 @@ def _fit_sft(p, r, eos: int, limits: _Limits, where: str, field: str) -> dict[st
 # ----------------------------------------------------------------------------- datasets
 
 
+def preference_examples(
+    rows: list[tuple[str, dict]], tokenizer: PreTrainedTokenizerBase, eos: int, limits: _Limits
+) -> tuple[list[dict], list[int]]:
+    """The tokenized examples of `(where, row)` pairs (validated, `where` naming each in errors), and the
+    positions in `rows` of those dropped because their chosen response equals the rejected one."""
+    texts, places, dropped = [], [], []
+    for j, (where, row) in enumerate(rows):
+        t = preference_texts(row, tokenizer, where)
+        if t is None:
+            dropped.append(j)
+        else:
+            texts.append(t)
+            places.append(where)
+    p, c, r = (_encode(tokenizer, [t[k] for t in texts]) for k in range(3))
+    return [_fit_preference(*ids, eos, limits, w) for *ids, w in zip(p, c, r, places, strict=True)], dropped
+
+
+def sft_examples(
+    rows: list[tuple[str, dict]], tokenizer: PreTrainedTokenizerBase, eos: int, limits: _Limits, key: str
+) -> tuple[list[dict], str]:
+    """The tokenized SFT examples of `(where, row)` pairs, and the response field the data uses so far
+    (`key` before these rows, see `_response_field`)."""
+    key = _response_field([row for _, row in rows], key)
+    texts = [(*_sft_row(row, tokenizer, where, key), where) for where, row in rows]
+    p, r = (_encode(tokenizer, [t[k] for t in texts]) for k in range(2))
+    return [_fit_sft(pi, ri, eos, limits, t[3], t[2]) for pi, ri, t in zip(p, r, texts, strict=True)], key
+
+
 CHUNK = 64  # rows validated and tokenized at a time: memory holds one chunk's texts and the tokenized table
 
 
@@ -618,18 +657,10 @@ def build_preference_dataset(
     table, n, identical = _Table(("prompt_ids", "chosen_ids", "rejected_ids")), 0, []
     stats = dict.fromkeys(("prompts_truncated", "responses_truncated"), 0)
     for chunk in _batched(rows, CHUNK):
-        texts, index, places = [], [], []
-        for where, row in chunk:
-            t = preference_texts(row, tokenizer, where)
-            if t is None:
-                identical.append(where)
-            else:
-                texts.append(t)
-                index.append(n)
-                places.append(where)
-            n += 1
-        p, c, r = (_encode(tokenizer, [t[k] for t in texts]) for k in range(3))
-        examples = [_fit_preference(*ids, eos, limits, w) for *ids, w in zip(p, c, r, places, strict=True)]
+        examples, dropped = preference_examples(chunk, tokenizer, eos, limits)
+        identical += [chunk[j][0] for j in dropped]
+        index = [n + j for j in sorted(set(range(len(chunk))) - set(dropped))]
+        n += len(chunk)
         stats["prompts_truncated"] += sum(e["prompt_truncated"] for e in examples)
         stats["responses_truncated"] += sum(e["responses_truncated"] for e in examples)
         table.add(examples, index)
@@ -665,10 +696,7 @@ def build_sft_dataset(
     table, n, key = _Table(("prompt_ids", "response_ids")), 0, "completion"
     stats = dict.fromkeys(("prompts_truncated", "responses_truncated"), 0)
     for chunk in _batched(rows, CHUNK):
-        key = _response_field([row for _, row in chunk], key)
-        texts = [(*_sft_row(row, tokenizer, where, key), where) for where, row in chunk]
-        p, r = (_encode(tokenizer, [t[k] for t in texts]) for k in range(2))
-        examples = [_fit_sft(pi, ri, eos, limits, t[3], t[2]) for pi, ri, t in zip(p, r, texts, strict=True)]
+        examples, key = sft_examples(chunk, tokenizer, eos, limits, key)
         stats["prompts_truncated"] += sum(e["prompt_truncated"] for e in examples)
         stats["responses_truncated"] += sum(e["response_truncated"] for e in examples)
         table.add(examples, list(range(n, n + len(chunk))))

@@ -60,10 +60,15 @@ def _whole(p: torch.Tensor):
 
 
 def data_fingerprint(dataset) -> str:
-    """sha256 of the tokenized pairs (ids and row index), in order."""
+    """sha256 of the tokenized pairs (ids and row index), in order: of each column's JSON list, written a
+    batch of rows at a time (a memory-mapped dataset is never held whole as Python lists)."""
     h = hashlib.sha256()
     for key in ("index", "prompt_ids", "chosen_ids", "rejected_ids"):
-        h.update(json.dumps(list(dataset[key])).encode())
+        h.update(b"[")
+        for start in range(0, len(dataset), 4096):
+            values = dataset[start : start + 4096][key]
+            h.update((", " if start else "").encode() + json.dumps(values)[1:-1].encode())
+        h.update(b"]")
     return h.hexdigest()
 
 

@@ -182,7 +182,7 @@ def test_damaged_scores_file_is_refused_and_kept_and_a_matching_one_is_reused_wi
     body = json.loads(saved.read_text())
     with caplog.at_level(logging.WARNING, logger="dtrpo"):
         assert DTRPOTrainer(str(model), args=args, train_dataset=str(local)).ref_model is None
-    (line,) = [r.getMessage() for r in caplog.records if "reused" in r.getMessage()]
+    (line,) = [r.getMessage() for r in caplog.records if "reference scores" in r.getMessage()]
     assert line.startswith(f"reference scores of 2 epochs reused from {saved}: its fingerprint") and line.endswith(
         "matches this run; no reference model is built"
     )
