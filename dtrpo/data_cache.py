@@ -10,12 +10,13 @@ serialized vocabulary and rules, special tokens and chat template), the limits a
 model family, and the code that tokenizes. Another setting is another folder; when the last cache of
 the same source differs, the log names the fields that did.
 
-The main process of each machine makes the cache first (`args.main_process_first`): it copies JSON rows
-into an Arrow table of raw lines (so a worker can name the line of a bad row) and tokenizes it with
-`Dataset.map` in batches of `BATCH` rows over `dataset_num_proc` processes, into a temporary folder
-renamed into place once complete. The other processes then find it and memory-map it: memory holds one
-batch per worker while making it, and pages of the map while training. A cache whose files do not
-match their recorded sizes, or that Arrow cannot read, is never read as data: it is made again.
+The main process of each machine makes the cache first (`args.main_process_first`): it copies a JSON or
+parquet file into Arrow parts of about `RAW_PART_BYTES` (JSON rows as raw lines, so that a worker names
+the line of a bad row) and tokenizes each part with `Dataset.map` in batches of `BATCH` rows over
+`dataset_num_proc` processes, then unmaps and deletes it, all in a temporary folder renamed into place
+once complete. The other processes then find the cache and memory-map it: memory holds one part's pages
+and one batch per worker while making it, and pages of the map while training. A cache whose files do
+not match their recorded sizes, or that Arrow cannot read, is never read as data: it is made again.
 
 Data given in memory (a list of rows, a Dataset built in memory) is tokenized in memory, as before.
 """
