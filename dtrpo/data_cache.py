@@ -55,7 +55,7 @@ BATCH = 256  # rows per map batch: one batch's texts and ids are what a worker h
 RAW_BATCH = 4096  # rows per record batch of the raw-line table
 RAW_PART_BYTES = 64 << 20  # raw rows per part: the most of a data file mapped at once while tokenizing
 PROGRESS_ROWS = 50_000  # datasets' progress bars are shown from this many rows
-IDS = datasets.List(datasets.Value("int32"))
+IDS = getattr(datasets, "List", getattr(datasets, "Sequence", None))(datasets.Value("int32"))  # List: datasets 4+
 FEATURES = {
     "preference": datasets.Features(
         {
