@@ -10,12 +10,13 @@ serialized vocabulary and rules, special tokens and chat template), the limits a
 model family, and the code that tokenizes. Another setting is another folder; when the last cache of
 the same source differs, the log names the fields that did.
 
-The main process of each machine makes the cache first (`args.main_process_first`): it copies JSON rows
-into an Arrow table of raw lines (so a worker can name the line of a bad row) and tokenizes it with
-`Dataset.map` in batches of `BATCH` rows over `dataset_num_proc` processes, into a temporary folder
-renamed into place once complete. The other processes then find it and memory-map it: memory holds one
-batch per worker while making it, and pages of the map while training. A cache whose files do not
-match their recorded sizes, or that Arrow cannot read, is never read as data: it is made again.
+The main process of each machine makes the cache first (`args.main_process_first`): it copies a JSON or
+parquet file into Arrow parts of about `RAW_PART_BYTES` (JSON rows as raw lines, so that a worker names
+the line of a bad row) and tokenizes each part with `Dataset.map` in batches of `BATCH` rows over
+`dataset_num_proc` processes, then unmaps and deletes it, all in a temporary folder renamed into place
+once complete. The other processes then find the cache and memory-map it: memory holds one part's pages
+and one batch per worker while making it, and pages of the map while training. A cache whose files do
+not match their recorded sizes, or that Arrow cannot read, is never read as data: it is made again.
 
 Data given in memory (a list of rows, a Dataset built in memory) is tokenized in memory, as before.
 """
@@ -54,7 +55,7 @@ BATCH = 256  # rows per map batch: one batch's texts and ids are what a worker h
 RAW_BATCH = 4096  # rows per record batch of the raw-line table
 RAW_PART_BYTES = 64 << 20  # raw rows per part: the most of a data file mapped at once while tokenizing
 PROGRESS_ROWS = 50_000  # datasets' progress bars are shown from this many rows
-IDS = datasets.List(datasets.Value("int32"))
+IDS = getattr(datasets, "List", getattr(datasets, "Sequence", None))(datasets.Value("int32"))  # List: datasets 4+
 FEATURES = {
     "preference": datasets.Features(
         {

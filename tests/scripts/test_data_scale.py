@@ -49,3 +49,30 @@ def test_whole_run_at_a_tiny_size(tmp_path, monkeypatch):
     (run,) = json.loads(out.read_text())["runs"]
     assert sorted(r["cache"][0] for r in run["after_torchrun2"]) == ["token cache made", "token cache reused"]
     assert run["second_start"]["cache"] == ["token cache reused"] and run["second_start"]["rows"] == 40
+
+
+def test_tables_by_hand():
+    """One run's table rows: seconds with CPU, the maker first under torchrun, and open / first tokenization
+    = 0.5 / 20 = 2.5%."""
+    ds = load()
+
+    def r(s, cpu, peak, cache="token cache made", workers=0.0):
+        return {
+            "seconds": s,
+            "cpu_s": cpu,
+            "peak_above_imports_mib": peak,
+            "cache": [cache],
+            "workers_peak_mib": workers,
+        }
+
+    run = {"rows": 1000, "tokenizer": "bpe", "tokens": {"prompt": 200.0, "chosen": 300.0, "rejected": 301.0},
+           "file_mib": 4.2, "cache_mib": 3.0, "after_1worker": r(20, 10, 100),
+           "after_2workers": r(12, 1, 50, workers=480),
+           "after_torchrun2": [r(30, 0.1, 20, "token cache reused"), r(30, 15, 110)],
+           "second_start": {"open_s": 0.5, "first_step_s": 1.5}}  # fmt: skip
+    text = ds.tables([run])
+    assert (
+        "| 1,000 | bpe | 200/300/301 | - | not run | 20.0 (10.0) | 12.0 (1.0) | 30.0 (15.0) / 30.0 (0.1) | "
+        "0.50 | 1.5 | 2.5% |" in text
+    )
+    assert "| 1,000 | bpe | 200/300/301 | - | not run | 100 | 50 / 480 | 110 / 20 | 4 | 3 |" in text
