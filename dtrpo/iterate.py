@@ -32,12 +32,11 @@ from typing import Literal
 from transformers import TrainerCallback
 
 from dtrpo.base import LOCK_FILE, RESUME_FREE, RunFinished, claim_output_dir, earlier_run, last_checkpoint
-from dtrpo.cli import TaskSpec
 from dtrpo.evaluate import SamplingArgs, run_eval
 from dtrpo.locks import hold
 from dtrpo.pairs import PairArgs, run_pairs
 from dtrpo.reward_model import reward_record
-from dtrpo.tasks import stream_prompts
+from dtrpo.tasks import TaskSpec, stream_prompts
 from dtrpo.trainer import DTRPOConfig
 
 CONFIG_FILE = "iterate_config.json"
