@@ -505,10 +505,10 @@ def _family_decoding(config: IterateConfig, log) -> SamplingArgs:
 def iterate(config: IterateConfig, log: Callable[[str], None] = print, callbacks=()) -> dict:
     """Run (or resume, or extend) `config.loop.rounds` rounds; returns the report (also `report.json`), with
     a table printed by `log` and the plot `rounds.png` in the run folder. `callbacks` go to every trainer."""
-    from dtrpo.pairs import _check
+    from dtrpo.pairs import check_sampling
 
     out = Path(config.train.output_dir)
-    _check(config.pairs.samples, config.sampling)
+    check_sampling(config.pairs.samples, config.sampling)
     t = config.task
     task = t.load_task()
     if not Path(t.model_name_or_path).is_dir():  # checked before the settings are recorded, as every flag is

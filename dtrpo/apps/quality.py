@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from dtrpo.apps.demo import StopAtAccuracy
+from dtrpo.apps.training import StopAtAccuracy, train_args
 from dtrpo.evaluate import SamplingArgs, sample_texts
 from dtrpo.families import load_model
 from dtrpo.models import init_tiny
@@ -179,27 +179,6 @@ def task_slug(spec: str) -> str:
 # ----------------------------------------------------------------------------- building the shared start
 
 
-def _train_args(cls, out: Path, steps: int, lr: float, seed: int, batch: int, schedule: str, **extra):
-    return cls(
-        output_dir=str(out),
-        max_steps=steps,
-        learning_rate=lr,
-        per_device_train_batch_size=batch,
-        lr_scheduler_type=schedule,
-        warmup_steps=min(20, steps // 10),
-        save_strategy="no",
-        seed=seed,
-        data_seed=seed,
-        use_cpu=True,
-        max_prompt_length=64,
-        max_completion_length=64,
-        disable_tqdm=True,
-        logging_steps=10,
-        report_to=[],
-        **extra,
-    )
-
-
 def stored_scores(scores: list[float]) -> str | list[float]:
     """Per-prompt scores as a string of 0/1 digits when every score is 0 or 1 (a verifier), else the list."""
     return "".join(str(int(s)) for s in scores) if set(scores) <= {0.0, 1.0} else [float(s) for s in scores]
@@ -258,7 +237,7 @@ def build(args: QualityArgs, index: int, log=print) -> Path:
     )
     start = time.perf_counter()
     log(f"[{spec}] SFT on {len(sft_rows)} teacher answers")
-    sft_args = _train_args(
+    sft_args = train_args(
         DiffusionSFTConfig,
         d.root / "sft",
         args.per_task(args.sft_steps, int)[index],
@@ -374,7 +353,7 @@ def run_job(args: QualityArgs, job: Job) -> dict:
     out = job_dir(d, job)
     torch.manual_seed(job.seed)
     if arm.kind == "preference":
-        config = _train_args(
+        config = train_args(
             DTRPOConfig, out, steps, job.lr, job.seed, args.batch_size, "cosine", beta=job.beta, **arm.config
         )
         trainer = DTRPOTrainer(
@@ -387,7 +366,7 @@ def run_job(args: QualityArgs, job: Job) -> dict:
         )
     else:
         data = d.root / ("sft_data.jsonl" if arm.kind == "sft" else "chosen.jsonl")
-        config = _train_args(DiffusionSFTConfig, out, steps, job.lr, job.seed, args.batch_size, "cosine")
+        config = train_args(DiffusionSFTConfig, out, steps, job.lr, job.seed, args.batch_size, "cosine")
         trainer = DiffusionSFTTrainer(
             model=model,
             args=config,
