@@ -302,15 +302,7 @@ def draw_block_states(
     present[torch.arange(B)[:, None], blk, slot] = response_valid.cpu()
     n = present.sum(-1)  # (B, NB) response tokens per block
     T = step_counts(n, k)  # (B, NB) steps per block
-    keys, t = torch.full((B, NB, block_size), float("inf")), torch.ones(B, NB, dtype=torch.long)
-    for i, seed in enumerate(seeds):
-        g = torch.Generator().manual_seed(int(seed))
-        nb = int((n[i] > 0).sum())
-        keys[i, :nb] = torch.rand(nb, block_size, generator=g)
-        t[i, :nb] = torch.randint(1, steps + 1, (nb,), generator=g)
-        short = (T[i, :nb] < steps).nonzero()[:, 0]  # drawn after the rest: full blocks keep their stream
-        if len(short):
-            t[i, short] = (torch.rand(len(short), generator=g) * T[i, short]).long() + 1
+    keys, t = _draw_keys_and_steps(seeds, n, T, steps, block_size)
     if t_fixed is not None:
         t.fill_(t_fixed)
     if order == "left_to_right":
@@ -324,19 +316,41 @@ def draw_block_states(
     n_before = (T - t) * k  # (B, NB)
     masked = present & (rank >= n_before[..., None])  # newly unmasked or still masked: [MASK] in the state
     newly = masked & (rank < (n_before + k)[..., None])
-    c = T.float() if scale is None else torch.full_like(T, scale, dtype=torch.float)  # (B, NB)
-    if targets == "newly_unmasked":
-        w = newly.float() * c[..., None]
-    else:  # every masked position, weighted k_t / |M_t|: same expectation, lower variance
-        left = (n - n_before).clamp(min=1)  # |M_t|
-        k_t = newly.sum(-1)  # positions revealed at step t (k, or the remainder at a block's last step)
-        w = masked.float() * (k_t / left * c)[..., None]
+    w = _target_weights(targets, masked, newly, n, n_before, T, scale)
     rows = torch.arange(B)[:, None]
     dev = response_ids.device
     masked, newly, w = (x[rows, blk, slot].to(dev) for x in (masked, newly, w))  # back to (B, R)
     w = w * response_valid
     noisy = torch.where(masked, torch.full_like(response_ids, mask_token_id), response_ids)
     return BlockStates(noisy_ids=noisy, weights=w, newly=newly & response_valid)
+
+
+def _draw_keys_and_steps(seeds: list[int], n: torch.Tensor, T: torch.Tensor, steps: int, block_size: int) -> tuple:
+    """Each example's random reveal keys (B, NB, bs) and drawn steps (B, NB) for its own valid blocks, from its
+    own generator in a fixed order: a full block's step uniform in 1..T_B, a shorter block's in 1..T_b drawn
+    after the rest (so full blocks keep their stream). Blocks past an example's last hold inf and 1."""
+    B, NB = n.shape
+    keys, t = torch.full((B, NB, block_size), float("inf")), torch.ones(B, NB, dtype=torch.long)
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        nb = int((n[i] > 0).sum())
+        keys[i, :nb] = torch.rand(nb, block_size, generator=g)
+        t[i, :nb] = torch.randint(1, steps + 1, (nb,), generator=g)
+        short = (T[i, :nb] < steps).nonzero()[:, 0]  # drawn after the rest: full blocks keep their stream
+        if len(short):
+            t[i, short] = (torch.rand(len(short), generator=g) * T[i, short]).long() + 1
+    return keys, t
+
+
+def _target_weights(targets: str, masked, newly, n, n_before, T, scale: float | None) -> torch.Tensor:
+    """(B, NB, bs) weights of the scored positions: the newly unmasked ones times the scale (T_b per block, or
+    `scale`), or every masked one weighted k_t / |M_t| times the scale (same expectation, lower variance)."""
+    c = T.float() if scale is None else torch.full_like(T, scale, dtype=torch.float)  # (B, NB)
+    if targets == "newly_unmasked":
+        return newly.float() * c[..., None]
+    left = (n - n_before).clamp(min=1)  # |M_t|
+    k_t = newly.sum(-1)  # positions revealed at step t (k, or the remainder at a block's last step)
+    return masked.float() * (k_t / left * c)[..., None]
 
 
 @dataclass
