@@ -409,6 +409,50 @@ def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def _pair_row(
+    i, n, prompt_ids, prompt_valid, r, responses, responses_valid, noisy, reads, block_size, absolute, shifted
+) -> list[torch.Tensor]:
+    """Pair i's row of `pair_layout` as its columns (ids, positions, blocks, kinds, segments): the shared prompt
+    (without its tail of `r` tokens), then the chosen and the rejected segment (`_segment`). Fills the pair's
+    two rows of `reads` with the column each response token is read at."""
+    prompt = prompt_ids[i][prompt_valid[i]]
+    P = len(prompt)
+    shared = prompt[: P - r]
+    pos = torch.arange(P - r, device=prompt.device)
+    if absolute:
+        parts = [(shared, pos, pos // block_size, torch.full_like(pos, CLEAN), torch.zeros_like(pos))]
+    else:
+        parts = [(shared, pos, torch.full_like(pos, -1), torch.full_like(pos, PROMPT), torch.zeros_like(pos))]
+    start = P - r
+    for side, row in ((3 * i + 1, i), (3 * i + 2, n + i)):
+        n_valid = int(responses_valid[row].sum())
+        *cols, read = _segment(
+            prompt, r, responses[row], noisy[row], n_valid, block_size, absolute, shifted, side, start
+        )
+        if shifted and n_valid and r == 0:  # a block-first token 0 is read at the last shared prompt column
+            read[0] = P - 1
+        reads[row, :n_valid] = read
+        parts.append(tuple(cols))
+        start += len(cols[0])
+    parts[0] = (*parts[0][:4], torch.full_like(pos, 3 * i))
+    return [torch.cat(x) for x in zip(*parts, strict=True)]
+
+
+def _pack_pairs(rows: list, reads: torch.Tensor, row_of: torch.Tensor, n: int) -> list:
+    """Pairs packed whole into rows no wider than the longest pair (`pack_bins`); `reads` shifted by each pair's
+    offset in its row and `row_of` pointed at that row, in place."""
+    bins = pack_bins([len(r[0]) for r in rows], max(len(r[0]) for r in rows))
+    packed = []
+    for b, members in enumerate(bins):
+        offset = 0
+        for i in members:
+            reads[[i, n + i]] += offset
+            row_of[[i, n + i]] = b
+            offset += len(rows[i][0])
+        packed.append([torch.cat(x) for x in zip(*(rows[i] for i in members), strict=True)])
+    return packed
+
+
 def pair_layout(
     prompt_ids, prompt_valid, responses, responses_valid, noisy, block_size, absolute, shifted, pack: bool = False
 ) -> PairLayout:
@@ -427,41 +471,27 @@ def pair_layout(
     n, Pw = prompt_ids.shape
     R = responses.shape[1]
     tails = tail_lengths(prompt_valid, block_size, absolute)
-    rows, reads = [], torch.zeros(2 * n, R, dtype=torch.long, device=responses.device)
-    for i in range(n):
-        prompt = prompt_ids[i][prompt_valid[i]]
-        P, r = len(prompt), int(tails[i])
-        shared = prompt[: P - r]
-        pos = torch.arange(P - r, device=prompt.device)
-        if absolute:
-            parts = [(shared, pos, pos // block_size, torch.full_like(pos, CLEAN), torch.zeros_like(pos))]
-        else:
-            parts = [(shared, pos, torch.full_like(pos, -1), torch.full_like(pos, PROMPT), torch.zeros_like(pos))]
-        start = P - r
-        for side, row in ((3 * i + 1, i), (3 * i + 2, n + i)):
-            n_valid = int(responses_valid[row].sum())
-            *cols, read = _segment(
-                prompt, r, responses[row], noisy[row], n_valid, block_size, absolute, shifted, side, start
-            )
-            if shifted and n_valid and r == 0:  # a block-first token 0 is read at the last shared prompt column
-                read[0] = P - 1
-            reads[row, :n_valid] = read
-            parts.append(tuple(cols))
-            start += len(cols[0])
-        parts[0] = (*parts[0][:4], torch.full_like(pos, 3 * i))
-        rows.append([torch.cat(x) for x in zip(*parts, strict=True)])
+    reads = torch.zeros(2 * n, R, dtype=torch.long, device=responses.device)
+    rows = [
+        _pair_row(
+            i,
+            n,
+            prompt_ids,
+            prompt_valid,
+            int(tails[i]),
+            responses,
+            responses_valid,
+            noisy,
+            reads,
+            block_size,
+            absolute,
+            shifted,
+        )
+        for i in range(n)
+    ]
     row_of = torch.arange(2 * n, device=responses.device) % max(n, 1)
     if pack and n:
-        bins = pack_bins([len(r[0]) for r in rows], max(len(r[0]) for r in rows))
-        packed = []
-        for b, members in enumerate(bins):
-            offset = 0
-            for i in members:
-                reads[[i, n + i]] += offset
-                row_of[[i, n + i]] = b
-                offset += len(rows[i][0])
-            packed.append([torch.cat(x) for x in zip(*(rows[i] for i in members), strict=True)])
-        rows = packed
+        rows = _pack_pairs(rows, reads, row_of, n)
     S = max(len(r[0]) for r in rows)
 
     def stack(k, fill):
