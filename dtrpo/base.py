@@ -88,7 +88,7 @@ class DiffusionArguments:
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU; 140x slower on these CPUs)."})
 
     def _validate_diffusion(self) -> None:
-        _deprecated(self, "max_response_length", "max_completion_length")
+        deprecated_field(self, "max_response_length", "max_completion_length")
         cpu_deepspeed_backend(self)
         refuse_non_finite(self)
         if self.block_size is not None and self.block_size <= 0:
@@ -135,7 +135,7 @@ def refuse_non_finite(config) -> None:
                 raise ValueError(f"--{f.name} must be a finite number, got {shown}")
 
 
-def _deprecated(config, old: str, new: str) -> None:
+def deprecated_field(config, old: str, new: str) -> None:
     """An old field name still works for one release: its value moves to the new field, with a warning."""
     value = getattr(config, old)
     if value is None or value is False:
@@ -439,11 +439,11 @@ def pad_id(tokenizer) -> int:
     return pad
 
 
-def _frozen(model):
+def frozen(model):
     return model.eval().requires_grad_(False)
 
 
-def _is_peft(model) -> bool:
+def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 

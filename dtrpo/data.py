@@ -54,7 +54,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from dtrpo.options import deprecated
 
 logger = logging.getLogger(__name__)
 
@@ -784,3 +786,50 @@ class SFTCollator:
         out["response_ids"], out["response_valid"] = _pad(responses, self.pad_token_id, max(map(len, responses)), False)
         out["index"] = _index(features)
         return out
+
+
+@dataclass
+class DataArgs:
+    """Training data as TRL's scripts name it."""
+
+    dataset_name: str = field(
+        default=None,
+        metadata={
+            "help": "Training data: a .jsonl/.json/.parquet file, a folder written by save_to_disk, or a datasets "
+            "name already in the local cache (nothing is downloaded)."
+        },
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "Split of --dataset_name to evaluate on (a dataset with splits)."}
+    )
+    eval_data: str | None = field(default=None, metadata={"help": "Held-out data file or folder for evaluation."})
+    data: str | None = field(default=None, metadata={"help": "Deprecated: use --dataset_name."})
+
+    def __post_init__(self) -> None:
+        getattr(super(), "__post_init__", lambda: None)()
+        deprecated(self, "data", "dataset_name")
+
+    def datasets(self):
+        """(train, eval): paths for local files and folders, Dataset objects for cached datasets names."""
+        train = _dataset(self.dataset_name, self.dataset_train_split)
+        test = _dataset(self.dataset_name, self.dataset_test_split) if self.dataset_test_split else None
+        return train, self.eval_data or test
+
+
+def _dataset(name: str, split: str):
+    path = Path(name)
+    if path.is_file() or (path.is_dir() and not (path / "dataset_dict.json").is_file()):
+        return name  # read by dtrpo.data, which names file, line and field in its errors
+    if path.is_dir():
+        dd = load_rows(path, splits=True)  # a damaged file is named, not a pyarrow traceback
+        if split not in dd:
+            raise ValueError(f"{name}: no split {split!r} (it has {sorted(dd)})")
+        return dd[split]
+    try:
+        return datasets.load_dataset(name, split=split, download_mode="reuse_cache_if_exists")
+    except Exception as e:  # noqa: BLE001 - any failure to find it locally is one message
+        raise ValueError(
+            f"--dataset_name {name!r}: not a local file or folder, and not a dataset in the local datasets cache "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None

@@ -32,12 +32,11 @@ from typing import Literal
 from transformers import TrainerCallback
 
 from dtrpo.base import LOCK_FILE, RESUME_FREE, RunFinished, claim_output_dir, earlier_run, last_checkpoint
-from dtrpo.cli import TaskSpec
 from dtrpo.evaluate import SamplingArgs, run_eval
 from dtrpo.locks import hold
 from dtrpo.pairs import PairArgs, run_pairs
 from dtrpo.reward_model import reward_record
-from dtrpo.tasks import stream_prompts
+from dtrpo.tasks import TaskSpec, stream_prompts
 from dtrpo.trainer import DTRPOConfig
 
 CONFIG_FILE = "iterate_config.json"
@@ -506,10 +505,10 @@ def _family_decoding(config: IterateConfig, log) -> SamplingArgs:
 def iterate(config: IterateConfig, log: Callable[[str], None] = print, callbacks=()) -> dict:
     """Run (or resume, or extend) `config.loop.rounds` rounds; returns the report (also `report.json`), with
     a table printed by `log` and the plot `rounds.png` in the run folder. `callbacks` go to every trainer."""
-    from dtrpo.pairs import _check
+    from dtrpo.pairs import check_sampling
 
     out = Path(config.train.output_dir)
-    _check(config.pairs.samples, config.sampling)
+    check_sampling(config.pairs.samples, config.sampling)
     t = config.task
     task = t.load_task()
     if not Path(t.model_name_or_path).is_dir():  # checked before the settings are recorded, as every flag is

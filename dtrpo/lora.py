@@ -12,6 +12,8 @@ reference model of a LoRA policy is the same model with its adapters disabled
 from __future__ import annotations
 
 import logging
+import sys
+from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -118,3 +120,44 @@ def merge_lora(model: torch.nn.Module) -> PreTrainedModel:
     if not isinstance(model, PeftModel):
         return model
     return model.merge_and_unload()
+
+
+@dataclass
+class PeftArgs:
+    """LoRA as TRL's scripts name it; the trainer applies it (`peft_config`)."""
+
+    use_peft: bool = field(
+        default=False,
+        metadata={
+            "help": "Train LoRA adapters instead of every weight; the reference is the base model with adapters "
+            "disabled, checkpoints hold the adapters, the output folder the merged model."
+        },
+    )
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 16)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (0 under --disable_dropout)."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA target modules (native or the family's own names); default: every "
+            "attention and MLP projection."
+        },
+    )
+
+    def peft_config(self):
+        """A `peft.LoraConfig`, or None without --use_peft. `--lora_r N` alone (dtrpo's old way) turns LoRA on."""
+        if self.lora_r is not None and not self.use_peft:
+            if self.lora_r == 0:
+                return None
+            print("warning: --lora_r without --use_peft is deprecated; pass --use_peft true", file=sys.stderr)
+            self.use_peft = True
+        if not self.use_peft:
+            return None
+        return LoraConfig(
+            r=self.lora_r or 16,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(self.lora_target_modules or DEFAULT_TARGETS),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )

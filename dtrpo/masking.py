@@ -302,15 +302,7 @@ def draw_block_states(
     present[torch.arange(B)[:, None], blk, slot] = response_valid.cpu()
     n = present.sum(-1)  # (B, NB) response tokens per block
     T = step_counts(n, k)  # (B, NB) steps per block
-    keys, t = torch.full((B, NB, block_size), float("inf")), torch.ones(B, NB, dtype=torch.long)
-    for i, seed in enumerate(seeds):
-        g = torch.Generator().manual_seed(int(seed))
-        nb = int((n[i] > 0).sum())
-        keys[i, :nb] = torch.rand(nb, block_size, generator=g)
-        t[i, :nb] = torch.randint(1, steps + 1, (nb,), generator=g)
-        short = (T[i, :nb] < steps).nonzero()[:, 0]  # drawn after the rest: full blocks keep their stream
-        if len(short):
-            t[i, short] = (torch.rand(len(short), generator=g) * T[i, short]).long() + 1
+    keys, t = _draw_keys_and_steps(seeds, n, T, steps, block_size)
     if t_fixed is not None:
         t.fill_(t_fixed)
     if order == "left_to_right":
@@ -324,19 +316,41 @@ def draw_block_states(
     n_before = (T - t) * k  # (B, NB)
     masked = present & (rank >= n_before[..., None])  # newly unmasked or still masked: [MASK] in the state
     newly = masked & (rank < (n_before + k)[..., None])
-    c = T.float() if scale is None else torch.full_like(T, scale, dtype=torch.float)  # (B, NB)
-    if targets == "newly_unmasked":
-        w = newly.float() * c[..., None]
-    else:  # every masked position, weighted k_t / |M_t|: same expectation, lower variance
-        left = (n - n_before).clamp(min=1)  # |M_t|
-        k_t = newly.sum(-1)  # positions revealed at step t (k, or the remainder at a block's last step)
-        w = masked.float() * (k_t / left * c)[..., None]
+    w = _target_weights(targets, masked, newly, n, n_before, T, scale)
     rows = torch.arange(B)[:, None]
     dev = response_ids.device
     masked, newly, w = (x[rows, blk, slot].to(dev) for x in (masked, newly, w))  # back to (B, R)
     w = w * response_valid
     noisy = torch.where(masked, torch.full_like(response_ids, mask_token_id), response_ids)
     return BlockStates(noisy_ids=noisy, weights=w, newly=newly & response_valid)
+
+
+def _draw_keys_and_steps(seeds: list[int], n: torch.Tensor, T: torch.Tensor, steps: int, block_size: int) -> tuple:
+    """Each example's random reveal keys (B, NB, bs) and drawn steps (B, NB) for its own valid blocks, from its
+    own generator in a fixed order: a full block's step uniform in 1..T_B, a shorter block's in 1..T_b drawn
+    after the rest (so full blocks keep their stream). Blocks past an example's last hold inf and 1."""
+    B, NB = n.shape
+    keys, t = torch.full((B, NB, block_size), float("inf")), torch.ones(B, NB, dtype=torch.long)
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        nb = int((n[i] > 0).sum())
+        keys[i, :nb] = torch.rand(nb, block_size, generator=g)
+        t[i, :nb] = torch.randint(1, steps + 1, (nb,), generator=g)
+        short = (T[i, :nb] < steps).nonzero()[:, 0]  # drawn after the rest: full blocks keep their stream
+        if len(short):
+            t[i, short] = (torch.rand(len(short), generator=g) * T[i, short]).long() + 1
+    return keys, t
+
+
+def _target_weights(targets: str, masked, newly, n, n_before, T, scale: float | None) -> torch.Tensor:
+    """(B, NB, bs) weights of the scored positions: the newly unmasked ones times the scale (T_b per block, or
+    `scale`), or every masked one weighted k_t / |M_t| times the scale (same expectation, lower variance)."""
+    c = T.float() if scale is None else torch.full_like(T, scale, dtype=torch.float)  # (B, NB)
+    if targets == "newly_unmasked":
+        return newly.float() * c[..., None]
+    left = (n - n_before).clamp(min=1)  # |M_t|
+    k_t = newly.sum(-1)  # positions revealed at step t (k, or the remainder at a block's last step)
+    return masked.float() * (k_t / left * c)[..., None]
 
 
 @dataclass
@@ -395,6 +409,50 @@ def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def _pair_row(
+    i, n, prompt_ids, prompt_valid, r, responses, responses_valid, noisy, reads, block_size, absolute, shifted
+) -> list[torch.Tensor]:
+    """Pair i's row of `pair_layout` as its columns (ids, positions, blocks, kinds, segments): the shared prompt
+    (without its tail of `r` tokens), then the chosen and the rejected segment (`_segment`). Fills the pair's
+    two rows of `reads` with the column each response token is read at."""
+    prompt = prompt_ids[i][prompt_valid[i]]
+    P = len(prompt)
+    shared = prompt[: P - r]
+    pos = torch.arange(P - r, device=prompt.device)
+    if absolute:
+        parts = [(shared, pos, pos // block_size, torch.full_like(pos, CLEAN), torch.zeros_like(pos))]
+    else:
+        parts = [(shared, pos, torch.full_like(pos, -1), torch.full_like(pos, PROMPT), torch.zeros_like(pos))]
+    start = P - r
+    for side, row in ((3 * i + 1, i), (3 * i + 2, n + i)):
+        n_valid = int(responses_valid[row].sum())
+        *cols, read = _segment(
+            prompt, r, responses[row], noisy[row], n_valid, block_size, absolute, shifted, side, start
+        )
+        if shifted and n_valid and r == 0:  # a block-first token 0 is read at the last shared prompt column
+            read[0] = P - 1
+        reads[row, :n_valid] = read
+        parts.append(tuple(cols))
+        start += len(cols[0])
+    parts[0] = (*parts[0][:4], torch.full_like(pos, 3 * i))
+    return [torch.cat(x) for x in zip(*parts, strict=True)]
+
+
+def _pack_pairs(rows: list, reads: torch.Tensor, row_of: torch.Tensor, n: int) -> list:
+    """Pairs packed whole into rows no wider than the longest pair (`pack_bins`); `reads` shifted by each pair's
+    offset in its row and `row_of` pointed at that row, in place."""
+    bins = pack_bins([len(r[0]) for r in rows], max(len(r[0]) for r in rows))
+    packed = []
+    for b, members in enumerate(bins):
+        offset = 0
+        for i in members:
+            reads[[i, n + i]] += offset
+            row_of[[i, n + i]] = b
+            offset += len(rows[i][0])
+        packed.append([torch.cat(x) for x in zip(*(rows[i] for i in members), strict=True)])
+    return packed
+
+
 def pair_layout(
     prompt_ids, prompt_valid, responses, responses_valid, noisy, block_size, absolute, shifted, pack: bool = False
 ) -> PairLayout:
@@ -413,41 +471,27 @@ def pair_layout(
     n, Pw = prompt_ids.shape
     R = responses.shape[1]
     tails = tail_lengths(prompt_valid, block_size, absolute)
-    rows, reads = [], torch.zeros(2 * n, R, dtype=torch.long, device=responses.device)
-    for i in range(n):
-        prompt = prompt_ids[i][prompt_valid[i]]
-        P, r = len(prompt), int(tails[i])
-        shared = prompt[: P - r]
-        pos = torch.arange(P - r, device=prompt.device)
-        if absolute:
-            parts = [(shared, pos, pos // block_size, torch.full_like(pos, CLEAN), torch.zeros_like(pos))]
-        else:
-            parts = [(shared, pos, torch.full_like(pos, -1), torch.full_like(pos, PROMPT), torch.zeros_like(pos))]
-        start = P - r
-        for side, row in ((3 * i + 1, i), (3 * i + 2, n + i)):
-            n_valid = int(responses_valid[row].sum())
-            *cols, read = _segment(
-                prompt, r, responses[row], noisy[row], n_valid, block_size, absolute, shifted, side, start
-            )
-            if shifted and n_valid and r == 0:  # a block-first token 0 is read at the last shared prompt column
-                read[0] = P - 1
-            reads[row, :n_valid] = read
-            parts.append(tuple(cols))
-            start += len(cols[0])
-        parts[0] = (*parts[0][:4], torch.full_like(pos, 3 * i))
-        rows.append([torch.cat(x) for x in zip(*parts, strict=True)])
+    reads = torch.zeros(2 * n, R, dtype=torch.long, device=responses.device)
+    rows = [
+        _pair_row(
+            i,
+            n,
+            prompt_ids,
+            prompt_valid,
+            int(tails[i]),
+            responses,
+            responses_valid,
+            noisy,
+            reads,
+            block_size,
+            absolute,
+            shifted,
+        )
+        for i in range(n)
+    ]
     row_of = torch.arange(2 * n, device=responses.device) % max(n, 1)
     if pack and n:
-        bins = pack_bins([len(r[0]) for r in rows], max(len(r[0]) for r in rows))
-        packed = []
-        for b, members in enumerate(bins):
-            offset = 0
-            for i in members:
-                reads[[i, n + i]] += offset
-                row_of[[i, n + i]] = b
-                offset += len(rows[i][0])
-            packed.append([torch.cat(x) for x in zip(*(rows[i] for i in members), strict=True)])
-        rows = packed
+        rows = _pack_pairs(rows, reads, row_of, n)
     S = max(len(r[0]) for r in rows)
 
     def stack(k, fill):

@@ -48,18 +48,7 @@ def model_card(
     tags: list[str] | None = None,
 ) -> str:
     """README.md text of a trained model. `config` is the trainer's resolved arguments (a dict)."""
-    meta = {
-        "library_name": "transformers",
-        "model_name": model_name,
-        "tags": sorted({"dtrpo", "diffusion-lm", "generated_from_trainer", *(tags or [])}),
-    }
-    if method == "dtrpo":
-        meta["tags"] = sorted({*meta["tags"], "dpo", "preference-optimization"})
-    if base_model:
-        meta["base_model"] = base_model
-    if dataset:
-        meta["datasets"] = [dataset]
-    shown = {k: config[k] for k in CONFIG_KEYS if config.get(k) is not None}
+    meta = card_metadata(method, model_name, base_model, dataset, tags)
     lines = [
         "---",
         yaml.safe_dump(meta, sort_keys=True).strip(),
@@ -78,6 +67,35 @@ def model_card(
         "",
         "Load it with `dtrpo.load_model(path)` (no remote code runs).",
         "",
+        *configuration_section(config),
+        *metrics_section(method, metrics),
+        *closing_sections(),
+    ]
+    return "\n".join(lines)
+
+
+def card_metadata(
+    method: str, model_name: str, base_model: str | None, dataset: str | None, tags: list[str] | None
+) -> dict:
+    """The card's YAML front matter: library, name, tags (a preference method's too), base model, data."""
+    meta = {
+        "library_name": "transformers",
+        "model_name": model_name,
+        "tags": sorted({"dtrpo", "diffusion-lm", "generated_from_trainer", *(tags or [])}),
+    }
+    if method == "dtrpo":
+        meta["tags"] = sorted({*meta["tags"], "dpo", "preference-optimization"})
+    if base_model:
+        meta["base_model"] = base_model
+    if dataset:
+        meta["datasets"] = [dataset]
+    return meta
+
+
+def configuration_section(config: dict) -> list[str]:
+    """The main training settings as JSON (the whole configuration is in dtrpo_config.json)."""
+    shown = {k: config[k] for k in CONFIG_KEYS if config.get(k) is not None}
+    return [
         "## Training configuration",
         "",
         "```json",
@@ -86,19 +104,24 @@ def model_card(
         "",
         "The whole resolved configuration is in `dtrpo_config.json` beside the weights.",
         "",
-        "## Final metrics",
-        "",
     ]
-    if metrics:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [
-            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())
-        ]
-        if method == "dtrpo":
-            lines += ["", "`logps/*` are the estimator's log-likelihood estimates, not exact log-probabilities."]
-    else:
-        lines.append("None logged yet.")
-    lines += [
+
+
+def metrics_section(method: str, metrics: dict) -> list[str]:
+    """The final logged metrics as a table, or a line saying none were logged."""
+    lines = ["## Final metrics", ""]
+    if not metrics:
+        return [*lines, "None logged yet."]
+    lines += ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+    if method == "dtrpo":
+        lines += ["", "`logps/*` are the estimator's log-likelihood estimates, not exact log-probabilities."]
+    return lines
+
+
+def closing_sections() -> list[str]:
+    """Framework versions and the citation."""
+    return [
         "",
         "## Framework versions",
         "",
@@ -111,4 +134,3 @@ def model_card(
         "```",
         "",
     ]
-    return "\n".join(lines)

@@ -148,7 +148,7 @@ def _nonempty(item: dict) -> list[tuple[str, float]]:
     return [(t, sc) for t, sc in zip(item["responses"], item["scores"], strict=True) if t.strip()]
 
 
-def _check(samples: int, sampling: SamplingArgs) -> None:
+def check_sampling(samples: int, sampling: SamplingArgs) -> None:
     if samples < 2:
         raise ValueError(f"samples must be at least 2 to form pairs, got {samples}")
     if sampling.temperature <= 0 and sampling.remasking != "random":
@@ -217,7 +217,7 @@ def build_pairs(
     """Sample `samples` responses per prompt, score them, and return (pair rows, statistics), in memory. With
     `keep_items`, the statistics also hold `items`: every prompt's id, responses and scores, pairs or not.
     For many prompts, `run_pairs` writes pairs to a file with bounded memory."""
-    _check(samples, sampling)
+    check_sampling(samples, sampling)
     provenance = _provenance(model_name, task, samples, pairing, sampling, min_score_gap)
     pairs, items, counts = [], [], PairStats()
     nfe, seconds, tokens, batches = 0.0, 0.0, 0.0, 0
@@ -259,7 +259,7 @@ def run_pairs(
     waits for the others' files, merges them in chunk order (prompt order) and writes each prompt's pairs as
     it reads them. Returns the statistics on rank 0, an empty dict on the others."""
     samples, pairing = options.samples, options.pairing
-    _check(samples, sampling)
+    check_sampling(samples, sampling)
     output = Path(output)
     rank, world = shard()
     paths = items_paths(output, "samples", world)

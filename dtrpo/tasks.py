@@ -23,12 +23,13 @@ import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from dtrpo.data import json_rows, unicode_text
+from dtrpo.families import ModelArgs
 
 if TYPE_CHECKING:
     from dtrpo.reward_model import RewardModel
@@ -609,3 +610,85 @@ def _model_scores(task: Task, rows: list[dict], responses: list[str]) -> list[fl
             f"{task.name}: the reward model {model.path} scoring {len(rows)} items from {_describe(rows[0])} raised "
             f"{type(e).__name__}: {e}"
         ) from e
+
+
+@dataclass
+class TaskSpec(ModelArgs):
+    """The model and the task it is scored on, as `eval`, `pairs` and `iterate` take them."""
+
+    task: str = field(default="arithmetic", metadata={"help": "Built-in task (arithmetic:digits=3) or prompts file."})
+    match: str | None = field(default=None, metadata={"help": "Prompts file answers: 'exact' or 'numeric' match."})
+    reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward function 'module:function' for a prompts file, called as reward(prompt, response) or "
+            "reward(prompt, response, row) (row: the file's row as a dict) and returning a float."
+        },
+    )
+    reward_timeout: float | None = field(
+        default=None,
+        metadata={"help": "Seconds one --reward call may take; past it the run stops, naming the item."},
+    )
+    reward_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward model folder (transformers sequence-classification, one label) scoring a prompts file's "
+            "responses instead of --reward: its own tokenizer and chat template, on the training device, in --dtype."
+        },
+    )
+    reward_batch_size: int = field(default=16, metadata={"help": "Texts per --reward_model forward pass."})
+    prompt_field: str = field(
+        default="prompt", metadata={"help": "Field of a prompts file holding the prompt (GSM8K: question)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reward is not None and self.reward_model is not None:
+            raise ValueError("--reward and --reward_model both given: score with one, a function or a model")
+        if self.reward_batch_size <= 0:
+            raise ValueError(f"--reward_batch_size must be positive, got {self.reward_batch_size}")
+        if self.reward_timeout is not None and not 0 < self.reward_timeout < float("inf"):
+            raise ValueError(f"--reward_timeout must be a positive number of seconds, got {self.reward_timeout}")
+
+    def load_task(self):
+        """The task with its scorer (a reward model loaded last, after every check)."""
+        return load_task(
+            self.task,
+            self.match,
+            self.reward,
+            self.prompt_field,
+            self.reward_timeout,
+            self.reward_model,
+            self.reward_batch_size,
+            self.dtype,
+        )
+
+
+@dataclass
+class TaskArgs(TaskSpec):
+    split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split of the task's prompts: train or heldout (default: heldout for eval, train for pairs)."
+        },
+    )
+    n: int | None = field(default=None, metadata={"help": "Number of prompts (default: the task's default / all)."})
+    output: str = field(default=None, metadata={"help": "File to write (JSON report or JSONL)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n is not None and self.n <= 0:
+            raise ValueError(f"--n must be positive, got {self.n}: no prompts, nothing to measure")
+
+    def check_output(self, kind: str) -> None:
+        """Before any work: `--output` (and its items file, `<output>.<kind>.jsonl`) is a file to write, not
+        a folder nor the prompts file read."""
+        if not self.output:
+            return
+        output = Path(self.output)
+        if output.is_dir():
+            raise ValueError(f"--output {output} is a folder; it names the file to write")
+        task = Path(self.task)
+        for path in (output, output.with_suffix(f".{kind}.jsonl")):
+            if task.is_file() and path.exists() and path.samefile(task):  # also through a link
+                raise ValueError(f"--output {output} would overwrite the prompts file --task {self.task}")

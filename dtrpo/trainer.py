@@ -19,9 +19,9 @@ from transformers import TrainingArguments
 from dtrpo.base import (
     DiffusionArguments,
     DiffusionTrainer,
-    _deprecated,
-    _frozen,
-    _is_peft,
+    deprecated_field,
+    frozen,
+    is_peft,
     pad_id,
     resolve_model,
     source_names,
@@ -104,7 +104,7 @@ class DTRPOConfig(DiffusionArguments, EstimatorConfig, TrainingArguments):
 
     def __post_init__(self) -> None:
         self._validate_diffusion()
-        _deprecated(self, "precompute_ref", "precompute_ref_log_probs")
+        deprecated_field(self, "precompute_ref", "precompute_ref_log_probs")
         if self.beta <= 0:
             raise ValueError(f"--beta must be positive, got {self.beta}")
         if isinstance(self.loss_type, str):
@@ -196,7 +196,7 @@ class DTRPOTrainer(DiffusionTrainer):
             callbacks=callbacks,
             **kwargs,
         )
-        self.ref_model = None if ref_model is None else prepare_reference(_frozen(ref_model), self.accelerator)
+        self.ref_model = None if ref_model is None else prepare_reference(frozen(ref_model), self.accelerator)
         if args.precompute_ref_log_probs and self.train_dataset is not None:
             self.train_dataset = self.precompute_reference(self.train_dataset)
             if isinstance(self.eval_dataset, dict):  # the collator now expects the scores in every batch
@@ -206,7 +206,7 @@ class DTRPOTrainer(DiffusionTrainer):
             elif self.eval_dataset is not None:
                 self.eval_dataset = self.precompute_reference(self.eval_dataset, for_eval=True)
             self.data_collator = WithReference(self.data_collator)
-        elif self.ref_model is None and not _is_peft(self.model):
+        elif self.ref_model is None and not is_peft(self.model):
             self.ref_model = self._reference_copy()
 
     def _reference_copy(self):
@@ -268,7 +268,7 @@ class DTRPOTrainer(DiffusionTrainer):
                 want = broadcast_object_list([want])[0]
         scores = load_scores(Path(path), want, epochs, list(dataset["index"])) if path else None
         if scores is not None:
-            confidence = self.estimator_config.reveal_order == "confidence" and not _is_peft(self.model)
+            confidence = self.estimator_config.reveal_order == "confidence" and not is_peft(self.model)
             if confidence:
                 self.ref_model = self.ref_model or self._reference_copy()  # its confidences order every draw
             logger.warning(
@@ -279,7 +279,7 @@ class DTRPOTrainer(DiffusionTrainer):
                 "the reference still orders the draws (confidence)" if confidence else "no reference model is built",
             )
         else:
-            if self.ref_model is None and not _is_peft(self.model):
+            if self.ref_model is None and not is_peft(self.model):
                 self.ref_model = self._reference_copy()
             shard, n_real = rank_shard(dataset, a.world_size, a.process_index)
             size = a.precompute_ref_batch_size or a.per_device_eval_batch_size

@@ -2,7 +2,8 @@
 
 import pytest
 
-from dtrpo.cli import TrainScript, parse
+from dtrpo.options import parse
+from dtrpo.run import TrainScript
 from dtrpo.trainer import DTRPOConfig
 
 
@@ -85,8 +86,7 @@ def test_dataset_dict_rows_and_damaged_arrow_files_name_the_folder(tmp_path, tok
     the folder and the reader's complaint."""
     import datasets
 
-    from dtrpo.cli import _dataset
-    from dtrpo.data import build_preference_dataset
+    from dtrpo.data import _dataset, build_preference_dataset
 
     rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 3 + [{"prompt": "a", "chosen": None, "rejected": "c"}]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))

@@ -11,13 +11,14 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import dtrpo.pairs
-from dtrpo.cli import TaskSpec, main, parse
+from dtrpo.cli import main
 from dtrpo.evaluate import SamplingArgs
 from dtrpo.families import load_model
 from dtrpo.iterate import IterateArgs, IterateConfig, examples_seen, iterate, round_prompts
+from dtrpo.options import parse
 from dtrpo.pairs import PairArgs
 from dtrpo.reference import weights_fingerprint
-from dtrpo.tasks import load_task
+from dtrpo.tasks import TaskSpec, load_task
 from dtrpo.trainer import DTRPOConfig
 
 PAIRS = 4  # prompts per round: one best-worst pair each (digit shares of 4 random samples always differ here)

@@ -142,7 +142,7 @@ def sft_checkpoint(spec: ModelSpec, a: BenchSamplerArgs, log=print) -> Path:
     """The SFT checkpoint of `spec` under `--models_dir`, trained with the demo's recipe (block-diffusion SFT
     for the block-causal model, LLaDA's masked-diffusion SFT for full attention, stopped at a validation
     accuracy) unless a folder trained with the same recipe is already there."""
-    from dtrpo.apps.demo import StopAtAccuracy, _train_args
+    from dtrpo.apps.training import StopAtAccuracy, demo_settings, train_args
     from dtrpo.models import adapter_from_config, make_char_tokenizer, make_tiny_model
     from dtrpo.pairs import write_jsonl
     from dtrpo.sft import DiffusionSFTConfig, DiffusionSFTTrainer
@@ -168,7 +168,16 @@ def sft_checkpoint(spec: ModelSpec, a: BenchSamplerArgs, log=print) -> Path:
     )
     log(f"SFT of {spec.name} until validation accuracy >= {a.sft_target} (at most {a.sft_steps} steps)")
     start = time.perf_counter()
-    args = _train_args(DiffusionSFTConfig, folder, a.sft_steps, a.sft_learning_rate, a.seed, 32, "constant_with_warmup")
+    args = train_args(
+        DiffusionSFTConfig,
+        folder,
+        a.sft_steps,
+        a.sft_learning_rate,
+        a.seed,
+        32,
+        "constant_with_warmup",
+        **demo_settings(),
+    )
     trainer = DiffusionSFTTrainer(
         model=model, args=args, adapter=adapter, processing_class=tok, train_dataset=str(data), callbacks=[stop]
     )

@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
+from dtrpo.apps.training import StopAtAccuracy, demo_settings, train_args
 from dtrpo.evaluate import SamplingArgs, evaluate
 from dtrpo.families import load_model
 from dtrpo.models import init_tiny
@@ -100,56 +100,55 @@ STAGES = [
 ]
 
 
-class StopAtAccuracy(TrainerCallback):
-    """Stops SFT once greedy accuracy on validation prompts reaches `target`: the demo wants a model
-    that is right sometimes, so that its own samples contain both right and wrong answers."""
+class Stopwatch:
+    """Seconds of each stage, each counted from the end of the one before."""
 
-    def __init__(self, check, every: int, target: float):
-        self.check, self.every, self.target, self.curve = check, every, target, []
+    def __init__(self):
+        self.seconds, self.start = {}, time.perf_counter()
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0:
-            accuracy = self.check(model)
-            model.train()
-            self.curve.append({"step": state.global_step, "validation_accuracy": accuracy})
-            control.should_training_stop = accuracy >= self.target
-
-
-def _train_args(cls, out: Path, steps: int, lr: float, seed: int, batch: int, schedule: str, **extra):
-    return cls(
-        output_dir=str(out),
-        max_steps=steps,
-        learning_rate=lr,
-        per_device_train_batch_size=batch,
-        lr_scheduler_type=schedule,
-        warmup_steps=20,
-        save_strategy="no",  # the demo saves each stage's model itself
-        overwrite_output_dir=True,  # a rerun replaces the earlier run of each stage
-        seed=seed,
-        data_seed=seed,
-        use_cpu=not torch.cuda.is_available(),
-        max_prompt_length=64,
-        max_completion_length=64,
-        disable_tqdm=False,
-        logging_steps=10,
-        **extra,
-    )
+    def lap(self, name: str) -> None:
+        self.seconds[name] = round(time.perf_counter() - self.start, 1)
+        self.start = time.perf_counter()
 
 
 def run_demo(a: DemoArgs, log=print) -> dict:
-    from dtrpo.sft import DiffusionSFTConfig, DiffusionSFTTrainer
-    from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
-
+    """Every stage in order (see the module's docstring), each writing into `--output_dir`; the report."""
     run = Path(a.output_dir)
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
     task = load_task(a.task)
-    timings, t0 = {}, time.perf_counter()
+    clock = Stopwatch()
+    model, tok, adapter, greedy, stop = train_sft(a, task, run, log)
+    clock.lap("sft")
 
-    def lap(name):
-        nonlocal t0
-        timings[name] = round(time.perf_counter() - t0, 1)
-        t0 = time.perf_counter()
+    heldout = task.prompts("heldout", a.heldout, seed=a.seed)
+    log(f"[2/5] evaluating the SFT model on {len(heldout)} held-out prompts")
+    before = evaluate_into(run / "eval_sft.json", model, tok, adapter, task, heldout, greedy, "eval sft")
+    clock.lap("eval_sft")
+
+    pairs, pair_stats = sample_pairs(a, task, run, model, tok, adapter, greedy.gen_length, log)
+    clock.lap("pairs")
+
+    log(f"[4/5] dTRPO on {len(pairs)} pairs, {a.dtrpo_steps} steps")
+    trainer = train_dtrpo(a, run, model, tok, adapter)
+    clock.lap("dtrpo")
+
+    log("[5/5] evaluating the dTRPO model")
+    after = evaluate_into(run / "eval_dtrpo.json", model, tok, adapter, task, heldout, greedy, "eval dtrpo")
+    clock.lap("eval_dtrpo")
+
+    controls = run_controls(a, task, run, pairs, heldout, greedy, clock, log) if a.control else {}
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    report = demo_report(a, before, after, controls, pair_stats, stop.curve, clock.seconds, history)
+    (run / "report.json").write_text(json.dumps(report, indent=2))
+    plot(report, run / "curves.png")
+    return report
+
+
+def train_sft(a: DemoArgs, task, run: Path, log=print) -> tuple:
+    """Stage 1: the tiny model, the teacher's worked answers, block-diffusion SFT until the validation accuracy
+    reaches `--sft_target`; saved to `run/sft`. (model, tokenizer, adapter, greedy sampling, the stopper)."""
+    from dtrpo.sft import DiffusionSFTConfig, DiffusionSFTTrainer
 
     init_tiny(run / "model", a.block_size, a.hidden_size, a.num_layers, a.seed)
     sft_rows = task.prompts("train", a.sft_examples, seed=a.seed)
@@ -167,8 +166,15 @@ def run_demo(a: DemoArgs, log=print) -> dict:
         f"[1/5] SFT on {len(sft_rows)} worked answers until validation accuracy >= {a.sft_target}"
         f" (at most {a.sft_steps} steps)"
     )
-    sft_args = _train_args(
-        DiffusionSFTConfig, run / "sft", a.sft_steps, a.sft_learning_rate, a.seed, 32, "constant_with_warmup"
+    sft_args = train_args(
+        DiffusionSFTConfig,
+        run / "sft",
+        a.sft_steps,
+        a.sft_learning_rate,
+        a.seed,
+        32,
+        "constant_with_warmup",
+        **demo_settings(),
     )
     DiffusionSFTTrainer(
         model=model,
@@ -180,14 +186,18 @@ def run_demo(a: DemoArgs, log=print) -> dict:
     ).train()
     model.save_pretrained(run / "sft")
     tok.save_pretrained(run / "sft")
-    lap("sft")
+    return model, tok, adapter, greedy, stop
 
-    heldout = task.prompts("heldout", a.heldout, seed=a.seed)
-    log(f"[2/5] evaluating the SFT model on {len(heldout)} held-out prompts")
-    before = evaluate(model, tok, adapter, task, heldout, greedy, desc="eval sft")
-    (run / "eval_sft.json").write_text(json.dumps(before, indent=2))
-    lap("eval_sft")
 
+def evaluate_into(path: Path, model, tok, adapter, task, rows: list, sampling: SamplingArgs, desc: str) -> dict:
+    """The held-out report of `model`, also written to `path`."""
+    report = evaluate(model, tok, adapter, task, rows, sampling, desc=desc)
+    path.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def sample_pairs(a: DemoArgs, task, run: Path, model, tok, adapter, gen_length: int, log=print) -> tuple:
+    """Stage 3: the SFT model's own samples of train prompts, paired by the verifier into `run/pairs.jsonl`."""
     log(f"[3/5] sampling {a.samples} answers to {a.pair_prompts} train prompts and pairing them by the verifier")
     sampling = SamplingArgs(gen_length=gen_length, temperature=1.0, batch_size=200, seed=a.seed + 1)
     pair_rows = task.prompts("train", a.pair_prompts, seed=a.seed + 1)
@@ -195,10 +205,14 @@ def run_demo(a: DemoArgs, log=print) -> dict:
         model, tok, adapter, task, pair_rows, a.samples, sampling, model_name=str(run / "sft"), desc="pairs"
     )
     write_jsonl(pairs, run / "pairs.jsonl")
-    lap("pairs")
+    return pairs, pair_stats
 
-    log(f"[4/5] dTRPO on {len(pairs)} pairs, {a.dtrpo_steps} steps")
-    args = _train_args(
+
+def train_dtrpo(a: DemoArgs, run: Path, model, tok, adapter):
+    """Stage 4: dTRPO on the pairs, from the SFT model (trained in place); saved to `run/dtrpo`. The trainer."""
+    from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
+
+    args = train_args(
         DTRPOConfig,
         run / "dtrpo",
         a.dtrpo_steps,
@@ -210,56 +224,61 @@ def run_demo(a: DemoArgs, log=print) -> dict:
         steps_per_block=a.block_size,
         targets=a.targets,
         rpo_alpha=a.rpo_alpha,
+        **demo_settings(),
     )
     trainer = DTRPOTrainer(
         model=model, args=args, adapter=adapter, processing_class=tok, train_dataset=str(run / "pairs.jsonl")
     )
     trainer.train()
     trainer.save_model(run / "dtrpo")
-    lap("dtrpo")
+    return trainer
 
-    log("[5/5] evaluating the dTRPO model")
-    after = evaluate(model, tok, adapter, task, heldout, greedy, desc="eval dtrpo")
-    (run / "eval_dtrpo.json").write_text(json.dumps(after, indent=2))
-    lap("eval_dtrpo")
+
+def run_controls(a: DemoArgs, task, run: Path, pairs: list, heldout: list, greedy, clock: Stopwatch, log) -> dict:
+    """The two controls from the same SFT checkpoint, as many steps as dTRPO: continued SFT on the same data, and
+    SFT on the chosen responses of the pairs (rejection-sampling fine-tuning). Their held-out reports by name."""
+    from dtrpo.sft import DiffusionSFTConfig, DiffusionSFTTrainer
 
     controls = {}
-    if a.control:
-        write_jsonl([{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs], run / "chosen.jsonl")
-        for key, data, what in (
-            ("control", "sft_data.jsonl", "continuing SFT on the same data"),
-            ("rft", "chosen.jsonl", "SFT on the chosen responses of the pairs (rejection-sampling FT)"),
-        ):
-            log(f"[control] {what}, from the same checkpoint, {a.dtrpo_steps} steps")
-            model, tok, adapter = load_model(run / "sft")
-            out = run / ("sft_control" if key == "control" else "rft")
-            args = _train_args(DiffusionSFTConfig, out, a.dtrpo_steps, a.control_learning_rate, a.seed, 16, "cosine")
-            DiffusionSFTTrainer(
-                model=model, args=args, adapter=adapter, processing_class=tok, train_dataset=str(run / data)
-            ).train()
-            model.save_pretrained(out)
-            controls[key] = evaluate(model, tok, adapter, task, heldout, greedy, desc=f"eval {key}")
-            (run / f"eval_{key}.json").write_text(json.dumps(controls[key], indent=2))
-            lap(key)
+    write_jsonl([{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs], run / "chosen.jsonl")
+    for key, data, what in (
+        ("control", "sft_data.jsonl", "continuing SFT on the same data"),
+        ("rft", "chosen.jsonl", "SFT on the chosen responses of the pairs (rejection-sampling FT)"),
+    ):
+        log(f"[control] {what}, from the same checkpoint, {a.dtrpo_steps} steps")
+        model, tok, adapter = load_model(run / "sft")
+        out = run / ("sft_control" if key == "control" else "rft")
+        args = train_args(
+            DiffusionSFTConfig, out, a.dtrpo_steps, a.control_learning_rate, a.seed, 16, "cosine", **demo_settings()
+        )
+        DiffusionSFTTrainer(
+            model=model, args=args, adapter=adapter, processing_class=tok, train_dataset=str(run / data)
+        ).train()
+        model.save_pretrained(out)
+        controls[key] = evaluate_into(
+            run / f"eval_{key}.json", model, tok, adapter, task, heldout, greedy, f"eval {key}"
+        )
+        clock.lap(key)
+    return controls
 
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    report = {
+
+REPORTED = ("accuracy", "ci95", "n", "nfe_per_batch", "tokens_per_second")  # of each stage's held-out report
+
+
+def demo_report(a: DemoArgs, before, after, controls, pair_stats, sft_curve, seconds, history) -> dict:
+    """report.json: the settings, each stage's held-out accuracy, the gain of dTRPO over SFT, the pairs' counts,
+    the SFT validation curve, the seconds of each stage and dTRPO's training log."""
+    return {
         "settings": asdict(a),
-        "sft": {k: before[k] for k in ("accuracy", "ci95", "n", "nfe_per_batch", "tokens_per_second")},
-        "dtrpo": {k: after[k] for k in ("accuracy", "ci95", "n", "nfe_per_batch", "tokens_per_second")},
+        "sft": {k: before[k] for k in REPORTED},
+        "dtrpo": {k: after[k] for k in REPORTED},
         "gain": after["accuracy"] - before["accuracy"],
-        **{
-            key: {k: r[k] for k in ("accuracy", "ci95", "n", "nfe_per_batch", "tokens_per_second")}
-            for key, r in controls.items()
-        },
+        **{key: {k: r[k] for k in REPORTED} for key, r in controls.items()},
         "pairs": pair_stats,
-        "sft_curve": stop.curve,
-        "seconds": timings,
+        "sft_curve": sft_curve,
+        "seconds": seconds,
         "history": history,
     }
-    (run / "report.json").write_text(json.dumps(report, indent=2))
-    plot(report, run / "curves.png")
-    return report
 
 
 def plot(report: dict, path: Path) -> None:

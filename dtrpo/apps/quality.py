@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from dtrpo.apps.demo import StopAtAccuracy
+from dtrpo.apps.training import StopAtAccuracy, train_args
 from dtrpo.evaluate import SamplingArgs, sample_texts
 from dtrpo.families import load_model
 from dtrpo.models import init_tiny
@@ -179,27 +179,6 @@ def task_slug(spec: str) -> str:
 # ----------------------------------------------------------------------------- building the shared start
 
 
-def _train_args(cls, out: Path, steps: int, lr: float, seed: int, batch: int, schedule: str, **extra):
-    return cls(
-        output_dir=str(out),
-        max_steps=steps,
-        learning_rate=lr,
-        per_device_train_batch_size=batch,
-        lr_scheduler_type=schedule,
-        warmup_steps=min(20, steps // 10),
-        save_strategy="no",
-        seed=seed,
-        data_seed=seed,
-        use_cpu=True,
-        max_prompt_length=64,
-        max_completion_length=64,
-        disable_tqdm=True,
-        logging_steps=10,
-        report_to=[],
-        **extra,
-    )
-
-
 def stored_scores(scores: list[float]) -> str | list[float]:
     """Per-prompt scores as a string of 0/1 digits when every score is 0 or 1 (a verifier), else the list."""
     return "".join(str(int(s)) for s in scores) if set(scores) <= {0.0, 1.0} else [float(s) for s in scores]
@@ -238,8 +217,6 @@ def task_data(args: QualityArgs, spec: str) -> TaskData:
 
 def build(args: QualityArgs, index: int, log=print) -> Path:
     """SFT checkpoint, SFT data and verifier pairs of task `index`, made once (skipped when present)."""
-    from dtrpo.sft import DiffusionSFTConfig, DiffusionSFTTrainer
-
     spec = args.task_list()[index]
     d = task_data(args, spec)
     done = d.root / "build.json"
@@ -247,37 +224,7 @@ def build(args: QualityArgs, index: int, log=print) -> Path:
         return done
     d.root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    init_tiny(d.root / "model", args.block_size, args.hidden_size, args.num_layers, 0)
-    sft_rows = d.task.prompts("train", args.sft_examples, seed=0)
-    write_jsonl([{"prompt": r["prompt"], "completion": demonstration(r)} for r in sft_rows], d.root / "sft_data.jsonl")
-    model, tok, adapter = load_model(d.root / "model")
-    stop = StopAtAccuracy(
-        lambda m: sum(greedy_scores(m, tok, adapter, d.task, d.validation, d.gen_length)) / len(d.validation),
-        50 if args.per_task(args.sft_targets, float)[index] < 1 else 250,
-        args.per_task(args.sft_targets, float)[index],
-    )
-    start = time.perf_counter()
-    log(f"[{spec}] SFT on {len(sft_rows)} teacher answers")
-    sft_args = _train_args(
-        DiffusionSFTConfig,
-        d.root / "sft",
-        args.per_task(args.sft_steps, int)[index],
-        2e-3,
-        0,
-        32,
-        "constant_with_warmup",
-    )
-    DiffusionSFTTrainer(
-        model=model,
-        args=sft_args,
-        adapter=adapter,
-        processing_class=tok,
-        train_dataset=str(d.root / "sft_data.jsonl"),
-        callbacks=[stop],
-    ).train()
-    model.save_pretrained(d.root / "sft")
-    tok.save_pretrained(d.root / "sft")
-    sft_seconds = time.perf_counter() - start
+    model, tok, adapter, stop, sft_seconds = sft_to_target(args, index, d, log)
     log(f"[{spec}] sampling {args.samples} answers to {args.pair_prompts} prompts for pairs")
     sampling = SamplingArgs(gen_length=d.gen_length, temperature=1.0, batch_size=200, seed=1)
     pair_rows = d.task.prompts("train", args.pair_prompts, seed=1)
@@ -299,6 +246,37 @@ def build(args: QualityArgs, index: int, log=print) -> Path:
     (results / "build.json").write_text(json.dumps(info, indent=1))
     done.write_text(json.dumps(info))
     return done
+
+
+def sft_to_target(args: QualityArgs, index: int, d: TaskData, log=print) -> tuple:
+    """The tiny model and the teacher's answers of task `index`, SFT until its validation target (or its step
+    budget); saved to `<task>/sft`. (model, tokenizer, adapter, the stopper with its curve, the SFT's seconds)."""
+    from dtrpo.sft import DiffusionSFTConfig, DiffusionSFTTrainer
+
+    init_tiny(d.root / "model", args.block_size, args.hidden_size, args.num_layers, 0)
+    sft_rows = d.task.prompts("train", args.sft_examples, seed=0)
+    write_jsonl([{"prompt": r["prompt"], "completion": demonstration(r)} for r in sft_rows], d.root / "sft_data.jsonl")
+    model, tok, adapter = load_model(d.root / "model")
+    stop = StopAtAccuracy(
+        lambda m: sum(greedy_scores(m, tok, adapter, d.task, d.validation, d.gen_length)) / len(d.validation),
+        50 if args.per_task(args.sft_targets, float)[index] < 1 else 250,
+        args.per_task(args.sft_targets, float)[index],
+    )
+    start = time.perf_counter()
+    log(f"[{d.spec}] SFT on {len(sft_rows)} teacher answers")
+    steps = args.per_task(args.sft_steps, int)[index]
+    sft_args = train_args(DiffusionSFTConfig, d.root / "sft", steps, 2e-3, 0, 32, "constant_with_warmup")
+    DiffusionSFTTrainer(
+        model=model,
+        args=sft_args,
+        adapter=adapter,
+        processing_class=tok,
+        train_dataset=str(d.root / "sft_data.jsonl"),
+        callbacks=[stop],
+    ).train()
+    model.save_pretrained(d.root / "sft")
+    tok.save_pretrained(d.root / "sft")
+    return model, tok, adapter, stop, time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------- one run
@@ -360,9 +338,6 @@ def job_dir(d: TaskData, job: Job) -> Path:
 
 def run_job(args: QualityArgs, job: Job) -> dict:
     """Train one arm from the task's SFT checkpoint with the trainer's own loss; write and return its result."""
-    from dtrpo.sft import DiffusionSFTConfig, DiffusionSFTTrainer
-    from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
-
     d = task_data(args, args.task_list()[job.task_index])
     arm = arm_table(args.block_size, args.rpo_alpha)[job.arm]
     steps = args.expensive_steps if arm.expensive else args.steps
@@ -371,44 +346,11 @@ def run_job(args: QualityArgs, job: Job) -> dict:
     eval_at = sorted({s for s in (int(x) for x in args.eval_steps.split(",")) if s < steps} | {steps, equal_compute})
     eval_at = [s for s in eval_at if 0 < s <= steps]
     curve = Curve(lambda m: greedy_scores(m, tok, adapter, d.task, d.heldout, d.gen_length), eval_at)
-    out = job_dir(d, job)
     torch.manual_seed(job.seed)
-    if arm.kind == "preference":
-        config = _train_args(
-            DTRPOConfig, out, steps, job.lr, job.seed, args.batch_size, "cosine", beta=job.beta, **arm.config
-        )
-        trainer = DTRPOTrainer(
-            model=model,
-            args=config,
-            adapter=adapter,
-            processing_class=tok,
-            train_dataset=str(d.root / "pairs.jsonl"),
-            callbacks=[curve],
-        )
-    else:
-        data = d.root / ("sft_data.jsonl" if arm.kind == "sft" else "chosen.jsonl")
-        config = _train_args(DiffusionSFTConfig, out, steps, job.lr, job.seed, args.batch_size, "cosine")
-        trainer = DiffusionSFTTrainer(
-            model=model,
-            args=config,
-            adapter=adapter,
-            processing_class=tok,
-            train_dataset=str(data),
-            callbacks=[curve],
-        )
+    trainer = arm_trainer(args, d, arm, job, steps, model, tok, adapter, curve)
     trainer.train()
     history = [{k: h[k] for k in ("step", *LOG_KEYS) if k in h} for h in trainer.state.log_history if "loss" in h]
-    per_pair = next(
-        (
-            h["estimator/forward_passes_per_pair"]
-            for h in trainer.state.log_history
-            if "estimator/forward_passes_per_pair" in h
-        ),
-        None,
-    )
-    # sequence forward passes per optimizer step: a pair counts policy and reference, chosen and rejected;
-    # an SFT example counts one policy pass
-    passes_per_step = args.batch_size * (per_pair if per_pair is not None else 1)
+    passes_per_step = forward_passes_per_step(trainer, args.batch_size)
     for p in curve.points:
         p["forward_passes"] = p["step"] * passes_per_step
     validation = greedy_scores(model, tok, adapter, d.task, d.validation, d.gen_length)
@@ -431,6 +373,52 @@ def run_job(args: QualityArgs, job: Job) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def arm_trainer(args: QualityArgs, d: TaskData, arm: Arm, job: Job, steps: int, model, tok, adapter, curve):
+    """The trainer of one job: dTRPO (or another estimator) on the pairs for a preference arm, SFT on the SFT data
+    or on the chosen responses otherwise; in the job's own folder, `curve` evaluating as it goes."""
+    from dtrpo.sft import DiffusionSFTConfig, DiffusionSFTTrainer
+    from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
+
+    out = job_dir(d, job)
+    if arm.kind == "preference":
+        config = train_args(
+            DTRPOConfig, out, steps, job.lr, job.seed, args.batch_size, "cosine", beta=job.beta, **arm.config
+        )
+        return DTRPOTrainer(
+            model=model,
+            args=config,
+            adapter=adapter,
+            processing_class=tok,
+            train_dataset=str(d.root / "pairs.jsonl"),
+            callbacks=[curve],
+        )
+    else:
+        data = d.root / ("sft_data.jsonl" if arm.kind == "sft" else "chosen.jsonl")
+        config = train_args(DiffusionSFTConfig, out, steps, job.lr, job.seed, args.batch_size, "cosine")
+        return DiffusionSFTTrainer(
+            model=model,
+            args=config,
+            adapter=adapter,
+            processing_class=tok,
+            train_dataset=str(data),
+            callbacks=[curve],
+        )
+
+
+def forward_passes_per_step(trainer, batch_size: int) -> int:
+    """Sequence forward passes per optimizer step: a pair counts policy and reference, chosen and rejected (as the
+    estimator logged them); an SFT example counts one policy pass."""
+    per_pair = next(
+        (
+            h["estimator/forward_passes_per_pair"]
+            for h in trainer.state.log_history
+            if "estimator/forward_passes_per_pair" in h
+        ),
+        None,
+    )
+    return batch_size * (per_pair if per_pair is not None else 1)
 
 
 # ----------------------------------------------------------------------------- the study

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from dtrpo.apps.quality import QualityArgs, _train_args, diagnostics_path, greedy_scores, task_data
+from dtrpo.apps.quality import QualityArgs, diagnostics_path, greedy_scores, task_data
+from dtrpo.apps.training import train_args
 from dtrpo.estimators import EstimatorConfig
 from dtrpo.families import load_model
 from dtrpo.models import init_tiny
@@ -38,7 +39,7 @@ FULL_ATTENTION_TRAINING = {
 def _trainer(policy, ref, tok, adapter, pairs: Path, out: Path, steps: int = 1, lr: float = 2e-4, **extra):
     from dtrpo.trainer import DTRPOConfig, DTRPOTrainer
 
-    args = _train_args(DTRPOConfig, out, steps, lr, 0, 16, "cosine", beta=0.1, **{"rpo_alpha": 0.0, **extra})
+    args = train_args(DTRPOConfig, out, steps, lr, 0, 16, "cosine", beta=0.1, **{"rpo_alpha": 0.0, **extra})
     return DTRPOTrainer(
         model=policy, ref_model=ref, args=args, adapter=adapter, processing_class=tok, train_dataset=str(pairs)
     )
@@ -141,7 +142,7 @@ def full_attention(args: QualityArgs, draws: int, train: bool, log=print) -> dic
         rows = d.task.prompts("train", args.sft_examples, seed=0)
         write_jsonl([{"prompt": r["prompt"], "completion": demonstration(r)} for r in rows], root / "sft_data.jsonl")
         steps = min(1500, args.per_task(args.sft_steps, int)[0])
-        sft = _train_args(DiffusionSFTConfig, root / "sft", steps, 2e-3, 0, 32, "constant_with_warmup")
+        sft = train_args(DiffusionSFTConfig, root / "sft", steps, 2e-3, 0, 32, "constant_with_warmup")
         DiffusionSFTTrainer(
             model=model, args=sft, adapter=adapter, processing_class=tok, train_dataset=str(root / "sft_data.jsonl")
         ).train()

@@ -106,6 +106,8 @@ def _history_change(result: dict, key: str) -> str:
 
 
 def task_section(args: QualityArgs, t: int, runs: dict, figures: Path) -> tuple[str, dict]:
+    """The report's section of task `t`: its SFT start, the results table, the tuning and training tables, the
+    figures; with the task's summary for summary.json."""
     spec = args.task_list()[t]
     slug = task_slug(spec)
     build = json.loads((Path(args.results_dir) / slug / "build.json").read_text())
@@ -113,6 +115,40 @@ def task_section(args: QualityArgs, t: int, runs: dict, figures: Path) -> tuple[
     sft = {"mean": sum(sft_scores) / len(sft_scores), **dict(zip(("low", "high"), interval95(sft_scores), strict=True))}
     sft_steps = build["sft_curve"][-1]["step"] if build["sft_curve"] else "?"
     budget = args.steps * args.batch_size * 4  # dTRPO's forward passes (4 per pair) at the full step count
+    summary = arm_summary(args, runs, budget)
+    controls = [c for c in CONTROLS if c in summary]
+    best = max(controls, key=lambda c: pooled(summary[c]["final"])["mean"]) if controls else None
+    text = [
+        f"## Task `{spec}`",
+        "",
+        f"SFT start: held-out **{sft['mean']:.3f}** [{sft['low']:.3f}, {sft['high']:.3f}] (n = {len(sft_scores)}), "
+        f"validation {build['validation_accuracy']:.3f}, SFT stopped at step {sft_steps} "
+        f"({build['sft_seconds']:.0f} s). Pairs: {build['pairs']['pairs']} from {build['pairs']['prompts']} prompts "
+        f"x {args.samples} samples at temperature 1 (mean sample score {build['pairs']['mean_score']:.3f}).",
+        "",
+        "Held-out accuracy, mean over seeds with a Wilson interval pooled over seeds (n = held-out x seeds); the "
+        "paired difference is per prompt and seed against the best control, with a bootstrap interval over prompts, "
+        "per-seed differences in brackets.",
+        "",
+        *results_table(args, runs, summary, best, budget),
+        "",
+        f"![accuracy against steps and compute]({figures.name}/{slug}_accuracy.png)",
+        "",
+        *tuning_table(runs),
+        "",
+        *training_table(runs),
+        "",
+        f"![training curves, every grid point]({figures.name}/{slug}_training.png)",
+        "",
+    ]
+    plot_accuracy(summary, sft["mean"], figures / f"{slug}_accuracy.png", spec)
+    plot_training(runs, figures / f"{slug}_training.png", spec)
+    return "\n".join(text), {"sft": sft, "best_control": best, "arms": summary}
+
+
+def arm_summary(args: QualityArgs, runs: dict, budget: int) -> dict:
+    """Each arm's last curve point per seed, its points at the full step count and at dTRPO's compute `budget`
+    (None where a seed did not reach it), and its runs."""
     summary = {}
     for name, r in runs.items():
         seeds = r["seeds"]
@@ -122,8 +158,12 @@ def task_section(args: QualityArgs, t: int, runs: dict, figures: Path) -> tuple[
         compute = [point_at(s, passes=budget) for s in seeds]
         compute = None if None in compute else compute
         summary[name] = {"final": last, "equal_step": same_step, "equal_compute": compute, "runs": seeds}
-    controls = [c for c in CONTROLS if c in summary]
-    best = max(controls, key=lambda c: pooled(summary[c]["final"])["mean"]) if controls else None
+    return summary
+
+
+def results_table(args: QualityArgs, runs: dict, summary: dict, best: str | None, budget: int) -> list[str]:
+    """One row per arm: its chosen rate, held-out accuracy at equal steps and equal compute, the paired difference
+    to the best control (also stored in `summary` as diff_to_best_control)."""
     header = (
         "| arm | lr | beta | val. acc. (seed 0) | seeds | held-out at step "
         f"{args.steps} | held-out at dTRPO's compute ({budget} passes) | steps run | passes/step | "
@@ -142,22 +182,12 @@ def task_section(args: QualityArgs, t: int, runs: dict, figures: Path) -> tuple[
             f"| {seed0['forward_passes_per_step']:.0f} "
             f"| {seed0['curve'][-1]['train_seconds']:.0f} | {fmt_difference(diff)} |"
         )
+    return lines
+
+
+def tuning_table(runs: dict) -> list[str]:
+    """Seed 0's validation accuracy at every grid point of each arm."""
     text = [
-        f"## Task `{spec}`",
-        "",
-        f"SFT start: held-out **{sft['mean']:.3f}** [{sft['low']:.3f}, {sft['high']:.3f}] (n = {len(sft_scores)}), "
-        f"validation {build['validation_accuracy']:.3f}, SFT stopped at step {sft_steps} "
-        f"({build['sft_seconds']:.0f} s). Pairs: {build['pairs']['pairs']} from {build['pairs']['prompts']} prompts "
-        f"x {args.samples} samples at temperature 1 (mean sample score {build['pairs']['mean_score']:.3f}).",
-        "",
-        "Held-out accuracy, mean over seeds with a Wilson interval pooled over seeds (n = held-out x seeds); the "
-        "paired difference is per prompt and seed against the best control, with a bootstrap interval over prompts, "
-        "per-seed differences in brackets.",
-        "",
-        *lines,
-        "",
-        f"![accuracy against steps and compute]({figures.name}/{slug}_accuracy.png)",
-        "",
         "### Tuning (seed 0, validation accuracy at the last step, per grid point lr / beta)",
         "",
         "| arm | validation accuracy |",
@@ -166,8 +196,13 @@ def task_section(args: QualityArgs, t: int, runs: dict, figures: Path) -> tuple[
     for name, r in runs.items():
         cells = [f"{lr:g} / {_g(beta)}: {res['validation_accuracy']:.3f}" for (lr, beta), res in r["grid"].items()]
         text.append(f"| {name} | " + "; ".join(cells) + " |")
-    text += [
-        "",
+    return text
+
+
+def training_table(runs: dict) -> list[str]:
+    """What happened in training at every grid point of the preference arms: margin, reward accuracy, the two
+    log-probability estimates and the NLL, first -> last logged window."""
+    text = [
         "### What happened in training (seed 0, every grid point; first -> last logged window of 10 steps)",
         "",
         "Log-probability estimates are each estimator's own (trajectory, ELBO or mean-field), so compare them within "
@@ -187,10 +222,7 @@ def task_section(args: QualityArgs, t: int, runs: dict, figures: Path) -> tuple[
                 f"| {_history_change(res, 'logps/chosen')} | {_history_change(res, 'logps/rejected')} "
                 f"| {_history_change(res, 'rpo/nll')} |"
             )
-    text += ["", f"![training curves, every grid point]({figures.name}/{slug}_training.png)", ""]
-    plot_accuracy(summary, sft["mean"], figures / f"{slug}_accuracy.png", spec)
-    plot_training(runs, figures / f"{slug}_training.png", spec)
-    return "\n".join(text), {"sft": sft, "best_control": best, "arms": summary}
+    return text
 
 
 def _mean_curve(runs: list[dict], key: str) -> tuple[list, list]:

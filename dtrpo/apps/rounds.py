@@ -125,10 +125,10 @@ def quality_args(args: RoundsArgs) -> QualityArgs:
 def arm_config(args: RoundsArgs, arm: str, seed: int, lr: float, sft: Path, gen_length: int):
     """The `IterateConfig` of one arm and seed: every arm samples `prompts_per_round` prompts and trains `steps`
     steps per round; a one-shot arm does the rounds' total in one round."""
-    from dtrpo.cli import TaskSpec
     from dtrpo.evaluate import SamplingArgs
     from dtrpo.iterate import IterateArgs, IterateConfig
     from dtrpo.pairs import PairArgs
+    from dtrpo.tasks import TaskSpec
     from dtrpo.trainer import DTRPOConfig
 
     method, nll, once, keep = ARMS[arm]

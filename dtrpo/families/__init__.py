@@ -40,6 +40,7 @@ used is written into the adapter, the native config and `dtrpo_config.json`.
 from dtrpo.families.loading import (
     FAMILIES,
     LOADERS,
+    ModelArgs,
     build_native,
     detect_family,
     export_checkpoint,
@@ -55,14 +56,15 @@ from dtrpo.families.loading import (
     read_weights,
     rename,
     safetensors_problem,
-    save_safetensors,
 )
 from dtrpo.families.spec import FULL_ATTENTION_BLOCK_SIZE, NATIVE_CLASSES, Family
+from dtrpo.families.weights import save_safetensors
 
 __all__ = [
     "FAMILIES",
     "FULL_ATTENTION_BLOCK_SIZE",
     "LOADERS",
+    "ModelArgs",
     "NATIVE_CLASSES",
     "Family",
     "build_native",

@@ -356,7 +356,7 @@ def init_tiny(output, block_size: int = 8, hidden_size: int = 64, num_layers: in
     import json
     from pathlib import Path
 
-    from dtrpo.families.loading import save_safetensors
+    from dtrpo.families.weights import save_safetensors
     from dtrpo.models import make_char_tokenizer
 
     output = Path(output)

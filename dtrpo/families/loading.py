@@ -9,11 +9,11 @@ import logging
 import pickle
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     PreTrainedModel,
@@ -23,7 +23,9 @@ from transformers import (
 
 from dtrpo.families import dream, fast_dllm_v2, llada, llada2, sdar
 from dtrpo.families.spec import FULL_ATTENTION_BLOCK_SIZE, NATIVE_CLASSES, Family
+from dtrpo.families.weights import save_safetensors
 from dtrpo.models import ModelAdapter, adapter_from_config, load_tokenizer, read_config_json, vocabulary_problem
+from dtrpo.options import deprecated
 
 logger = logging.getLogger(__name__)
 FAMILIES = {spec.name: spec for spec in (llada.SPEC, dream.SPEC, sdar.SPEC, fast_dllm_v2.SPEC, llada2.SPEC)}
@@ -381,28 +383,6 @@ def load_model(
 # ----------------------------------------------------------------------------- export
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], output: Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """model.safetensors, or model-0000k-of-0000n.safetensors shards plus their index when large."""
-    shards, size = [{}], 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name], size = t.detach().contiguous().cpu(), size + n
-    if len(shards) == 1:
-        save_file(shards[0], output / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for k, shard in enumerate(shards):
-        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, output / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
 def export_checkpoint(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -440,3 +420,33 @@ def export_checkpoint(
             shutil.copy(file, output / file.name)
     tokenizer.save_pretrained(output)
     return output
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str = field(
+        default=None, metadata={"help": "Model folder: a dtrpo/transformers checkpoint or a family's own."}
+    )
+    model: str | None = field(default=None, metadata={"help": "Deprecated: use --model_name_or_path."})
+    family: str | None = field(default=None, metadata={"help": "Model family; default: detected from config.json."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 (GPU) or float16."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention backend: sdpa, or flex_attention on a GPU."}
+    )
+
+    def __post_init__(self) -> None:
+        deprecated(self, "model", "model_name_or_path")
+
+    def load(self, block_size: int | None = None):
+        """(model, tokenizer, adapter) of `--model_name_or_path`, on the GPU when there is one; `block_size`
+        overrides the checkpoint's (and is required where its config.json has none)."""
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        device = "cuda" if torch.cuda.is_available() else None
+        dtype = getattr(torch, self.dtype)
+        return load_model(
+            self.model_name_or_path, self.family, dtype, self.attn_implementation, device=device, block_size=block_size
+        )

@@ -68,3 +68,28 @@ def test_the_apps_import_one_another_one_way():
 
     circles = [name for name in apps if reaches(name, name)]
     assert not circles, f"apps modules in an import circle: {circles} ({edges})"
+
+
+def test_no_import_circle_anywhere_in_the_package():
+    """Every module's imports (inside functions too, which still make a circle a reader must follow) form no
+    circle: one direction of imports, from the command line down to the core."""
+    from tests.import_graph import cycles, edges
+
+    graph = edges()
+    assert {"dtrpo.cli", "dtrpo.iterate", "dtrpo.apps.rounds", "dtrpo.families.loading"} <= set(graph)
+    assert "dtrpo.trainer" in graph["dtrpo.iterate"]  # the graph reads function-level imports, resolved
+    assert not cycles(graph), f"import circles in dtrpo/: {cycles(graph)}"
+
+
+def test_the_core_never_imports_the_command_line_or_the_apps():
+    """Library code (the core and the apps) never imports `dtrpo.cli`; the core never imports `dtrpo.apps`."""
+    from tests.import_graph import edges
+
+    graph = edges()
+    up = {
+        a: sorted(b for b in targets if b == "dtrpo.cli" or (is_apps(b) and not is_apps(a)))
+        for a, targets in graph.items()
+        if a != "dtrpo.cli"
+    }
+    found = {a: b for a, b in up.items() if b}
+    assert not found, f"imports running up to the command line or the apps: {found}"

@@ -91,7 +91,7 @@ def _argv(out, *extra) -> list[str]:
 
 def _args(out, *extra):
     from dtrpo.apps.quality import QualityArgs
-    from dtrpo.cli import parse
+    from dtrpo.options import parse
 
     (args,) = parse([QualityArgs], _argv(out, *extra), "test", "")
     return args
