@@ -327,6 +327,20 @@ def main(argv: list[str] | None = None) -> None:
         if engine is None or os.environ.get("DTRPO_DEBUG"):
             raise
         raise SystemExit(f"error: {engine}: {type(err).__name__}: {str(err).strip().splitlines()[0]}") from None
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """After a command that ran distributed, every rank leaves the process group together. A gloo group left
+    for the interpreter's exit to tear down can abort a rank after its work is done ("terminate called without
+    an active exception", seen once on 2 CPU processes under FSDP2, exit code -6 after the final save)."""
+    if "torch" not in sys.modules:  # a command that never loaded torch started no process group
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def engine_failure(err: BaseException) -> str | None:
