@@ -80,3 +80,11 @@ def describe(resolved, family: str, flags: list[str]) -> str:
         return f"{name} {text}" + (" (flag)" if name in flags else "")
 
     return f"decoding ({family} defaults unless a flag): " + ", ".join(show(name) for name in FIELDS)
+
+
+def announce(s, family: str, say) -> object:
+    """`s` resolved against `family`'s rule (`resolve`), with its one line (`describe`) handed to `say`: what
+    `generate`, `eval`, `pairs`, `iterate` and the lm-eval model each do at their start."""
+    resolved = resolve(s, family)
+    say(describe(resolved, family, given(s)))
+    return resolved

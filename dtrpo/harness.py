@@ -31,7 +31,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from dtrpo.decoding import describe, given, resolve, sampler_kwargs
+from dtrpo.decoding import announce, sampler_kwargs
 from dtrpo.estimators import Batch, EstimatorConfig, draw, score
 from dtrpo.evaluate import SamplingArgs
 from dtrpo.families import load_model
@@ -117,8 +117,7 @@ class DTRPOLM(LM):
             sub_block_size=sub_block_size,
             fix_first_token=fix_first_token,
         )
-        self.decoding = resolve(asked, self.adapter.family)
-        HARNESS_LOG.info("dtrpo %s", describe(self.decoding, self.adapter.family, given(asked)))
+        self.decoding = announce(asked, self.adapter.family, lambda line: HARNESS_LOG.info("dtrpo %s", line))
         self.sampling = dict(
             steps_per_block=self.decoding.steps_per_block or self.adapter.block_size,
             temperature=temperature,

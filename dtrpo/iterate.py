@@ -494,12 +494,9 @@ def run_round(config: IterateConfig, task, r: int, start: str, models: Models, c
 def _family_decoding(config: IterateConfig, log) -> SamplingArgs:
     """The sampler settings with the initial model's family rule where no flag was given, logged in one line (kept
     resolved in iterate_config.json, so a rerun compares the settings it samples with)."""
-    from dtrpo.decoding import describe, folder_family, given, resolve
+    from dtrpo.decoding import announce, folder_family
 
-    family = folder_family(config.task.model_name_or_path, config.task.family)
-    resolved = resolve(config.sampling, family)
-    log(describe(resolved, family, given(config.sampling)))
-    return resolved
+    return announce(config.sampling, folder_family(config.task.model_name_or_path, config.task.family), log)
 
 
 def iterate(config: IterateConfig, log: Callable[[str], None] = print, callbacks=()) -> dict:

@@ -139,11 +139,9 @@ def merged_save(tokenizer, adapter, config):
 def family_decoding(s, family: str):
     """Sampler settings `s` with the family's decoding rule where no flag was given (`dtrpo.decoding`), and their
     one line printed (to stderr: stdout stays the command's output)."""
-    from dtrpo.decoding import describe, given, resolve
+    from dtrpo.decoding import announce
 
-    resolved = resolve(s, family)
-    print(describe(resolved, family, given(s)), file=sys.stderr)
-    return resolved
+    return announce(s, family, lambda line: print(line, file=sys.stderr))
 
 
 def load_for_task(t: TaskSpec, block_size: int | None) -> tuple:
