@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from dtrpo import DTRPOTrainer
+from dtrpo.cli import leave_process_group
 from dtrpo.distributed import prepare_reference, reference_copy
 from dtrpo.models import init_tiny, make_tiny_model
 from tests.test_reference import config
@@ -47,6 +48,7 @@ def worker(model_dir: str, data: str, out: str) -> None:
         "reference": shard_shapes(trainer.ref_model),
     }
     Path(out, f"rank{args.process_index}.json").write_text(json.dumps(result))
+    leave_process_group()  # as the CLI does: a gloo group left to the interpreter's exit aborted a rank at times
 
 
 def test_reference_copy_is_whole_frozen_and_apart(tokenizer):
