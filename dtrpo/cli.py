@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtrpo.options import parse, require
+from dtrpo.teardown import end_process, leave_process_group
 
 COMMANDS = {}
 
@@ -330,19 +331,6 @@ def main(argv: list[str] | None = None) -> None:
     leave_process_group()
 
 
-def leave_process_group() -> None:
-    """After a command that ran distributed, every rank leaves the process group together. A gloo group left
-    for the interpreter's exit to tear down can abort a rank after its work is done ("terminate called without
-    an active exception", seen once on 2 CPU processes under FSDP2, exit code -6 after the final save)."""
-    if "torch" not in sys.modules:  # a command that never loaded torch started no process group
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def engine_failure(err: BaseException) -> str | None:
     """The engine (DeepSpeed, FSDP) whose code raised `err`, read from the innermost frame of its traceback,
     or None when the error came from elsewhere (a bug of dtrpo's keeps its traceback)."""
@@ -356,5 +344,15 @@ def engine_failure(err: BaseException) -> str | None:
     return None
 
 
+def entry() -> None:
+    """The `dtrpo` program: `main` on the command line, then the end of the process (`teardown.end_process`: a
+    rank of a multi-process launch leaves without the interpreter's finalization, which can abort a gloo rank)."""
+    try:
+        main()
+    except SystemExit as stop:
+        end_process(stop.code)
+    end_process(0)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -109,6 +109,9 @@ if "RANK" in os.environ:
     out["rank"] = int(os.environ["RANK"])
     with open(os.path.join(os.environ["SCALE_OUT"], f"rank{out['rank']}.json"), "w") as f:
         json.dump(out, f)
+    from dtrpo.teardown import end_process, leave_process_group
+    leave_process_group()
+    end_process(0)  # a gloo rank left to the interpreter's exit can abort (dtrpo.teardown)
 else:
     print("RESULT " + json.dumps(out))
 """

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from dtrpo import DTRPOTrainer
-from dtrpo.cli import leave_process_group
 from dtrpo.distributed import prepare_reference, reference_copy
 from dtrpo.models import init_tiny, make_tiny_model
+from dtrpo.teardown import end_process, leave_process_group
 from tests.test_reference import config
 
 FSDP2 = {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["Qwen3DecoderLayer"], "reshard_after_forward": True}
@@ -48,7 +48,7 @@ def worker(model_dir: str, data: str, out: str) -> None:
         "reference": shard_shapes(trainer.ref_model),
     }
     Path(out, f"rank{args.process_index}.json").write_text(json.dumps(result))
-    leave_process_group()  # as the CLI does: a gloo group left to the interpreter's exit aborted a rank at times
+    leave_process_group()  # as the CLI does
 
 
 def test_reference_copy_is_whole_frozen_and_apart(tokenizer):
@@ -104,3 +104,4 @@ def test_fsdp2_two_gloo_processes_equal_one(tmp_path):
 
 if __name__ == "__main__":
     worker(*sys.argv[1:4])
+    end_process(0)  # as the CLI does: a gloo rank left to the interpreter's exit can abort (dtrpo.teardown)
