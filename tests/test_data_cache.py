@@ -5,6 +5,7 @@ damaged; refused in one line when the folder cannot be written or the data chang
 import json
 import logging
 import os
+from pathlib import Path
 
 import datasets
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dtrpo.data import _Limits, build_preference_dataset, build_sft_dataset
-from dtrpo.data_cache import DataWatch, cached
+from dtrpo.data_cache import DataWatch, cached, default_cache_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*rows whose chosen equals rejected")
 LIMITS = _Limits(4, 12, 8, "truncate", False)
@@ -228,3 +229,12 @@ def test_dtrpo_train_uses_the_cache_and_names_a_bad_folder(tmp_path, capsys, cap
         )
     made = [r.getMessage() for r in caplog.records if r.getMessage().startswith("token cache")]
     assert [m.split(":")[0] for m in made] == ["token cache for " + str(data), "token cache made", "token cache reused"]
+
+
+def test_the_tests_keep_their_caches_out_of_the_users_datasets_cache():
+    """conftest points HF_DATASETS_CACHE at a folder of the session's own before datasets is imported: the
+    default cache folder of every test (and of the commands they start) lies there."""
+    from tests.conftest import DATASETS_CACHE
+
+    assert default_cache_dir() == Path(DATASETS_CACHE) / "dtrpo"
+    assert os.environ["HF_DATASETS_CACHE"] == DATASETS_CACHE
