@@ -140,7 +140,7 @@ def describe(data: Any) -> Source | None:
 
 
 def _hashed(name: str, key: str, files: list[Path], reader: str, root: Path | None = None) -> Source:
-    """A Source whose digest is the sha256 of the files' bytes (and names, for a folder). Refused in one
+    """A Source whose digest is the sha256 of the files' digests (and names, for a folder). Refused in one
     line when a file changes while it is read."""
     stamps = tuple(_stamp(f) for f in files)
     h = hashlib.sha256()
@@ -148,8 +148,7 @@ def _hashed(name: str, key: str, files: list[Path], reader: str, root: Path | No
         if root is not None:
             h.update(f"{f.relative_to(root)}\0".encode())
         with f.open("rb") as stream:
-            while block := stream.read(1 << 23):
-                h.update(block)
+            h.update(hashlib.file_digest(stream, "sha256").digest())
     source = Source(name, key, h.hexdigest(), reader, tuple(map(str, files)), stamps)
     if changed := source.changed():
         raise ValueError(f"{changed}: changed while it was read; start again once it is written")

@@ -521,11 +521,8 @@ def load_prompts_file(
 
 def file_digest(path: Path) -> str:
     """A digest of a file's bytes, read in pieces: prompts, answers and every other field of every row."""
-    h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
-        while piece := f.read(1 << 16):
-            h.update(piece)
-    return h.hexdigest()
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
 def load_task(
