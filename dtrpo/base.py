@@ -543,12 +543,13 @@ class DiffusionTrainer(Trainer):
         """`Trainer.train`, holding the output folder's lock, after checking what the run reads and writes
         (`_resume_point`), and checking the loss and weights are finite at the end (`check_finite`). A finished
         run whose final model is not whole (killed in its final save) is restored from its last checkpoint
-        (`restore`), for the caller's final save. A checkpoint pickle holding objects other than tensors is
-        one ValueError naming the file."""
+        (`restore`), for the caller's final save; under DeepSpeed or FSDP, whose engine must exist to load
+        sharded weights, `Trainer.train` resumes at that last step instead, which loads them and trains nothing. A
+        checkpoint pickle holding objects other than tensors is one ValueError naming the file."""
         with output_lock(self.args):
             self._finished = None
             resume_from_checkpoint = self._resume_point(resume_from_checkpoint)
-            if self._finished is not None:
+            if self._finished is not None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
                 result = self.restore(self._finished)
             else:
                 try:

@@ -42,15 +42,20 @@ def needs(engine: str) -> None:
         pytest.importorskip("deepspeed", reason="DeepSpeed is a dev dependency: bash scripts/setup.sh installs it")
 
 
-def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
+def env(path: str = str(ROOT)) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "DS_ACCELERATOR": "cpu"}
 
 
-def run(cmd: list[str], what: str) -> tuple[subprocess.CompletedProcess, float]:
+def run(
+    cmd: list[str], what: str, path: str = str(ROOT), fails: bool = False
+) -> tuple[subprocess.CompletedProcess, float]:
+    """`cmd` with PYTHONPATH `path`; it must succeed (or, with `fails`, fail)."""
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=900, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env(path), timeout=900, cwd=ROOT)
     seconds = time.perf_counter() - start
-    assert done.returncode == 0, f"{what} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    assert (done.returncode != 0) == fails, (
+        f"{what}: exit {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    )
     return done, seconds
 
 
@@ -61,15 +66,16 @@ def one_process(setup, out: Path, *flags: str) -> subprocess.CompletedProcess:
     return run(cmd, "one process")[0]
 
 
-def launch(engine: str, setup, out: Path, *flags: str) -> tuple[subprocess.CompletedProcess, float]:
-    """`accelerate launch --config_file configs/<engine>.yaml` of `dtrpo train` on 2 processes, 2 pairs each."""
+def launch(engine: str, setup, out: Path, *flags: str, **how) -> tuple[subprocess.CompletedProcess, float]:
+    """`accelerate launch --config_file configs/<engine>.yaml` of `dtrpo train` on 2 processes, 2 pairs each
+    (`how`: `run`'s `path` and `fails`)."""
     model, data = setup
     config = ROOT / "configs" / f"{engine}.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     cmd += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
     cmd += ["-m", "dtrpo.cli", "train", "--model_name_or_path", str(model), "--dataset_name", str(data)]
     cmd += ["--output_dir", str(out), "--per_device_train_batch_size", "2", *CPU_FLAG[engine], *TRAIN, *flags]
-    return run(cmd, f"{engine} on 2 processes")
+    return run(cmd, f"{engine} on 2 processes", **how)
 
 
 def losses(out: Path) -> list[float]:
@@ -218,6 +224,42 @@ def test_engine_equals_one_process(engine, setup, one, tmp_path):
     assert losses(tmp_path / f"{engine}-lora-pre") == pytest.approx(want, abs=1e-4)
     loss_diff = worst(losses(tmp_path / f"{engine}-lora-pre"), want)
     report(engine=engine, case="LoRA, precomputed reference", seconds=seconds, loss=loss_diff, scores=scores_diff)
+
+
+# a rank's start-up hook (`sitecustomize`, found first on PYTHONPATH): the main process dies (`os._exit`, no
+# clean-up) once the weights of the final save are in `.partial-model` and before its other files are written
+KILL_IN_FINAL_SAVE = """
+import os
+if os.environ.get("LOCAL_RANK") is not None:
+    from dtrpo.base import DiffusionTrainer
+    real = DiffusionTrainer.write_run_files
+    def write_then_die(self, out):
+        if out.name == ".partial-model":
+            os._exit(9)
+        return real(self, out)
+    DiffusionTrainer.write_run_files = write_then_die
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_a_sharded_run_killed_in_its_final_save_finishes_on_resume(engine, setup, one, tmp_path):
+    """Killed while the final model is written (the gathered weights in `.partial-model`, the rest not):
+    `--resume_from_checkpoint last` under the same engine writes the final model from checkpoint-4, which is
+    one process's model, and leaves no staging folder."""
+    needs(engine)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_IN_FINAL_SAVE)
+    out = tmp_path / engine
+    launch(engine, setup, out, path=f"{hook}{os.pathsep}{ROOT}", fails=True)
+    assert (out / ".partial-model").is_dir() and not (out / "model.safetensors").exists()
+    assert (out / "checkpoint-4").is_dir()
+    done, _ = launch(engine, setup, out, "--resume_from_checkpoint", "last")
+    assert done.stdout.count("saved model to") == 1
+    assert not (out / ".partial-model").exists() and (out / "dtrpo_config.json").is_file()
+    diff = max_diff(weights(out), weights(one("full")))
+    assert diff < 1e-3, f"{engine}: the final weights differ from one process's by {diff}"
 
 
 MESSAGE = "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 2 != 2 * 1 * 2"
