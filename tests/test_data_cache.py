@@ -238,3 +238,49 @@ def test_the_tests_keep_their_caches_out_of_the_users_datasets_cache():
 
     assert default_cache_dir() == Path(DATASETS_CACHE) / "dtrpo"
     assert os.environ["HF_DATASETS_CACHE"] == DATASETS_CACHE
+
+
+def test_dtrpo_train_stops_when_its_data_file_changes_and_resumes_on_the_new_rows(
+    tmp_path, capsys, caplog, monkeypatch
+):
+    """Through the CLI: the data file is rewritten after step 2 (its checkpoint written): the run stops at the
+    next step with one `error:` line and no final model; resumed from that checkpoint, it tokenizes the new
+    rows (a new cache, "differs in data") and trains to its last step."""
+    from transformers import TrainerCallback
+
+    from dtrpo.base import DiffusionTrainer
+    from dtrpo.models import init_tiny
+    from tests.test_cli import cli
+
+    init_tiny(tmp_path / "tiny", block_size=4)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:40])
+    out = tmp_path / "run"
+    common = ("train", "--model_name_or_path", tmp_path / "tiny", "--dataset_name", data, "--max_steps", 4,
+              "--per_device_train_batch_size", 2, "--report_to", "none", "--save_steps", 2, "--output_dir", out,
+              "--dataset_cache_dir", tmp_path / "cache")  # fmt: skip
+
+    class Rewrite(TrainerCallback):  # the file is rewritten by someone else once step 2 is saved
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                write_jsonl(data, ROWS[40:80])
+
+    real_init = DiffusionTrainer.__init__
+
+    def with_rewrite(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.add_callback(Rewrite())
+
+    with monkeypatch.context() as m:
+        m.setattr(DiffusionTrainer, "__init__", with_rewrite)
+        res = cli(*common, ok=False, capsys=capsys)
+    (line,) = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert line == (f"error: {data}: changed since this run tokenized it; stopped at step 2 so that nothing trains "
+                    "on the old rows. Start again (or resume from a checkpoint) to tokenize the new data")  # fmt: skip
+    assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists()
+    assert not (out / "model.safetensors").exists()
+    caplog.set_level(logging.WARNING, "dtrpo.data_cache")
+    caplog.clear()
+    res = cli(*common, "--resume_from_checkpoint", "last", capsys=capsys)
+    assert f"saved model to {out}" in res.stdout and (out / "checkpoint-4").is_dir()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("token cache")]
+    assert "differs in data" in said[0] and said[1].startswith("token cache made")
