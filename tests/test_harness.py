@@ -42,10 +42,13 @@ metric_list:
 """
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny", "llada2"])
+def setup(request, tmp_path_factory):
+    """The built-in tiny model, and a tiny LLaDA2 (mixture of experts, the family's own layout and decoding rule)."""
+    from dtrpo.families import llada2
+
     root = tmp_path_factory.mktemp("harness")
-    model = init_tiny(root / "tiny", block_size=4, hidden_size=32)
+    model = (init_tiny if request.param == "tiny" else llada2.init_tiny)(root / "tiny", block_size=4, hidden_size=32)
     rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i), "choices": [str(2 * i), "xyz"], "label": 0} for i in range(4)]
     (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     tasks = root / "tasks"
