@@ -810,14 +810,15 @@ class DataArgs:
         getattr(super(), "__post_init__", lambda: None)()
         deprecated(self, "data", "dataset_name")
 
-    def datasets(self):
-        """(train, eval): paths for local files and folders, Dataset objects for cached datasets names."""
-        train = _dataset(self.dataset_name, self.dataset_train_split)
+    def datasets(self, streaming: bool = False):
+        """(train, eval): paths for local files and folders, Dataset objects for cached datasets names (with
+        `streaming`, the training split of a datasets name is read from the hub as an IterableDataset)."""
+        train = _dataset(self.dataset_name, self.dataset_train_split, streaming)
         test = _dataset(self.dataset_name, self.dataset_test_split) if self.dataset_test_split else None
         return train, self.eval_data or test
 
 
-def _dataset(name: str, split: str):
+def _dataset(name: str, split: str, streaming: bool = False):
     path = Path(name)
     if path.is_file() or (path.is_dir() and not (path / "dataset_dict.json").is_file()):
         return name  # read by dtrpo.data, which names file, line and field in its errors
@@ -826,6 +827,14 @@ def _dataset(name: str, split: str):
         if split not in dd:
             raise ValueError(f"{name}: no split {split!r} (it has {sorted(dd)})")
         return dd[split]
+    if streaming:
+        try:
+            return datasets.load_dataset(name, split=split, streaming=True)
+        except Exception as e:  # noqa: BLE001 - any failure to open the stream is one message
+            raise ValueError(
+                f"--dataset_name {name!r} --streaming: not a local file or folder, and no dataset to stream "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
     try:
         return datasets.load_dataset(name, split=split, download_mode="reuse_cache_if_exists")
     except Exception as e:  # noqa: BLE001 - any failure to find it locally is one message
