@@ -770,7 +770,11 @@ class DiffusionTrainer(Trainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         """The Trainer's accelerator; an FSDP launch on CPU (gloo) runs FSDP, where accelerate would keep it in
-        DDP without a word (it selects FSDP only on accelerators)."""
+        DDP without a word (it selects FSDP only on accelerators). A stream's batches are not dispatched."""
+        if getattr(self.args, "streaming", False):
+            from dtrpo.streaming import undispatched
+
+            undispatched(self.args)
         super().create_accelerator_and_postprocess()
         if self.accelerator.distributed_type.value == "MULTI_CPU" and _fsdp_asked(self.args):
             from accelerate.state import PartialState

@@ -60,8 +60,8 @@ def refusal(args) -> str | None:
 def streamed(
     builder, data: Any, tokenizer: PreTrainedTokenizerBase, limits: D._Limits, args
 ) -> datasets.IterableDataset:
-    """`data` (a path, a Dataset or a datasets.IterableDataset) as a stream of tokenized rows with the columns the
-    cache gives (`prompt_ids`, `chosen_ids`/`rejected_ids` or `response_ids`, `index`): a datasets.IterableDataset."""
+    """`data` (a path, a list of rows, a Dataset or a datasets.IterableDataset) as a stream of tokenized rows with
+    the columns the cache gives (`prompt_ids`, `chosen_ids`/`rejected_ids` or `response_ids`, `index`)."""
     problem = refusal(args)
     if problem:
         raise ValueError(problem)
@@ -103,13 +103,14 @@ def raw_rows(data: Any) -> tuple[datasets.IterableDataset, tuple[str, ...], str,
                     )
             return _stream(functools.partial(_json_rows, path)), JSON, str(data), str(path)
         D._read(path)  # names the unknown format
-    if isinstance(data, datasets.Dataset):
-        return _stream(functools.partial(_dataset_rows, data)), ROW, D.dataset_source(data), None
+    if isinstance(data, (datasets.Dataset, list)):
+        name = D.dataset_source(data) if isinstance(data, datasets.Dataset) else D.MEMORY
+        return _stream(functools.partial(_dataset_rows, data)), ROW, name, None
     if isinstance(data, datasets.IterableDataset):
         name = data.info.dataset_name or D.MEMORY
         name = f"{name} (split {str(data.split)!r})" if data.split is not None else name
         return _stream(functools.partial(_dataset_rows, data)), ROW, name, None
-    raise TypeError(f"--streaming reads a path, a Dataset or an IterableDataset, got {type(data).__name__}")
+    raise TypeError(f"--streaming reads a path, rows, a Dataset or an IterableDataset, got {type(data).__name__}")
 
 
 def _stream(rows) -> datasets.IterableDataset:
@@ -174,6 +175,19 @@ def _tokenize(
     out = {c: [e[c] for e in examples] for c in columns}
     out["index"] = index
     return out
+
+
+def undispatched(args) -> None:
+    """Each process of a launch reads the stream and keeps its part of every global batch (accelerate's
+    IterableDatasetShard): accelerate would otherwise dispatch an IterableDataset's batches from the main process,
+    concatenating the batches of all processes, which fails on padded batches of different widths."""
+    config = args.accelerator_config
+    if config.dispatch_batches:
+        raise ValueError(
+            "--streaming cannot run with dispatch_batches true in --accelerator_config: batches padded to their "
+            "longest row have different widths and cannot be concatenated to be dispatched"
+        )
+    config.dispatch_batches = False
 
 
 class StreamEnd(TrainerCallback):
