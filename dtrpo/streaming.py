@@ -165,8 +165,9 @@ def _tokenize(
         rows = [(f"{name}: row {i + 1}", row) for i, row in zip(index, batch["row"], strict=True)]
     if kind == "preference":
         examples, dropped = D.preference_examples(rows, tokenizer, eos, limits)
-        for j in dropped:
-            logger.warning("%s: dropped: chosen equals rejected", rows[j][0])
+        if dropped:  # one line a chunk at most
+            where = ", ".join(rows[j][0].rpartition(": ")[2] for j in dropped)
+            logger.warning("%s: dropped %d rows whose chosen equals rejected (%s)", name, len(dropped), where)
         index = [i for j, i in enumerate(index) if j not in set(dropped)]
         columns = ("prompt_ids", "chosen_ids", "rejected_ids")
     else:

@@ -53,6 +53,28 @@ def test_streamed_rows_equal_the_token_cache_in_order(tmp_path, tokenizer, fmt):
     assert got == want.to_list() and len(got) == len(rows) - (fmt != "sft")
 
 
+def test_identical_pairs_are_named_and_eval_data_goes_through_the_cache(tmp_path, tokenizer, caplog):
+    """The dropped pair is named by its line; evaluation reads its (small) data at every evaluation: from the cache."""
+    data = str(write_jsonl(tmp_path / "d.jsonl", ROWS[:40]))
+    args = stream_args(tmp_path, eval_strategy="steps", eval_steps=2, dataset_cache_dir=str(tmp_path / "cache"))
+    t = train(make_tiny_model(tokenizer, block_size=4), tokenizer, args, data=data, eval_data=data)
+    assert isinstance(t.eval_dataset, datasets.Dataset) and len(t.eval_dataset) == 39
+    assert 2 in [h["step"] for h in t.state.log_history if "eval_loss" in h]
+    assert f"{data}: dropped 1 rows whose chosen equals rejected (line 9)" in caplog.text
+
+
+def test_a_streamed_file_changed_during_the_run_stops_it(tmp_path, tokenizer):
+    from tests.test_trainer import DTRPOTrainer
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS[:40])
+    trainer = DTRPOTrainer(make_tiny_model(tokenizer, block_size=4), args=stream_args(tmp_path),
+                           processing_class=tokenizer, train_dataset=str(data))  # fmt: skip
+    with data.open("a") as f:
+        f.write(json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(ValueError, match=rf"^{data}: changed since this run tokenized it; stopped at step 0"):
+        trainer.train()
+
+
 def test_the_shuffle_buffer_mixes_every_row_once_by_seed(tmp_path, tokenizer):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     order = [
