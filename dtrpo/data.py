@@ -796,7 +796,7 @@ class DataArgs:
         default=None,
         metadata={
             "help": "Training data: a .jsonl/.json/.parquet file, a folder written by save_to_disk, or a datasets "
-            "name already in the local cache (nothing is downloaded)."
+            "name already in the local cache (nothing is downloaded; with --streaming, streamed from the hub)."
         },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})

@@ -193,15 +193,19 @@ def undispatched(args) -> None:
 
 class StreamEnd(TrainerCallback):
     """Stops a streamed run whose data ran out before `--max_steps`: the Trainer would start the stream again (a
-    second epoch), which a resumed run could not find its place in; a stream is read once."""
-
-    def on_train_begin(self, args, state, control, **kwargs) -> None:
-        self.passes = 0
+    second epoch), which a resumed run could not find its place in; a stream is read once. Raised at the end of
+    the pass, before anything is saved for it."""
 
     def on_epoch_begin(self, args, state, control, **kwargs) -> None:
-        self.passes += 1
-        if self.passes > 1:
-            raise ValueError(
-                f"--streaming: the training data ran out at step {state.global_step} of --max_steps {args.max_steps} "
-                "(a stream is read once); lower --max_steps, or train without --streaming to repeat the data"
-            )
+        self.begin = state.global_step
+
+    def on_epoch_end(self, args, state, control, **kwargs) -> None:
+        stopped = control.should_training_stop and state.global_step > self.begin  # by a callback, not for want of data
+        if state.global_step >= args.max_steps or stopped:
+            return
+        if state.global_step == 0:
+            raise ValueError("--streaming: the training data holds no usable rows")
+        raise ValueError(
+            f"--streaming: the training data ran out at step {state.global_step} of --max_steps {args.max_steps} "
+            "(a stream is read once); lower --max_steps, or train without --streaming to repeat the data"
+        )

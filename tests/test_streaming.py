@@ -123,6 +123,15 @@ def test_data_that_runs_out_before_max_steps_stops_in_one_line(tmp_path, tokeniz
     data = str(write_jsonl(tmp_path / "d.jsonl", ROWS[:6]))  # 6 rows, 4 a step: steps 1 and 2, then nothing
     with pytest.raises(ValueError, match=r"^--streaming: the training data ran out at step 2 of --max_steps 3 "):
         train(make_tiny_model(tokenizer, block_size=4), tokenizer, stream_args(tmp_path), data=data)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    (tmp_path / "same.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "x", "rejected": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"^--streaming: the training data holds no usable rows$"):
+        train(
+            make_tiny_model(tokenizer, block_size=4),
+            tokenizer,
+            stream_args(tmp_path / "b"),
+            data=tmp_path / "same.jsonl",
+        )
 
 
 def test_rows_are_read_lazily_and_a_bad_row_is_named_when_reached(tmp_path, tokenizer):
