@@ -814,6 +814,11 @@ class DataArgs:
         """(train, eval): paths for local files and folders, Dataset objects for cached datasets names (with
         `streaming`, the training split of a datasets name is read from the hub as an IterableDataset)."""
         train = _dataset(self.dataset_name, self.dataset_train_split, streaming)
+        if streaming and self.dataset_test_split and not Path(self.dataset_name).exists():
+            raise ValueError(
+                f"--dataset_test_split {self.dataset_test_split} with --streaming: evaluation reads its data at every "
+                "evaluation, so it is not streamed, and this split would be downloaded whole; pass --eval_data FILE"
+            )
         test = _dataset(self.dataset_name, self.dataset_test_split) if self.dataset_test_split else None
         return train, self.eval_data or test
 

@@ -116,7 +116,11 @@ def raw_rows(data: Any) -> tuple[datasets.IterableDataset, tuple[str, ...], str,
 def _stream(rows) -> datasets.IterableDataset:
     """An IterableDataset over `rows()` (a fresh pass each time it is iterated), one shard: every process of a
     launch reads the same order and keeps its part of each global batch (accelerate's IterableDatasetShard)."""
-    return datasets.IterableDataset(ExamplesIterable(lambda: enumerate(rows()), {}))
+    return datasets.IterableDataset(ExamplesIterable(functools.partial(_keyed, rows), {}))
+
+
+def _keyed(rows) -> Iterator[tuple[int, dict]]:
+    return enumerate(rows())  # (key, example), as datasets' example iterables yield them
 
 
 def _json_rows(path: Path) -> Iterator[dict]:

@@ -209,13 +209,17 @@ def test_dtrpo_train_and_sft_stream_and_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "b" / "model.safetensors").exists()
 
 
-def test_a_datasets_name_that_cannot_stream_is_one_line(tmp_path, monkeypatch):
-    from dtrpo.data import _dataset
+def test_a_datasets_name_that_cannot_stream_is_one_line_and_its_test_split_is_refused(tmp_path, monkeypatch):
+    from dtrpo.data import DataArgs, _dataset
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network try
-
     with pytest.raises(ValueError, match=r"^--dataset_name 'no-such/dataset-xyz' --streaming: not a local file"):
         _dataset("no-such/dataset-xyz", "train", streaming=True)
+    monkeypatch.setattr("dtrpo.data._dataset", lambda name, split, streaming=False: f"{name}:{split}:{streaming}")
+    args = DataArgs(dataset_name="org/prefs", dataset_test_split="test")
+    assert args.datasets() == ("org/prefs:train:False", "org/prefs:test:False")
+    with pytest.raises(ValueError, match=r"^--dataset_test_split test with --streaming: evaluation reads its data"):
+        args.datasets(streaming=True)
 
 
 @pytest.mark.slow
