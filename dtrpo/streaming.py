@@ -172,7 +172,8 @@ def _tokenize(
         if dropped:  # one line a chunk at most
             where = ", ".join(rows[j][0].rpartition(": ")[2] for j in dropped)
             logger.warning("%s: dropped %d rows whose chosen equals rejected (%s)", name, len(dropped), where)
-        index = [i for j, i in enumerate(index) if j not in set(dropped)]
+        gone = set(dropped)
+        index = [i for j, i in enumerate(index) if j not in gone]
         columns = ("prompt_ids", "chosen_ids", "rejected_ids")
     else:
         examples, _ = D.sft_examples(rows, tokenizer, eos, limits, "completion")

@@ -18,4 +18,4 @@ def test_one_streamed_run(tmp_path):
     ds.make_rows(data, 30)
     got = module.child(data, "char", "random", 4, ds.LIMITS)
     assert got["batches"] == 4 and got["pairs"] == 8 and 0 < got["first_batch_s"] < got["seconds"]
-    assert got["peak_above_imports_mib"] >= got["first_batch_mib"] > 0
+    assert got["peak_above_imports_mib"] >= got["first_batch_mib"] >= 0  # peaks: 0 when imports peaked higher
