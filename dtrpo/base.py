@@ -175,7 +175,7 @@ def tokenized(builder, data, tokenizer, args: DiffusionArguments, adapter: Model
     from dtrpo.data import _Limits
     from dtrpo.data_cache import cached
 
-    if data is None or "prompt_ids" in getattr(data, "column_names", []):
+    if data is None or "prompt_ids" in (getattr(data, "column_names", None) or []):
         return data
     limits = _Limits(
         adapter.block_size, prompt_limit(args), args.max_completion_length, args.truncation, adapter.absolute_grid

@@ -155,6 +155,17 @@ def test_hub_style_rows_are_named_by_their_row(tmp_path, tokenizer):
         list(stream)
 
 
+def gen_rows():
+    yield from ROWS[:12]
+
+
+def test_an_iterable_dataset_of_unknown_columns_trains(tmp_path, tokenizer):
+    hub = datasets.IterableDataset.from_generator(gen_rows)
+    assert hub.column_names is None  # features unknown until read
+    t = train(make_tiny_model(tokenizer, block_size=4), tokenizer, stream_args(tmp_path, max_steps=2), data=hub)
+    assert t.state.global_step == 2
+
+
 @pytest.mark.parametrize(
     "kw,flags",
     [
