@@ -74,6 +74,13 @@ class DiffusionArguments:
             "help": "Folder of the token cache (data tokenized once per machine); default: HF_DATASETS_CACHE/dtrpo."
         },
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training data: read once as an IterableDataset, tokenized as training reaches it, "
+            "never cached (needs --max_steps; docs/scaling.md)."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -104,6 +111,11 @@ class DiffusionArguments:
             )
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
             raise ValueError(f"--dataset_num_proc must be at least 1, got {self.dataset_num_proc}")
+        if self.streaming:
+            from dtrpo.streaming import refusal
+
+            if problem := refusal(self):
+                raise ValueError(problem)
         if self.truncation not in ("truncate", "error"):
             raise ValueError(f"--truncation must be 'truncate' or 'error', got {self.truncation!r}")
         if self.learning_rate <= 0:
@@ -154,18 +166,26 @@ def prompt_limit(args: DiffusionArguments) -> int | None:
     return min(limits) if limits else None
 
 
-def tokenized(builder, data, tokenizer, args: DiffusionArguments, adapter: ModelAdapter):
+def tokenized(builder, data, tokenizer, args: DiffusionArguments, adapter: ModelAdapter, stream: bool = False):
     """`data` (a path, rows or a Dataset) tokenized by `builder` under the configured limits on the
     adapter's block grid, with the truncation and dropped-row counts logged; an already tokenized
-    Dataset passes through."""
+    Dataset passes through. `stream`: a stream tokenized as it is read (`dtrpo.streaming`)."""
+    import datasets
+
     from dtrpo.data import _Limits
     from dtrpo.data_cache import cached
 
-    if data is None or "prompt_ids" in getattr(data, "column_names", []):
+    if data is None or "prompt_ids" in (getattr(data, "column_names", None) or []):
         return data
     limits = _Limits(
         adapter.block_size, prompt_limit(args), args.max_completion_length, args.truncation, adapter.absolute_grid
     )
+    if stream:
+        from dtrpo.streaming import streamed
+
+        return streamed(builder, data, tokenizer, limits, args)
+    if isinstance(data, datasets.IterableDataset):
+        raise ValueError("an IterableDataset is read as training data only, with --streaming true")
     first = functools.partial(args.main_process_first, local=True, desc="tokenizing")
     ds, stats, source = cached(
         builder, data, tokenizer, limits, adapter.family, args.dataset_cache_dir, args.dataset_num_proc, first
@@ -514,6 +534,10 @@ class DiffusionTrainer(Trainer):
         from dtrpo.data_cache import DataWatch
 
         self.add_callback(DataWatch([self.train_dataset, self.eval_dataset]))
+        if getattr(args, "streaming", False):
+            from dtrpo.streaming import StreamEnd
+
+            self.add_callback(StreamEnd())
         # compute_loss returns a per-batch mean, not a sum over num_items_in_batch: let the Trainer divide
         # it by the gradient-accumulation steps whatever the model's forward accepts
         self.model_accepts_loss_kwargs = False
@@ -747,7 +771,11 @@ class DiffusionTrainer(Trainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         """The Trainer's accelerator; an FSDP launch on CPU (gloo) runs FSDP, where accelerate would keep it in
-        DDP without a word (it selects FSDP only on accelerators)."""
+        DDP without a word (it selects FSDP only on accelerators). A stream's batches are not dispatched."""
+        if getattr(self.args, "streaming", False):
+            from dtrpo.streaming import undispatched
+
+            undispatched(self.args)
         super().create_accelerator_and_postprocess()
         if self.accelerator.distributed_type.value == "MULTI_CPU" and _fsdp_asked(self.args):
             from accelerate.state import PartialState

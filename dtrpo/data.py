@@ -796,7 +796,7 @@ class DataArgs:
         default=None,
         metadata={
             "help": "Training data: a .jsonl/.json/.parquet file, a folder written by save_to_disk, or a datasets "
-            "name already in the local cache (nothing is downloaded)."
+            "name already in the local cache (nothing is downloaded; with --streaming, streamed from the hub)."
         },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})
@@ -810,14 +810,20 @@ class DataArgs:
         getattr(super(), "__post_init__", lambda: None)()
         deprecated(self, "data", "dataset_name")
 
-    def datasets(self):
-        """(train, eval): paths for local files and folders, Dataset objects for cached datasets names."""
-        train = _dataset(self.dataset_name, self.dataset_train_split)
+    def datasets(self, streaming: bool = False):
+        """(train, eval): paths for local files and folders, Dataset objects for cached datasets names (with
+        `streaming`, the training split of a datasets name is read from the hub as an IterableDataset)."""
+        train = _dataset(self.dataset_name, self.dataset_train_split, streaming)
+        if streaming and self.dataset_test_split and not Path(self.dataset_name).exists():
+            raise ValueError(
+                f"--dataset_test_split {self.dataset_test_split} with --streaming: evaluation reads its data at every "
+                "evaluation, so it is not streamed, and this split would be downloaded whole; pass --eval_data FILE"
+            )
         test = _dataset(self.dataset_name, self.dataset_test_split) if self.dataset_test_split else None
         return train, self.eval_data or test
 
 
-def _dataset(name: str, split: str):
+def _dataset(name: str, split: str, streaming: bool = False):
     path = Path(name)
     if path.is_file() or (path.is_dir() and not (path / "dataset_dict.json").is_file()):
         return name  # read by dtrpo.data, which names file, line and field in its errors
@@ -826,6 +832,14 @@ def _dataset(name: str, split: str):
         if split not in dd:
             raise ValueError(f"{name}: no split {split!r} (it has {sorted(dd)})")
         return dd[split]
+    if streaming:
+        try:
+            return datasets.load_dataset(name, split=split, streaming=True)
+        except Exception as e:  # noqa: BLE001 - any failure to open the stream is one message
+            raise ValueError(
+                f"--dataset_name {name!r} --streaming: not a local file or folder, and no dataset to stream "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
     try:
         return datasets.load_dataset(name, split=split, download_mode="reuse_cache_if_exists")
     except Exception as e:  # noqa: BLE001 - any failure to find it locally is one message

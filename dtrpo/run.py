@@ -104,7 +104,7 @@ def run_training(trainer, config, save=None) -> None:
 def train_from_script(trainer_class, script: TrainScript | SFTScript, config) -> None:
     """Load the data and the model a script names, build `trainer_class` (dTRPO or diffusion SFT) with LoRA when
     asked, and train and save it (`run_training`; a LoRA run saves the merged model)."""
-    train, test = script.datasets()
+    train, test = script.datasets(getattr(config, "streaming", False))
     model, tokenizer, adapter = script.load(config.block_size)
     peft_config = script.peft_config()
     trainer = trainer_class(

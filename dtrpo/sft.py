@@ -114,7 +114,9 @@ class DiffusionSFTTrainer(DiffusionTrainer):
             args,
             adapter,
             processing_class,
-            train_dataset=tokenized(build_sft_dataset, train_dataset, processing_class, args, adapter),
+            train_dataset=tokenized(
+                build_sft_dataset, train_dataset, processing_class, args, adapter, stream=args.streaming
+            ),
             eval_dataset=tokenized(build_sft_dataset, eval_dataset, processing_class, args, adapter),
             data_collator=collator,
             callbacks=callbacks,

@@ -190,7 +190,9 @@ class DTRPOTrainer(DiffusionTrainer):
             args,
             adapter,
             processing_class,
-            train_dataset=tokenized(build_preference_dataset, train_dataset, processing_class, args, adapter),
+            train_dataset=tokenized(
+                build_preference_dataset, train_dataset, processing_class, args, adapter, stream=args.streaming
+            ),
             eval_dataset=tokenized(build_preference_dataset, eval_dataset, processing_class, args, adapter),
             data_collator=collator,
             callbacks=callbacks,
