@@ -172,12 +172,12 @@ def tokenized(builder, data, tokenizer, args: DiffusionArguments, adapter: Model
     Dataset passes through. `stream`: a stream tokenized as it is read (`dtrpo.streaming`)."""
     import datasets
 
-    from dtrpo.data import _Limits
+    from dtrpo.data import Limits
     from dtrpo.data_cache import cached
 
     if data is None or "prompt_ids" in (getattr(data, "column_names", None) or []):
         return data
-    limits = _Limits(
+    limits = Limits(
         adapter.block_size, prompt_limit(args), args.max_completion_length, args.truncation, adapter.absolute_grid
     )
     if stream:

@@ -79,16 +79,16 @@ def load_rows(path: str | os.PathLike, splits: bool = False) -> datasets.Dataset
     """The rows of a .jsonl, .json or .parquet file, or of a `save_to_disk` folder, as a Dataset (a folder of
     several splits: its DatasetDict when `splits`)."""
     if splits and Path(path).is_dir():
-        return _load_from_disk(Path(path), splits=True)
-    rows, _ = _read(Path(path))
+        return load_dataset_folder(Path(path), splits=True)
+    rows, _ = read_rows(Path(path))
     return rows if isinstance(rows, datasets.Dataset) else _to_dataset(rows, str(path))
 
 
-def _read(path: Path) -> tuple[list[dict] | datasets.Dataset, list[int] | None]:
+def read_rows(path: Path) -> tuple[list[dict] | datasets.Dataset, list[int] | None]:
     """Rows, and the line of a JSON file each starts on (None for parquet and folders). JSON rows stay
     Python dicts so that validation sees them before Arrow unifies types."""
     if path.is_dir():
-        return _load_from_disk(path), None
+        return load_dataset_folder(path), None
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
@@ -178,7 +178,7 @@ def _json_list(path: Path) -> Iterator[tuple[int, Any]]:
         pos = space.match(text, end).end()
 
 
-def _load_from_disk(path: Path, splits: bool = False) -> datasets.Dataset | datasets.DatasetDict:
+def load_dataset_folder(path: Path, splits: bool = False) -> datasets.Dataset | datasets.DatasetDict:
     try:
         data = datasets.load_from_disk(str(path))
     except FileNotFoundError:
@@ -205,8 +205,8 @@ def _rows(data: Rows) -> tuple[Iterator[tuple[str, Any]], str]:
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
-            return ((f"{path}: line {line}", _object(row, path, line)) for line, row in json_rows(path)), str(path)
-        data, source = _read(path)[0], str(path)
+            return ((f"{path}: line {line}", as_object(row, path, line)) for line, row in json_rows(path)), str(path)
+        data, source = read_rows(path)[0], str(path)
     elif isinstance(data, datasets.Dataset):
         source = dataset_source(data)
     elif isinstance(data, list):
@@ -216,7 +216,7 @@ def _rows(data: Rows) -> tuple[Iterator[tuple[str, Any]], str]:
     return ((f"{source}: row {i + 1}", row) for i, row in enumerate(data)), source
 
 
-def _object(row: Any, path: Path, line: int) -> dict:
+def as_object(row: Any, path: Path, line: int) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"{path}: line {line}: expected a JSON object, got {type(row).__name__}")
     return row
@@ -473,7 +473,7 @@ def _response_field(rows: list, key: str = "completion") -> str:
 
 
 @dataclass(frozen=True)
-class _Limits:
+class Limits:
     block_size: int
     max_prompt_length: int | None = None
     max_response_length: int | None = None
@@ -493,7 +493,7 @@ class _Limits:
             raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
 
 
-def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
+def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token: responses end with EOS and are EOS-padded to the block size")
     return tokenizer.eos_token_id
@@ -514,12 +514,12 @@ def keep_prompt_end(ids: list[int], max_len: int | None, grid: int | None = None
     return ids[drop:], True
 
 
-def _fit_prompt(ids: list[int], limits: _Limits) -> tuple[list[int], bool]:
+def _fit_prompt(ids: list[int], limits: Limits) -> tuple[list[int], bool]:
     return keep_prompt_end(ids, limits.max_prompt_length, limits.block_size if limits.absolute else None)
 
 
 def _fit_response(
-    ids: list[int], eos: int, limits: _Limits, where: str, field: str, prompt_len: int = 0
+    ids: list[int], eos: int, limits: Limits, where: str, field: str, prompt_len: int = 0
 ) -> tuple[list[int], bool]:
     """ids + EOS, EOS-padded to the end of a block; an over-long response is cut (no EOS) or refused.
     On the absolute grid the block ends are counted from the prompt's first token."""
@@ -560,12 +560,12 @@ def tokenize_preference(
     Returns `prompt_ids`, `chosen_ids`, `rejected_ids`, `prompt_truncated` (bool) and
     `responses_truncated` (0, 1 or 2).
     """
-    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
+    limits = Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
     p, c, r = _encode(tokenizer, [prompt, chosen, rejected])
-    return _fit_preference(p, c, r, _eos(tokenizer), limits, _place(source, None, index))
+    return _fit_preference(p, c, r, eos_id(tokenizer), limits, _place(source, None, index))
 
 
-def _fit_preference(p, c, r, eos: int, limits: _Limits, where: str) -> dict[str, Any]:
+def _fit_preference(p, c, r, eos: int, limits: Limits, where: str) -> dict[str, Any]:
     prompt_ids, prompt_cut = _fit_prompt(p, limits)
     chosen_ids, chosen_cut = _fit_response(c, eos, limits, where, "chosen", len(prompt_ids))
     rejected_ids, rejected_cut = _fit_response(r, eos, limits, where, "rejected", len(prompt_ids))
@@ -578,7 +578,7 @@ def _fit_preference(p, c, r, eos: int, limits: _Limits, where: str) -> dict[str,
     }
 
 
-def _fit_sft(p, r, eos: int, limits: _Limits, where: str, field: str) -> dict[str, Any]:
+def _fit_sft(p, r, eos: int, limits: Limits, where: str, field: str) -> dict[str, Any]:
     prompt_ids, prompt_cut = _fit_prompt(p, limits)
     response_ids, response_cut = _fit_response(r, eos, limits, where, field, len(prompt_ids))
     return {
@@ -593,7 +593,7 @@ def _fit_sft(p, r, eos: int, limits: _Limits, where: str, field: str) -> dict[st
 
 
 def preference_examples(
-    rows: list[tuple[str, dict]], tokenizer: PreTrainedTokenizerBase, eos: int, limits: _Limits
+    rows: list[tuple[str, dict]], tokenizer: PreTrainedTokenizerBase, eos: int, limits: Limits
 ) -> tuple[list[dict], list[int]]:
     """The tokenized examples of `(where, row)` pairs (validated, `where` naming each in errors), and the
     positions in `rows` of those dropped because their chosen response equals the rejected one."""
@@ -610,7 +610,7 @@ def preference_examples(
 
 
 def sft_examples(
-    rows: list[tuple[str, dict]], tokenizer: PreTrainedTokenizerBase, eos: int, limits: _Limits, key: str
+    rows: list[tuple[str, dict]], tokenizer: PreTrainedTokenizerBase, eos: int, limits: Limits, key: str
 ) -> tuple[list[dict], str]:
     """The tokenized SFT examples of `(where, row)` pairs, and the response field the data uses so far
     (`key` before these rows, see `_response_field`)."""
@@ -653,8 +653,8 @@ def build_preference_dataset(
     `data` is a path (see `load_rows`), a Dataset or a list of dicts, read and tokenized `CHUNK` rows at a
     time. The stats are `rows`, `kept`, `identical_dropped`, `prompts_truncated` and `responses_truncated`.
     """
-    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
-    eos = _eos(tokenizer)
+    limits = Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
+    eos = eos_id(tokenizer)
     rows, source = _rows(data)
     table, n, identical = _Table(("prompt_ids", "chosen_ids", "rejected_ids")), 0, []
     stats = dict.fromkeys(("prompts_truncated", "responses_truncated"), 0)
@@ -692,8 +692,8 @@ def build_sft_dataset(
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Tokenized SFT examples (`prompt_ids`, `response_ids`, `index`) and counts (`rows`, `kept`,
     `prompts_truncated`, `responses_truncated`), read and tokenized `CHUNK` rows at a time."""
-    limits = _Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
-    eos = _eos(tokenizer)
+    limits = Limits(block_size, max_prompt_length, max_response_length, truncation, absolute)
+    eos = eos_id(tokenizer)
     rows, source = _rows(data)
     table, n, key = _Table(("prompt_ids", "response_ids")), 0, "completion"
     stats = dict.fromkeys(("prompts_truncated", "responses_truncated"), 0)

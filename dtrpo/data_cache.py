@@ -108,12 +108,12 @@ class Source:
     def changed(self) -> str | None:
         """The first watched file that changed since it was read, or None."""
         for file, stamp in zip(self.files, self.stamps, strict=True):
-            if _stamp(Path(file)) != stamp:
+            if file_stamp(Path(file)) != stamp:
                 return file
         return None
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def file_stamp(path: Path) -> tuple[int, int]:
     try:
         st = path.stat()
     except OSError:
@@ -142,7 +142,7 @@ def describe(data: Any) -> Source | None:
 def _hashed(name: str, key: str, files: list[Path], reader: str, root: Path | None = None) -> Source:
     """A Source whose digest is the sha256 of the files' digests (and names, for a folder). Refused in one
     line when a file changes while it is read."""
-    stamps = tuple(_stamp(f) for f in files)
+    stamps = tuple(file_stamp(f) for f in files)
     h = hashlib.sha256()
     for f in files:
         if root is not None:
@@ -173,7 +173,7 @@ def _code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def fields(kind: str, source: Source, tokenizer: PreTrainedTokenizerBase, limits: D._Limits, family: str) -> dict:
+def fields(kind: str, source: Source, tokenizer: PreTrainedTokenizerBase, limits: D.Limits, family: str) -> dict:
     """What a cache's rows depend on, field by field."""
     import tokenizers
 
@@ -232,7 +232,7 @@ def _raw_parts(source: Source, data: Any, folder: Path) -> Iterator[datasets.Dat
     name the line of a bad row), each removed once tokenized, so the mapped pages a process reads stay
     bounded whatever the file's size; a dataset folder or a Dataset is one part, as it is."""
     if source.reader == "dataset":
-        yield data if isinstance(data, datasets.Dataset) else D._load_from_disk(Path(data))
+        yield data if isinstance(data, datasets.Dataset) else D.load_dataset_folder(Path(data))
         return
     path = Path(data)
     batches = _parquet_batches(path) if source.reader == "parquet" else _json_batches(path)
@@ -300,7 +300,7 @@ def _tokenize(
     *,
     kind: str,
     tokenizer: PreTrainedTokenizerBase,
-    limits: D._Limits,
+    limits: D.Limits,
     eos: int,
     source: str,
     json_path: str | None,
@@ -313,7 +313,7 @@ def _tokenize(
         path = Path(json_path)
         hint = D.json_hint(path)
         rows = [
-            (f"{path}: line {n}", D._object(D.parse_line(raw, path, n, hint), path, n))
+            (f"{path}: line {n}", D.as_object(D.parse_line(raw, path, n, hint), path, n))
             for raw, n in zip(batch["raw"], batch["line"], strict=True)
         ]
     else:
@@ -334,7 +334,7 @@ def _tokenize(
 
 
 def _make(
-    kind: str, source: Source, data: Any, tokenizer, limits: D._Limits, num_proc: int | None, folder: Path
+    kind: str, source: Source, data: Any, tokenizer, limits: D.Limits, num_proc: int | None, folder: Path
 ) -> dict:
     """Tokenize the data into `folder` (map's Arrow files, one or more per part, and the record); returns the
     record."""
@@ -344,7 +344,7 @@ def _make(
         kind=kind,
         tokenizer=tokenizer,
         limits=limits,
-        eos=D._eos(tokenizer),
+        eos=D.eos_id(tokenizer),
         source=source.name,
         json_path=source.name if source.reader == "json" else None,
     )
@@ -433,7 +433,7 @@ def cached(
     builder: Callable,
     data: Any,
     tokenizer: PreTrainedTokenizerBase,
-    limits: D._Limits,
+    limits: D.Limits,
     family: str,
     cache_dir: str | os.PathLike | None = None,
     num_proc: int | None = None,
@@ -467,7 +467,7 @@ def cached(
     return rows, stats, source
 
 
-def astuple_limits(limits: D._Limits) -> tuple:
+def astuple_limits(limits: D.Limits) -> tuple:
     return (limits.block_size, limits.max_prompt_length, limits.max_response_length, limits.truncation, limits.absolute)
 
 

@@ -27,7 +27,7 @@ from datasets.iterable_dataset import ExamplesIterable
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from dtrpo import data as D
-from dtrpo.data_cache import KINDS, Source, _stamp
+from dtrpo.data_cache import KINDS, Source, file_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def refusal(args) -> str | None:
 
 
 def streamed(
-    builder, data: Any, tokenizer: PreTrainedTokenizerBase, limits: D._Limits, args
+    builder, data: Any, tokenizer: PreTrainedTokenizerBase, limits: D.Limits, args
 ) -> datasets.IterableDataset:
     """`data` (a path, a list of rows, a Dataset or a datasets.IterableDataset) as a stream of tokenized rows with
     the columns the cache gives (`prompt_ids`, `chosen_ids`/`rejected_ids` or `response_ids`, `index`)."""
@@ -71,12 +71,12 @@ def streamed(
         seed = args.data_seed if args.data_seed is not None else args.seed
         raw = raw.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
     fn = functools.partial(
-        _tokenize, kind=kind, tokenizer=tokenizer, limits=limits, eos=D._eos(tokenizer), name=name, path=json_path
+        _tokenize, kind=kind, tokenizer=tokenizer, limits=limits, eos=D.eos_id(tokenizer), name=name, path=json_path
     )
     ds = raw.map(fn, batched=True, batch_size=D.CHUNK, remove_columns=list(columns))
     if isinstance(data, (str, os.PathLike)):  # watched while training (DataWatch), as a cached file is
         path = str(Path(data).absolute())
-        ds.dtrpo_source = Source(str(data), path, "", "stream", (path,), (_stamp(Path(path)),))
+        ds.dtrpo_source = Source(str(data), path, "", "stream", (path,), (file_stamp(Path(path)),))
     logger.warning("streaming %s: read once, tokenized as training reaches it (nothing cached)", name)
     return ds
 
@@ -91,7 +91,7 @@ def raw_rows(data: Any) -> tuple[datasets.IterableDataset, tuple[str, ...], str,
             raise FileNotFoundError(f"{path}: no such file or folder")
         suffix = path.suffix.lower()
         if path.is_dir():
-            return _stream(functools.partial(_dataset_rows, D._load_from_disk(path))), ROW, str(data), None
+            return _stream(functools.partial(_dataset_rows, D.load_dataset_folder(path))), ROW, str(data), None
         if suffix == ".parquet":
             return _stream(functools.partial(_parquet_rows, path)), ROW, str(data), None
         if suffix in (".jsonl", ".json"):
@@ -102,7 +102,7 @@ def raw_rows(data: Any) -> tuple[datasets.IterableDataset, tuple[str, ...], str,
                         "convert it, or train without --streaming"
                     )
             return _stream(functools.partial(_json_rows, path)), JSON, str(data), str(path)
-        D._read(path)  # names the unknown format
+        D.read_rows(path)  # names the unknown format
     if isinstance(data, (datasets.Dataset, list)):
         name = D.dataset_source(data) if isinstance(data, datasets.Dataset) else D.MEMORY
         return _stream(functools.partial(_dataset_rows, data)), ROW, name, None
@@ -151,7 +151,7 @@ def _tokenize(
     *,
     kind: str,
     tokenizer: PreTrainedTokenizerBase,
-    limits: D._Limits,
+    limits: D.Limits,
     eos: int,
     name: str,
     path: str | None,
@@ -162,7 +162,7 @@ def _tokenize(
     if path is not None:
         p, hint = Path(path), D.json_hint(Path(path))
         rows = [
-            (f"{p}: line {n}", D._object(D.parse_line(raw, p, n, hint), p, n))
+            (f"{p}: line {n}", D.as_object(D.parse_line(raw, p, n, hint), p, n))
             for raw, n in zip(batch["raw"], batch["line"], strict=True)
         ]
     else:

@@ -65,7 +65,7 @@ if mode == "before":
     ds, stats = build_preference_dataset(data, tok, L["block_size"], L["max_prompt_length"], L["max_completion_length"])
     out["rows"] = len(ds)
 elif mode in ("after", "torchrun"):
-    from dtrpo.data import _Limits, build_preference_dataset
+    from dtrpo.data import Limits, build_preference_dataset
     from dtrpo.data_cache import cached
     first = __import__("contextlib").nullcontext
     if mode == "torchrun":
@@ -73,7 +73,7 @@ elif mode in ("after", "torchrun"):
         state = PartialState(cpu=True, backend="gloo")
         first = state.local_main_process_first
         start, cpu0 = time.perf_counter(), cpu()
-    lim = _Limits(adapter.block_size, L["max_prompt_length"], L["max_completion_length"], "truncate",
+    lim = Limits(adapter.block_size, L["max_prompt_length"], L["max_completion_length"], "truncate",
                   adapter.absolute_grid)
     ds, stats, _ = cached(build_preference_dataset, data, tok, lim, adapter.family, cache, int(num_proc) or None, first)
     out["rows"] = len(ds)

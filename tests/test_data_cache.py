@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dtrpo.data import _Limits, build_preference_dataset, build_sft_dataset
+from dtrpo.data import Limits, build_preference_dataset, build_sft_dataset
 from dtrpo.data_cache import DataWatch, cached, default_cache_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*rows whose chosen equals rejected")
-LIMITS = _Limits(4, 12, 8, "truncate", False)
+LIMITS = Limits(4, 12, 8, "truncate", False)
 ROWS = [{"prompt": "q" * (1 + i % 17), "chosen": "ab" * (1 + i % 5), "rejected": "c" * (1 + i % 9)} for i in range(600)]
 ROWS[7] = {"prompt": "same", "chosen": "x", "rejected": "x"}  # dropped, named by its line
 
@@ -101,7 +101,7 @@ def test_reused_then_made_again_with_the_reason(tmp_path, tokenizer, caplog, mon
     assert "token cache reused" in caplog.text and plain(again) == plain(first)
     monkeypatch.undo()
     caplog.clear()
-    cached(build_preference_dataset, str(data), tokenizer, _Limits(4, 8, 8), "tiny", tmp_path / "c")
+    cached(build_preference_dataset, str(data), tokenizer, Limits(4, 8, 8), "tiny", tmp_path / "c")
     assert "differs in limits (max_prompt_length 12 -> 8)" in caplog.text
     caplog.clear()
     write_jsonl(data, ROWS[11:61])

@@ -13,14 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dtrpo.data import _Limits, build_preference_dataset, build_sft_dataset
+from dtrpo.data import Limits, build_preference_dataset, build_sft_dataset
 from dtrpo.data_cache import cached
 from dtrpo.models import init_tiny, make_tiny_model
 from dtrpo.streaming import refusal, streamed
 from tests.test_trainer import StopAt, free_port, make_args, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*rows whose chosen equals rejected")
-LIMITS = _Limits(4, 12, 8, "truncate", False)
+LIMITS = Limits(4, 12, 8, "truncate", False)
 ROWS = [{"prompt": "q" * (1 + i % 17), "chosen": "ab" * (1 + i % 5), "rejected": "c" * (1 + i % 9)} for i in range(150)]
 ROWS[7] = {"prompt": "same", "chosen": "x", "rejected": "x"}  # dropped by both paths
 
