@@ -61,10 +61,8 @@ def streamed(
     builder, data: Any, tokenizer: PreTrainedTokenizerBase, limits: D.Limits, args
 ) -> datasets.IterableDataset:
     """`data` (a path, a list of rows, a Dataset or a datasets.IterableDataset) as a stream of tokenized rows with
-    the columns the cache gives (`prompt_ids`, `chosen_ids`/`rejected_ids` or `response_ids`, `index`)."""
-    problem = refusal(args)
-    if problem:
-        raise ValueError(problem)
+    the columns the cache gives (`prompt_ids`, `chosen_ids`/`rejected_ids` or `response_ids`, `index`). `args` are
+    the trainer's, whose construction refused what a stream cannot serve (`refusal`)."""
     kind = KINDS[builder]
     raw, columns, name, json_path = raw_rows(data)
     if args.train_sampling_strategy == "random":
